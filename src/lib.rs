@@ -1,0 +1,17 @@
+//! imagecachefs: a FUSE overlay mounted over Nova's image cache directory (`_base`).
+//!
+//! Module map: `cli` → `config` → `run` (wiring) → `fuse` (the only module that sees fuser's
+//! requests and replies) → `fs` (the core: plain results) → `backing` (the only module that
+//! makes syscalls on the covered files) and `passthrough` (kernel backing ids); `mount`
+//! mounts over the directory itself and detaches.
+
+pub mod backing;
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod fs;
+pub mod fuse;
+pub mod mount;
+pub mod passthrough;
+pub mod run;
+pub mod sync;

@@ -1,0 +1,253 @@
+//! Mounting over the cache directory itself, detaching, and recognising our own mounts.
+//!
+//! The directory is opened before the mount so that the daemon can still reach the covered
+//! files. The kernel mount is made here with `mount(2)` (not by fuser), so the daemon owns
+//! the `/dev/fuse` fd and the unmount policy: a stop is always a lazy detach by the daemon
+//! or the `unmount` command, never an unmount-by-path when the session ends (by then another
+//! imagecachefs may be mounted at the same path).
+
+use std::ffi::CString;
+use std::fs::OpenOptions;
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use crate::backing;
+
+/// The filesystem type shown in `/proc/mounts`: `fuse.imagecachefs`.
+pub const FSTYPE: &str = "fuse.imagecachefs";
+pub const SOURCE: &str = "imagecachefs";
+
+/// A refusal or failure, as one line for the operator.
+#[derive(Debug)]
+pub struct Refusal(pub String);
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+fn refuse<T>(msg: String) -> Result<T, Refusal> {
+    Err(Refusal(msg))
+}
+
+/// The absolute path of `dir` without touching `dir` itself (it may be a dead mount):
+/// the parent is canonicalised and the last component kept.
+pub fn absolute(dir: &Path) -> io::Result<PathBuf> {
+    let abs =
+        if dir.is_absolute() { dir.to_path_buf() } else { std::env::current_dir()?.join(dir) };
+    match (abs.parent(), abs.file_name()) {
+        (Some(parent), Some(name)) => Ok(parent.canonicalize()?.join(name)),
+        _ => Ok(abs), // "/"
+    }
+}
+
+/// One line of `/proc/self/mountinfo`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountInfo {
+    pub mount_point: PathBuf,
+    pub dev: (u32, u32),
+    pub fstype: String,
+}
+
+fn unescape(s: &str) -> String {
+    // mountinfo escapes space, tab, newline and backslash as \ooo.
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 4 <= b.len() {
+            let digits = std::str::from_utf8(&b[i + 1..i + 4]).unwrap_or("");
+            if let Ok(v) = u8::from_str_radix(digits, 8) {
+                out.push(v);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Parses `/proc/self/mountinfo` text.
+pub fn parse_mountinfo(text: &str) -> Vec<MountInfo> {
+    text.lines()
+        .filter_map(|line| {
+            let (left, right) = line.split_once(" - ")?;
+            let f: Vec<&str> = left.split(' ').collect();
+            let (maj, min) = f.get(2)?.split_once(':')?;
+            Some(MountInfo {
+                mount_point: PathBuf::from(unescape(f.get(4)?)),
+                dev: (maj.parse().ok()?, min.parse().ok()?),
+                fstype: right.split(' ').next()?.to_string(),
+            })
+        })
+        .collect()
+}
+
+/// The topmost mount at exactly `dir` (the last one listed), if any.
+pub fn top_mount(dir: &Path) -> Option<MountInfo> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    parse_mountinfo(&text).into_iter().rfind(|m| m.mount_point == dir)
+}
+
+/// What is at `dir` now.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Found {
+    /// No imagecachefs mount on top.
+    Plain,
+    /// A working imagecachefs mount.
+    Live,
+    /// An imagecachefs mount whose daemon is gone (`ENOTCONN`).
+    Stale,
+}
+
+pub fn probe(dir: &Path) -> Found {
+    match top_mount(dir) {
+        Some(m) if m.fstype == FSTYPE => match std::fs::metadata(dir) {
+            Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => Found::Stale,
+            _ => Found::Live,
+        },
+        _ => Found::Plain,
+    }
+}
+
+/// The cache directory, opened before the mount, and the kernel connection.
+pub struct Prepared {
+    pub dir: PathBuf,
+    pub dir_fd: OwnedFd,
+    pub dev: OwnedFd,
+}
+
+/// Checks `dir` and opens everything the mount needs; refuses with one line.
+pub fn prepare(dir: &Path) -> Result<Prepared, Refusal> {
+    let shown = dir.display();
+    let abs = match absolute(dir) {
+        Ok(p) => p,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return refuse(format!("{shown} does not exist"))
+        }
+        Err(e) => return refuse(format!("{shown}: {e}")),
+    };
+    match probe(&abs) {
+        Found::Live => return refuse(format!("{shown} is already an imagecachefs mount")),
+        Found::Stale => {
+            return refuse(format!(
+                "{shown} is a stale imagecachefs mount (its daemon is gone): run \
+                 `imagecachefs unmount {shown}` first"
+            ))
+        }
+        Found::Plain => {}
+    }
+    match std::fs::metadata(&abs) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => return refuse(format!("{shown} is not a directory")),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return refuse(format!("{shown} does not exist"))
+        }
+        Err(e) => return refuse(format!("{shown}: {e}")),
+    }
+    let dev = match OpenOptions::new().read(true).write(true).open("/dev/fuse") {
+        Ok(f) => OwnedFd::from(f),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return refuse(
+                "/dev/fuse is missing: load the fuse kernel module (modprobe fuse)".into(),
+            )
+        }
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+            return refuse(format!("opening /dev/fuse is not permitted ({e}): run as root"))
+        }
+        Err(e) => return refuse(format!("/dev/fuse: {e}")),
+    };
+    let c = CString::new(abs.as_os_str().as_bytes()).map_err(|_| Refusal("bad path".into()))?;
+    let dir_fd = backing::open_dir_path(&c).map_err(|e| Refusal(format!("{shown}: {e}")))?;
+    Ok(Prepared { dir: abs, dir_fd, dev })
+}
+
+/// Mounts the FUSE connection over the directory itself.
+pub fn mount(p: &Prepared) -> Result<(), Refusal> {
+    use std::os::fd::AsRawFd;
+    let target = CString::new(p.dir.as_os_str().as_bytes()).expect("checked in prepare");
+    let data = CString::new(format!(
+        "fd={},rootmode=40000,user_id=0,group_id=0,allow_other,default_permissions",
+        p.dev.as_fd().as_raw_fd()
+    ))
+    .expect("no NUL");
+    let source = CString::new(SOURCE).expect("no NUL");
+    let fstype = CString::new(FSTYPE).expect("no NUL");
+    let rc = unsafe {
+        libc::mount(
+            source.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            libc::MS_NODEV | libc::MS_NOSUID,
+            data.as_ptr().cast(),
+        )
+    };
+    if rc == 0 {
+        return Ok(());
+    }
+    let e = io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::EPERM) => refuse(format!(
+            "mounting {} is not permitted: imagecachefs must run as root (CAP_SYS_ADMIN)",
+            p.dir.display()
+        )),
+        _ => refuse(format!("mounting {}: {e}", p.dir.display())),
+    }
+}
+
+/// The device number (`st_dev`) the mount shows, to recognise it later.
+pub fn mounted_dev(dir: &Path) -> io::Result<u64> {
+    Ok(std::fs::metadata(dir)?.dev())
+}
+
+/// Lazily detaches the mount at `dir`: new path lookups reach the covered directory at once,
+/// open files keep being served until their last close.
+pub fn detach(dir: &Path) -> io::Result<()> {
+    let c = CString::new(dir.as_os_str().as_bytes())
+        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH | libc::UMOUNT_NOFOLLOW) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// `imagecachefs unmount DIR`.
+pub fn unmount(dir: &Path) -> Result<(), Refusal> {
+    let shown = dir.display();
+    let abs = absolute(dir).map_err(|e| Refusal(format!("{shown}: {e}")))?;
+    match probe(&abs) {
+        Found::Plain => refuse(format!("{shown} is not an imagecachefs mount")),
+        Found::Live | Found::Stale => {
+            detach(&abs).map_err(|e| Refusal(format!("detaching {shown}: {e}")))
+        }
+    }
+}
+
+/// Keeps the directory fd's filesystem type for the passthrough stacking decision.
+pub fn covered_fs_type(p: &Prepared) -> i64 {
+    backing::statfs_type(p.dir_fd.as_fd()).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_lines_parse() {
+        let text = "36 35 98:0 /mnt1 /mnt/parent\\040dir rw,noatime master:1 - ext3 /dev/root rw\n\
+                    40 36 0:52 / /var/lib/nova/instances/_base rw,nosuid,nodev shared:5 - fuse.imagecachefs imagecachefs rw,user_id=0\n";
+        let m = parse_mountinfo(text);
+        assert_eq!(m.len(), 2);
+        assert_eq!(m[0].mount_point, PathBuf::from("/mnt/parent dir"));
+        assert_eq!(m[0].fstype, "ext3");
+        assert_eq!(m[1].dev, (0, 52));
+        assert_eq!(m[1].fstype, FSTYPE);
+        assert_eq!(m[1].mount_point, PathBuf::from("/var/lib/nova/instances/_base"));
+    }
+}
