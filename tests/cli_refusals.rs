@@ -1,0 +1,374 @@
+//! The command line's refusals, for real: each one prints ONE line on stderr starting with
+//! `imagecachefs: `, exits 1 (clap usage errors exit 2) and changes nothing. Also the success
+//! cases they are refusals of: `mount --background` returns once the mount is live, and
+//! `unmount` detaches an imagecachefs mount.
+
+mod common;
+
+use common::{bin, is_fuse, mounts_at, Mount, Scratch};
+use std::ffi::CString;
+use std::io::Read;
+use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Runs a command with a deadline (a refusal must not hang); returns (code, stdout, stderr).
+fn run_timeout(cmd: &mut Command, timeout: Duration) -> (i32, String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let (out_p, err_p) = (dir.path().join("out"), dir.path().join("err"));
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&out_p).unwrap())
+        .stderr(std::fs::File::create(&err_p).unwrap())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "{cmd:?} still running after {timeout:?}; stderr so far: {}",
+                std::fs::read_to_string(&err_p).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    (
+        status.code().unwrap_or(-1),
+        std::fs::read_to_string(&out_p).unwrap_or_default(),
+        std::fs::read_to_string(&err_p).unwrap_or_default(),
+    )
+}
+
+fn icfs(args: &[&std::ffi::OsStr]) -> (i32, String, String) {
+    run_timeout(Command::new(bin()).args(args), Duration::from_secs(20))
+}
+
+/// Asserts the refusal format: exit 1, exactly one stderr line `imagecachefs: ...` holding
+/// `needle`.
+fn assert_refusal((code, out, err): &(i32, String, String), needle: &str) {
+    let ctx = format!("exit {code}\nstdout: {out:?}\nstderr: {err:?}");
+    assert_eq!(*code, 1, "a refusal exits 1\n{ctx}");
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 1, "a refusal prints exactly one line on stderr\n{ctx}");
+    assert!(lines[0].starts_with("imagecachefs: "), "the line starts with `imagecachefs: `\n{ctx}");
+    assert!(lines[0].contains(needle), "the line says {needle:?}\n{ctx}");
+}
+
+/// Detaches whatever got mounted at `dir` by a command that should have refused (so a wrong
+/// success leaves nothing behind), on drop.
+struct DetachAll(PathBuf);
+
+impl Drop for DetachAll {
+    fn drop(&mut self) {
+        let c = CString::new(self.0.as_os_str().as_bytes()).unwrap();
+        for _ in 0..8 {
+            if mounts_at(&self.0).is_empty() {
+                break;
+            }
+            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        }
+    }
+}
+
+/// Pids of processes whose command line is `imagecachefs mount <dir> ...`.
+fn daemons_of(dir: &Path) -> Vec<i32> {
+    let want = dir.as_os_str().as_bytes();
+    let mut pids = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        let is_ours = args.iter().any(|a| a.ends_with(b"imagecachefs"))
+            && args.contains(&b"mount".as_slice())
+            && args.contains(&want);
+        if is_ours {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+fn alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // State Z (zombie) is gone for our purposes.
+        Ok(s) => s.rsplit(')').next().map(|r| !r.trim_start().starts_with('Z')).unwrap_or(false),
+        Err(_) => false,
+    }
+}
+
+#[test]
+fn mount_of_a_missing_dir_does_not_exist() {
+    let s = Scratch::new();
+    let dir = s.path("nope");
+    let _guard = DetachAll(dir.clone());
+    assert_refusal(&icfs(&["mount".as_ref(), dir.as_os_str()]), "does not exist");
+    assert!(!dir.exists(), "the refusal must not create the directory");
+}
+
+#[test]
+fn mount_of_a_file_is_not_a_directory() {
+    let s = Scratch::new();
+    let file = s.path("file");
+    std::fs::write(&file, b"x").unwrap();
+    let _guard = DetachAll(file.clone());
+    assert_refusal(&icfs(&["mount".as_ref(), file.as_os_str()]), "is not a directory");
+    assert!(mounts_at(&file).is_empty());
+    assert_eq!(std::fs::read(&file).unwrap(), b"x");
+}
+
+#[test]
+fn mount_over_a_live_mount_is_already_an_imagecachefs_mount() {
+    let s = Scratch::new();
+    let _guard = DetachAll(s.base.clone());
+    let m = Mount::new(&s.base, &[]);
+    std::fs::write(s.base.join("f"), b"before").unwrap();
+    assert_refusal(&icfs(&["mount".as_ref(), s.base.as_os_str()]), "already an imagecachefs mount");
+    assert_eq!(mounts_at(&s.base).len(), 1, "exactly one mount stays at the dir");
+    // The first mount is untouched and still serving.
+    assert!(is_fuse(&s.base));
+    assert_eq!(std::fs::read(s.base.join("f")).unwrap(), b"before");
+    // `--background` refuses the same way.
+    assert_refusal(
+        &icfs(&["mount".as_ref(), s.base.as_os_str(), "--background".as_ref()]),
+        "already an imagecachefs mount",
+    );
+    assert_eq!(mounts_at(&s.base).len(), 1);
+    let st = m.stop();
+    assert!(st.success(), "daemon exit: {st}");
+}
+
+#[test]
+fn mount_over_a_dead_mount_is_a_stale_imagecachefs_mount() {
+    let s = Scratch::new();
+    let _guard = DetachAll(s.base.clone());
+    let m = Mount::new(&s.base, &[]);
+    let stale = m.kill9_leave_stale();
+    assert_eq!(mounts_at(&stale.dir).len(), 1, "the dead mount is still attached");
+    let e = std::fs::metadata(&s.base).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::ENOTCONN), "a dead FUSE mount answers ENOTCONN");
+    assert_refusal(&icfs(&["mount".as_ref(), s.base.as_os_str()]), "stale imagecachefs mount");
+    assert_eq!(mounts_at(&s.base).len(), 1, "the refusal changes nothing");
+    drop(stale);
+    assert!(mounts_at(&s.base).is_empty());
+}
+
+#[test]
+fn unmount_detaches_a_stale_mount() {
+    let s = Scratch::new();
+    let _guard = DetachAll(s.base.clone());
+    std::fs::write(s.path("covered-marker"), b"").unwrap();
+    let m = Mount::new(&s.base, &[]);
+    let stale = m.kill9_leave_stale();
+    let (code, out, err) = icfs(&["unmount".as_ref(), s.base.as_os_str()]);
+    assert_eq!(code, 0, "unmount of a stale imagecachefs mount\nstdout: {out}\nstderr: {err}");
+    assert!(mounts_at(&stale.dir).is_empty(), "the stale mount is detached");
+    assert!(std::fs::metadata(&s.base).unwrap().is_dir());
+}
+
+#[test]
+fn mount_without_dev_fuse_says_dev_fuse() {
+    common::require_tool("unshare");
+    common::require_tool("sh");
+    common::require_tool("mount");
+    let s = Scratch::new();
+    let _guard = DetachAll(s.base.clone());
+    // A private mount namespace whose /dev is an empty tmpfs: no /dev/fuse in there.
+    let res = run_timeout(
+        Command::new("unshare")
+            .args(["-m", "--propagation", "private", "--", "sh", "-c"])
+            .arg("mount -t tmpfs none /dev && test ! -e /dev/fuse && exec \"$0\" mount \"$1\"")
+            .arg(bin())
+            .arg(&s.base),
+        Duration::from_secs(20),
+    );
+    assert_refusal(&res, "/dev/fuse");
+    assert!(mounts_at(&s.base).is_empty());
+}
+
+#[test]
+fn mount_by_an_unprivileged_user_is_not_permitted() {
+    common::require_tool("setpriv");
+    let s = Scratch::new();
+    let _guard = DetachAll(s.base.clone());
+    let c = CString::new(s.tmp.path().as_os_str().as_bytes()).unwrap();
+    assert_eq!(unsafe { libc::chmod(c.as_ptr(), 0o755) }, 0);
+    let b = CString::new(s.base.as_os_str().as_bytes()).unwrap();
+    assert_eq!(unsafe { libc::chown(b.as_ptr(), 65534, 65534) }, 0);
+    let res = run_timeout(
+        Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+            .arg(bin())
+            .arg("mount")
+            .arg(&s.base),
+        Duration::from_secs(20),
+    );
+    assert_refusal(&res, "not permitted");
+    assert!(mounts_at(&s.base).is_empty(), "nothing may be mounted");
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    let s = Scratch::new();
+    let _guard = DetachAll(s.base.clone());
+    let d = s.base.as_os_str();
+    let cases: Vec<Vec<&std::ffi::OsStr>> = vec![
+        vec![],
+        vec!["frobnicate".as_ref()],
+        vec!["mount".as_ref()],
+        vec!["mount".as_ref(), d, "--no-such-flag".as_ref()],
+        vec!["mount".as_ref(), d, "--threads".as_ref(), "many".as_ref()],
+        vec!["mount".as_ref(), d, "--threads".as_ref()],
+        vec!["unmount".as_ref()],
+        vec!["unmount".as_ref(), d, "extra".as_ref()],
+    ];
+    for args in cases {
+        let (code, out, err) = icfs(&args);
+        assert_eq!(code, 2, "{args:?} is a usage error\nstdout: {out}\nstderr: {err}");
+        assert!(!err.is_empty(), "{args:?}: usage errors explain themselves on stderr");
+        assert!(mounts_at(&s.base).is_empty());
+    }
+}
+
+#[test]
+fn unmount_of_a_plain_dir_is_not_an_imagecachefs_mount() {
+    let s = Scratch::new();
+    assert_refusal(&icfs(&["unmount".as_ref(), s.base.as_os_str()]), "not an imagecachefs mount");
+}
+
+#[test]
+fn unmount_of_a_missing_dir_refuses() {
+    let s = Scratch::new();
+    let (code, out, err) = icfs(&["unmount".as_ref(), s.path("nope").as_os_str()]);
+    assert_eq!(code, 1, "stdout: {out}\nstderr: {err}");
+    assert_eq!(err.lines().count(), 1, "one line: {err:?}");
+    assert!(err.starts_with("imagecachefs: "), "{err:?}");
+}
+
+#[test]
+fn unmount_of_a_foreign_mount_is_not_an_imagecachefs_mount() {
+    let s = Scratch::new();
+    let _guard = DetachAll(s.base.clone());
+    let t = CString::new(s.base.as_os_str().as_bytes()).unwrap();
+    let fstype = CString::new("tmpfs").unwrap();
+    let rc =
+        unsafe { libc::mount(fstype.as_ptr(), t.as_ptr(), fstype.as_ptr(), 0, std::ptr::null()) };
+    assert_eq!(rc, 0, "mount tmpfs: {}", std::io::Error::last_os_error());
+    std::fs::write(s.base.join("on-tmpfs"), b"x").unwrap();
+    assert_refusal(&icfs(&["unmount".as_ref(), s.base.as_os_str()]), "not an imagecachefs mount");
+    assert_eq!(mounts_at(&s.base), ["tmpfs"], "the foreign mount stays");
+    assert!(s.base.join("on-tmpfs").exists());
+}
+
+#[test]
+fn background_mount_returns_once_live_and_unmount_stops_it() {
+    let s = Scratch::new();
+    let _guard = DetachAll(s.base.clone());
+    let log = s.path("bg.log");
+    std::fs::write(s.base.join("covered"), b"covered data").unwrap();
+    let (code, out, err) = run_timeout(
+        Command::new(bin())
+            .arg("mount")
+            .arg(&s.base)
+            .args(["--background", "--threads", "2", "--log-file"])
+            .arg(&log),
+        Duration::from_secs(30),
+    );
+    let pids = daemons_of(&s.base);
+    let cleanup = |pids: &[i32]| {
+        for &p in pids {
+            unsafe { libc::kill(p, libc::SIGKILL) };
+        }
+    };
+    if code != 0 || !is_fuse(&s.base) {
+        cleanup(&pids);
+        panic!(
+            "mount --background: exit {code}, live={}\nstdout: {out}\nstderr: {err}\nlog: {}",
+            is_fuse(&s.base),
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+    }
+    assert_eq!(pids.len(), 1, "one daemon process runs: {pids:?}");
+    assert_eq!(std::fs::read(s.base.join("covered")).unwrap(), b"covered data");
+    std::fs::write(s.base.join("through"), b"through the mount").unwrap();
+    assert!(log.exists(), "--log-file {log:?} is written");
+    let (code, out, err) = icfs(&["unmount".as_ref(), s.base.as_os_str()]);
+    assert_eq!(code, 0, "unmount\nstdout: {out}\nstderr: {err}");
+    assert!(!is_fuse(&s.base), "unmount detaches at once");
+    assert!(mounts_at(&s.base).is_empty());
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while pids.iter().any(|p| alive(*p)) {
+        if Instant::now() > deadline {
+            cleanup(&pids);
+            panic!("the background daemon did not exit after unmount");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(std::fs::read(s.base.join("through")).unwrap(), b"through the mount");
+}
+
+#[test]
+fn background_mount_does_not_hold_the_callers_output_open() {
+    let s = Scratch::new();
+    let _guard = DetachAll(s.base.clone());
+    // `$(imagecachefs mount --background ...)` would hang if the daemon kept the pipe open.
+    let mut child = Command::new(bin())
+        .arg("mount")
+        .arg(&s.base)
+        .arg("--background")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("mount --background did not return");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let pids = daemons_of(&s.base);
+    let mut stderr = child.stderr.take().unwrap();
+    let stdout = child.stdout.take().unwrap();
+    // Both pipes must reach EOF soon after the command returned.
+    let eof = |fd: i32| {
+        let mut p = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+        let rc = unsafe { libc::poll(&mut p, 1, 5000) };
+        rc == 1 && (p.revents & libc::POLLHUP != 0)
+    };
+    let (err_eof, out_eof) = (eof(stderr.as_raw_fd()), eof(stdout.as_raw_fd()));
+    let mut err = String::new();
+    if err_eof {
+        let _ = stderr.read_to_string(&mut err);
+    }
+    let (code, _, uerr) = icfs(&["unmount".as_ref(), s.base.as_os_str()]);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while pids.iter().any(|p| alive(*p)) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for &p in &pids {
+        if alive(p) {
+            unsafe { libc::kill(p, libc::SIGKILL) };
+        }
+    }
+    assert!(status.success(), "mount --background: {status}\nstderr: {err}");
+    assert!(err_eof, "the background daemon keeps the caller's stderr open");
+    assert!(out_eof, "the background daemon keeps the caller's stdout open");
+    assert_eq!(code, 0, "unmount: {uerr}");
+}
