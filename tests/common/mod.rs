@@ -96,6 +96,18 @@ impl BindMount {
             libc::mount(s.as_ptr(), t.as_ptr(), std::ptr::null(), libc::MS_BIND, std::ptr::null())
         };
         assert_eq!(rc, 0, "bind mount {src:?} -> {target:?}: {}", std::io::Error::last_os_error());
+        // Private: on hosts where `/` is a shared mount, the overlay mounted later over `src`
+        // would otherwise propagate onto the bind mount and hide the covered files.
+        let rc = unsafe {
+            libc::mount(
+                std::ptr::null(),
+                t.as_ptr(),
+                std::ptr::null(),
+                libc::MS_PRIVATE,
+                std::ptr::null(),
+            )
+        };
+        assert_eq!(rc, 0, "make {target:?} private: {}", std::io::Error::last_os_error());
         BindMount { target: target.to_path_buf() }
     }
 }
@@ -104,6 +116,7 @@ impl Drop for BindMount {
     fn drop(&mut self) {
         let t = CString::new(self.target.as_os_str().as_bytes()).unwrap();
         unsafe { libc::umount2(t.as_ptr(), libc::MNT_DETACH) };
+        let _ = std::fs::remove_dir(&self.target);
     }
 }
 
