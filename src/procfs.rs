@@ -1,0 +1,564 @@
+//! Who a process is, and which cache files it holds open, read from `/proc`.
+//!
+//! Owns every read of `/proc`: resolving a FUSE request's thread id to its process (program,
+//! VM instance name, start time) and finding processes that hold a cache file open through a
+//! descriptor taken before the mount. `/proc` only enriches status and finds those early
+//! holders; it never drives the reference counts of handles opened through the mount.
+//! Invariants: a [`Holder`] names one process for good, because `(pid, start_time)` survives
+//! pid reuse, and every lookup re-reads the start time after its other reads so that a pid
+//! recycled midway is reported as gone, not as a mix of two processes. A process that vanishes
+//! or denies access is skipped, never an error. The root is a plain directory so that tests
+//! (ours and integration tests) can point it at a fake tree.
+
+use std::collections::{BTreeSet, HashSet};
+use std::fs;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
+
+/// The root of a `/proc` tree: `/proc` itself, or a fake tree in tests.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProcRoot(pub PathBuf);
+
+impl Default for ProcRoot {
+    fn default() -> Self {
+        ProcRoot(PathBuf::from("/proc"))
+    }
+}
+
+/// One process (thread group), identified across pid reuse by `(pid, start_time)`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Holder {
+    /// Thread group id, i.e. the process id.
+    pub pid: u32,
+    /// Basename of the executable (`qemu-system-x86_64`, `qemu-img`, ...), or `comm` when the
+    /// executable cannot be read.
+    pub program: String,
+    /// For a QEMU VM: the guest name (`instance-0000002a`), else its `-uuid`.
+    pub instance: Option<String>,
+    /// Start time in clock ticks after boot (field 22 of `/proc/<pid>/stat`).
+    pub start_time: u64,
+}
+
+/// A file as `stat` names it: `(st_dev, st_ino)`.
+type FileId = (u64, u64);
+
+impl ProcRoot {
+    /// Thread id (the FUSE request's pid) -> Holder of its thread group: `/proc/<tid>/status`
+    /// `Tgid:`; program = basename of readlink `/proc/<tgid>/exe` (a trailing " (deleted)"
+    /// stripped), falling back to `/proc/<tgid>/comm`; instance = for qemu, the `guest=NAME` in
+    /// the `-name` argument of `/proc/<tgid>/cmdline` (NUL-separated;
+    /// `-name guest=instance-0000002a,debug-threads=on` or `-name instance-0000002a`), else the
+    /// `-uuid` value; start_time = field 22 of `/proc/<tgid>/stat` (parsed after the LAST `)`
+    /// because comm may contain spaces and parentheses). None if the process is gone.
+    pub fn holder(&self, tid: u32) -> Option<Holder> {
+        let status = fs::read_to_string(self.0.join(tid.to_string()).join("status")).ok()?;
+        self.process(parse_tgid(&status)?)
+    }
+
+    /// Every (pid, fd target) where a process holds open a file with this device and inode
+    /// number: walks `/proc/<pid>/fd/*`, `stat()`s each entry (following the magic link) and
+    /// matches st_dev/st_ino. Skips our own pid (`std::process::id()`) and processes or fds that
+    /// vanish or deny access.
+    ///
+    /// One entry per process and file, however many descriptors the process has on it. The
+    /// `stat()` reaches whatever each descriptor names, so call this before the mount serves
+    /// requests (or from a thread that does not serve them).
+    pub fn holders_of(&self, files: &HashSet<(u64, u64)>) -> Vec<((u64, u64), Holder)> {
+        let mut found = Vec::new();
+        if files.is_empty() {
+            return found;
+        }
+        let Ok(entries) = fs::read_dir(&self.0) else { return found };
+        let me = std::process::id();
+        for entry in entries.flatten() {
+            let Some(pid) = parse_pid(entry.file_name().as_bytes()) else { continue };
+            if pid == me {
+                continue;
+            }
+            let Some(start_time) = self.start_time(pid) else { continue };
+            let held: BTreeSet<FileId> =
+                self.open_files(pid).filter(|file| files.contains(file)).collect();
+            if held.is_empty() {
+                continue;
+            }
+            match self.process(pid) {
+                Some(holder) if holder.start_time == start_time => {
+                    found.extend(held.into_iter().map(|file| (file, holder.clone())));
+                }
+                _ => {}
+            }
+        }
+        found
+    }
+
+    /// True if `h.pid` still exists with the same start_time and still holds (dev, ino) open.
+    pub fn still_holds(&self, h: &Holder, dev: u64, ino: u64) -> bool {
+        let same = || self.start_time(h.pid) == Some(h.start_time);
+        same() && self.open_files(h.pid).any(|file| file == (dev, ino)) && same()
+    }
+
+    /// The thread group `pid` itself (not resolved through `status`).
+    fn process(&self, pid: u32) -> Option<Holder> {
+        let dir = self.0.join(pid.to_string());
+        let start_time = self.start_time(pid)?;
+        let program = match fs::read_link(dir.join("exe")) {
+            Ok(exe) => exe_basename(exe.as_os_str().as_bytes()),
+            Err(_) => None,
+        };
+        let program = match program {
+            Some(program) => program,
+            None => fs::read_to_string(dir.join("comm")).ok()?.trim_end_matches('\n').to_owned(),
+        };
+        let instance = if is_vm(&program) {
+            fs::read(dir.join("cmdline")).ok().and_then(|cmdline| parse_instance(&cmdline))
+        } else {
+            None
+        };
+        // Re-read last: a pid recycled while we read is reported as gone.
+        (self.start_time(pid)? == start_time).then_some(Holder {
+            pid,
+            program,
+            instance,
+            start_time,
+        })
+    }
+
+    fn start_time(&self, pid: u32) -> Option<u64> {
+        parse_start_time(&fs::read_to_string(self.0.join(pid.to_string()).join("stat")).ok()?)
+    }
+
+    /// `(st_dev, st_ino)` of every file `pid` holds a descriptor on; empty if it is gone or
+    /// denies access.
+    fn open_files(&self, pid: u32) -> impl Iterator<Item = FileId> {
+        fs::read_dir(self.0.join(pid.to_string()).join("fd"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|fd| fs::metadata(fd.path()).ok())
+            .map(|meta| (meta.dev(), meta.ino()))
+    }
+}
+
+/// The `Tgid:` line of `/proc/<tid>/status`.
+pub fn parse_tgid(status: &str) -> Option<u32> {
+    status.lines().find_map(|line| line.strip_prefix("Tgid:")).and_then(|v| v.trim().parse().ok())
+}
+
+/// Field 22 (`starttime`) of `/proc/<pid>/stat`. Fields are counted after the last `)`,
+/// because field 2 (`comm`) may itself hold spaces and parentheses.
+pub fn parse_start_time(stat: &str) -> Option<u64> {
+    let (_, rest) = stat.rsplit_once(')')?;
+    // `rest` starts at field 3 (`state`).
+    rest.split_whitespace().nth(22 - 3)?.parse().ok()
+}
+
+/// The instance a QEMU command line (`/proc/<pid>/cmdline`, NUL-separated) runs: the guest
+/// name of `-name` (`guest=NAME,...`, or a bare `NAME,...`), else the value of `-uuid`.
+/// Where an option repeats, the last one counts, as in QEMU.
+pub fn parse_instance(cmdline: &[u8]) -> Option<String> {
+    let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+    let last_value = |option: &str| {
+        args.windows(2)
+            .filter(|w| {
+                w[0].strip_prefix(b"-") == Some(option.as_bytes()) || w[0] == option.as_bytes()
+            })
+            .map(|w| w[1])
+            .next_back()
+    };
+    let guest = last_value("-name").and_then(|value| {
+        let opts = split_qemu_opts(value);
+        let implied = opts.first().filter(|first| !first.contains(&b'=')).cloned();
+        opts.into_iter()
+            .filter_map(|opt| opt.strip_prefix(b"guest=").map(<[u8]>::to_vec))
+            .next_back()
+            .or(implied)
+    });
+    let uuid = || last_value("-uuid").map(<[u8]>::to_vec);
+    guest
+        .filter(|name| !name.is_empty())
+        .or_else(uuid)
+        .filter(|name| !name.is_empty())
+        .map(|name| String::from_utf8_lossy(&name).into_owned())
+}
+
+/// Splits a QEMU option string on `,`, where `,,` stands for a literal comma.
+fn split_qemu_opts(value: &[u8]) -> Vec<Vec<u8>> {
+    let mut opts = vec![Vec::new()];
+    let mut bytes = value.iter().copied().peekable();
+    while let Some(b) = bytes.next() {
+        if b == b',' && bytes.next_if_eq(&b',').is_none() {
+            opts.push(Vec::new());
+        } else {
+            opts.last_mut().expect("never empty").push(b);
+        }
+    }
+    opts
+}
+
+/// A `/proc` entry name that is a pid (`self`, `thread-self`, `sys`, ... are not).
+fn parse_pid(name: &[u8]) -> Option<u32> {
+    if name.is_empty() || !name.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(name).ok()?.parse().ok()
+}
+
+/// Basename of an `exe` link target, without the " (deleted)" the kernel appends once the
+/// executable was replaced (a package upgrade under a running VM).
+fn exe_basename(target: &[u8]) -> Option<String> {
+    let target = target.strip_suffix(b" (deleted)").unwrap_or(target);
+    let base = target.rsplit(|&b| b == b'/').next().filter(|base| !base.is_empty())?;
+    Some(String::from_utf8_lossy(base).into_owned())
+}
+
+/// A program that runs a VM and so carries `-name`/`-uuid`: `qemu-system-*`, `qemu-kvm`
+/// (also as the 15-byte `comm` fallback, `qemu-system-x86`).
+fn is_vm(program: &str) -> bool {
+    program.starts_with("qemu-system-") || program == "qemu-kvm" || program == "kvm"
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::symlink;
+    use std::path::Path;
+    use std::process::{Child, Command};
+    use std::time::{Duration, Instant};
+
+    /// Pids above `PID_MAX_LIMIT` (2^22): never a real process, never our own pid.
+    const TGID: u32 = 9_000_001;
+    const TID: u32 = 9_000_002;
+
+    /// A command line as `/proc/<pid>/cmdline` holds it: every argument NUL-terminated.
+    fn argv(args: &[&str]) -> Vec<u8> {
+        args.iter().flat_map(|arg| arg.bytes().chain([0])).collect()
+    }
+
+    /// What libvirt starts for a Nova instance (abridged).
+    fn qemu_cmdline() -> Vec<u8> {
+        argv(&[
+            "/usr/bin/qemu-system-x86_64",
+            "-name",
+            "guest=instance-0000002a,debug-threads=on",
+            "-S",
+            "-uuid",
+            "6a3c2e8e-6f0a-4b8e-9c55-2f1d3a4b5c6d",
+            "-m",
+            "512",
+        ])
+    }
+
+    fn stat_line(pid: u32, comm: &str, start_time: u64) -> String {
+        format!(
+            "{pid} ({comm}) S 1 {pid} {pid} 0 -1 4194560 1000 0 0 0 12 34 0 0 20 0 4 0 \
+             {start_time} 123456789 2048 18446744073709551615 1 1 0 0 0 0 0 4096 0 0 0 17 3 0 0\n"
+        )
+    }
+
+    /// Writes `<root>/<pid>/{status,comm,cmdline,stat}` and, if given, the `exe` symlink.
+    fn fake_process(
+        root: &Path,
+        pid: u32,
+        tgid: u32,
+        exe: Option<&str>,
+        comm: &str,
+        cmdline: &[u8],
+        start_time: u64,
+    ) -> PathBuf {
+        let dir = root.join(pid.to_string());
+        fs::create_dir_all(dir.join("fd")).unwrap();
+        fs::write(
+            dir.join("status"),
+            format!(
+                "Name:\t{comm}\nUmask:\t0022\nState:\tS (sleeping)\nTgid:\t{tgid}\n\
+                 Ngid:\t0\nPid:\t{pid}\nPPid:\t1\n"
+            ),
+        )
+        .unwrap();
+        fs::write(dir.join("comm"), format!("{comm}\n")).unwrap();
+        fs::write(dir.join("cmdline"), cmdline).unwrap();
+        fs::write(dir.join("stat"), stat_line(pid, comm, start_time)).unwrap();
+        if let Some(exe) = exe {
+            symlink(exe, dir.join("exe")).unwrap();
+        }
+        dir
+    }
+
+    #[test]
+    fn tgid_from_status() {
+        let status = "Name:\tworker\nUmask:\t0022\nState:\tS (sleeping)\nTgid:\t22503\n\
+                      Ngid:\t0\nPid:\t22547\nPPid:\t1\nTracerPid:\t0\n";
+        assert_eq!(parse_tgid(status), Some(22503));
+        assert_eq!(parse_tgid("Name:\tx\nPid:\t1\n"), None);
+        assert_eq!(parse_tgid("Tgid:\tnope\n"), None);
+    }
+
+    #[test]
+    fn start_time_after_the_last_paren() {
+        assert_eq!(parse_start_time(&stat_line(42, "sleep", 987654)), Some(987654));
+        // comm with spaces and parentheses must not shift the fields.
+        assert_eq!(parse_start_time(&stat_line(42, "a) (b c) S 1", 55)), Some(55));
+        assert_eq!(parse_start_time(&stat_line(42, "", 7)), Some(7));
+        assert_eq!(parse_start_time("42 (sleep) S 1 42 42 0"), None);
+        assert_eq!(parse_start_time("42 sleep S 1"), None);
+        assert_eq!(parse_start_time(""), None);
+    }
+
+    #[test]
+    fn instance_from_cmdline() {
+        assert_eq!(parse_instance(&qemu_cmdline()).as_deref(), Some("instance-0000002a"));
+        assert_eq!(
+            parse_instance(&argv(&[
+                "qemu-system-x86_64",
+                "-name",
+                "instance-0000002a",
+                "-m",
+                "512"
+            ]))
+            .as_deref(),
+            Some("instance-0000002a")
+        );
+        assert_eq!(
+            parse_instance(&argv(&["qemu", "-name", "instance-0000002b,debug-threads=on"]))
+                .as_deref(),
+            Some("instance-0000002b")
+        );
+        assert_eq!(
+            parse_instance(&argv(&["qemu", "-name", "process=qemu:vm,guest=instance-0000002c"]))
+                .as_deref(),
+            Some("instance-0000002c")
+        );
+        // ",," is QEMU's escaped comma; "--name" is accepted as well.
+        assert_eq!(
+            parse_instance(&argv(&["qemu", "--name", "guest=a,,b,debug-threads=on"])).as_deref(),
+            Some("a,b")
+        );
+        // No -name: the -uuid value.
+        assert_eq!(
+            parse_instance(&argv(&["qemu", "-uuid", "6a3c2e8e-6f0a-4b8e-9c55-2f1d3a4b5c6d"]))
+                .as_deref(),
+            Some("6a3c2e8e-6f0a-4b8e-9c55-2f1d3a4b5c6d")
+        );
+        // A -name without a guest name falls back to -uuid too.
+        assert_eq!(
+            parse_instance(&argv(&["qemu", "-name", "debug-threads=on", "-uuid", "u-1"]))
+                .as_deref(),
+            Some("u-1")
+        );
+        assert_eq!(parse_instance(&argv(&["qemu-img", "info", "/x"])), None);
+        assert_eq!(parse_instance(&argv(&["qemu", "-name"])), None);
+        assert_eq!(parse_instance(b"qemu\x00-name"), None);
+        assert_eq!(parse_instance(b""), None);
+    }
+
+    #[test]
+    fn holder_of_a_qemu_thread() {
+        let root = tempfile::tempdir().unwrap();
+        fake_process(
+            root.path(),
+            TGID,
+            TGID,
+            Some("/usr/bin/qemu-system-x86_64"),
+            "qemu-system-x86",
+            &qemu_cmdline(),
+            123456,
+        );
+        // A helper thread: its own status names the thread group, its comm is the thread's.
+        fake_process(root.path(), TID, TGID, None, "call_rcu", b"", 999);
+        let proc = ProcRoot(root.path().to_owned());
+        let expected = Holder {
+            pid: TGID,
+            program: "qemu-system-x86_64".into(),
+            instance: Some("instance-0000002a".into()),
+            start_time: 123456,
+        };
+        assert_eq!(proc.holder(TID), Some(expected.clone()));
+        assert_eq!(proc.holder(TGID), Some(expected));
+    }
+
+    #[test]
+    fn holder_program_fallbacks() {
+        let root = tempfile::tempdir().unwrap();
+        let proc = ProcRoot(root.path().to_owned());
+        // Executable replaced under the running process.
+        fake_process(
+            root.path(),
+            9_000_010,
+            9_000_010,
+            Some("/usr/bin/qemu-img (deleted)"),
+            "qemu-img",
+            &argv(&["qemu-img", "info"]),
+            1,
+        );
+        let h = proc.holder(9_000_010).unwrap();
+        assert_eq!((h.program.as_str(), h.instance), ("qemu-img", None));
+        // exe unreadable: comm (truncated to 15 bytes) still recognises a VM.
+        fake_process(
+            root.path(),
+            9_000_011,
+            9_000_011,
+            None,
+            "qemu-system-x86",
+            &qemu_cmdline(),
+            2,
+        );
+        let h = proc.holder(9_000_011).unwrap();
+        assert_eq!(h.program, "qemu-system-x86");
+        assert_eq!(h.instance.as_deref(), Some("instance-0000002a"));
+        // RHEL's qemu-kvm with only -uuid.
+        fake_process(
+            root.path(),
+            9_000_012,
+            9_000_012,
+            Some("/usr/libexec/qemu-kvm"),
+            "qemu-kvm",
+            &argv(&["/usr/libexec/qemu-kvm", "-uuid", "u-2"]),
+            3,
+        );
+        assert_eq!(proc.holder(9_000_012).unwrap().instance.as_deref(), Some("u-2"));
+        // Not a VM: a -name argument means nothing.
+        fake_process(
+            root.path(),
+            9_000_013,
+            9_000_013,
+            Some("/usr/bin/python3"),
+            "python3",
+            &argv(&["python3", "-name", "x"]),
+            4,
+        );
+        assert_eq!(proc.holder(9_000_013).unwrap().instance, None);
+    }
+
+    #[test]
+    fn holder_of_a_gone_process() {
+        let root = tempfile::tempdir().unwrap();
+        let proc = ProcRoot(root.path().to_owned());
+        assert_eq!(proc.holder(TID), None);
+        // The thread's status names a thread group that is gone.
+        fake_process(root.path(), TID, TGID, None, "call_rcu", b"", 999);
+        assert_eq!(proc.holder(TID), None);
+        // A half-gone process (stat vanished) is gone.
+        let dir = fake_process(root.path(), TGID, TGID, Some("/usr/bin/sleep"), "sleep", b"", 5);
+        assert!(proc.holder(TID).is_some());
+        fs::remove_file(dir.join("stat")).unwrap();
+        assert_eq!(proc.holder(TID), None);
+    }
+
+    #[test]
+    fn holders_in_a_fake_tree() {
+        let files = tempfile::tempdir().unwrap();
+        let (base, other) = (files.path().join("base"), files.path().join("other"));
+        fs::write(&base, b"base").unwrap();
+        fs::write(&other, b"other").unwrap();
+        let id = |p: &Path| {
+            let m = fs::metadata(p).unwrap();
+            (m.dev(), m.ino())
+        };
+        let root = tempfile::tempdir().unwrap();
+        let proc = ProcRoot(root.path().to_owned());
+        let dir = fake_process(
+            root.path(),
+            TGID,
+            TGID,
+            Some("/usr/bin/qemu-system-x86_64"),
+            "qemu-system-x86",
+            &qemu_cmdline(),
+            77,
+        );
+        // Two descriptors on the same file count once; a dangling one is skipped.
+        symlink(&base, dir.join("fd/3")).unwrap();
+        symlink(&base, dir.join("fd/4")).unwrap();
+        symlink(&other, dir.join("fd/5")).unwrap();
+        symlink("/nonexistent/socket:[1234]", dir.join("fd/6")).unwrap();
+        fs::create_dir_all(root.path().join("self")).unwrap();
+        fake_process(
+            root.path(),
+            std::process::id(),
+            std::process::id(),
+            Some("/x/me"),
+            "me",
+            b"",
+            1,
+        );
+        symlink(&base, root.path().join(std::process::id().to_string()).join("fd/3")).unwrap();
+
+        let found = proc.holders_of(&HashSet::from([id(&base)]));
+        assert_eq!(found.len(), 1, "{found:?}");
+        let (file, holder) = &found[0];
+        assert_eq!(*file, id(&base));
+        assert_eq!((holder.pid, holder.program.as_str()), (TGID, "qemu-system-x86_64"));
+        assert!(proc.holders_of(&HashSet::new()).is_empty());
+
+        assert!(proc.still_holds(holder, id(&base).0, id(&base).1));
+        fs::remove_file(dir.join("fd/3")).unwrap();
+        assert!(proc.still_holds(holder, id(&base).0, id(&base).1));
+        fs::remove_file(dir.join("fd/4")).unwrap();
+        assert!(!proc.still_holds(holder, id(&base).0, id(&base).1));
+        // Same pid, another process (start time differs).
+        assert!(proc.still_holds(holder, id(&other).0, id(&other).1));
+        fs::write(dir.join("stat"), stat_line(TGID, "qemu-system-x86", 78)).unwrap();
+        assert!(!proc.still_holds(holder, id(&other).0, id(&other).1));
+    }
+
+    #[test]
+    fn holder_of_our_own_thread() {
+        // SAFETY: gettid has no preconditions.
+        let tid = unsafe { libc::syscall(libc::SYS_gettid) } as u32;
+        let h = ProcRoot::default().holder(tid).expect("our own process is alive");
+        assert_eq!(h.pid, std::process::id());
+        assert!(h.start_time > 0);
+        let exe = std::env::current_exe().unwrap();
+        assert_eq!(h.program, exe.file_name().unwrap().to_string_lossy());
+    }
+
+    /// Kills and reaps the child on drop, so a failed assertion leaves no `sleep` behind.
+    struct Reaped(Child);
+
+    impl Drop for Reaped {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    #[test]
+    fn finds_a_real_process_holding_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("0d5e6b61602d758984b3bf038267614d6016eb2a");
+        fs::write(&path, b"image").unwrap();
+        let meta = fs::metadata(&path).unwrap();
+        let (dev, ino) = (meta.dev(), meta.ino());
+        let mut child = Reaped(
+            Command::new("sh")
+                .args(["-c", r#"exec 3<"$1"; exec sleep 30"#, "sh"])
+                .arg(&path)
+                .spawn()
+                .expect("spawn sh -c 'exec sleep 30'"),
+        );
+        let pid = child.0.id();
+        let proc = ProcRoot::default();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let holder = loop {
+            let found = proc.holders_of(&HashSet::from([(dev, ino)]));
+            // Until `sh` has exec'd, the holder's program is `sh`.
+            if let Some((_, h)) = found.iter().find(|(_, h)| h.program == "sleep") {
+                assert_eq!(found.len(), 1, "{found:?}");
+                assert_eq!(found[0].0, (dev, ino));
+                break h.clone();
+            }
+            assert!(Instant::now() < deadline, "sleep {pid} not found holding the file: {found:?}");
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        assert_eq!(holder.pid, pid);
+        assert_eq!(holder.instance, None);
+        assert!(proc.still_holds(&holder, dev, ino));
+        assert!(!proc.still_holds(&holder, dev, ino.wrapping_add(1)));
+
+        child.0.kill().unwrap();
+        child.0.wait().unwrap();
+        assert!(!proc.still_holds(&holder, dev, ino));
+        // Gone, or (if the pid was recycled already) another process.
+        assert_ne!(proc.holder(pid).map(|h| h.start_time), Some(holder.start_time));
+    }
+}
