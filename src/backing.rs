@@ -441,3 +441,37 @@ pub fn copy_file_range(
         libc::copy_file_range(src.as_raw_fd(), &mut a, dst.as_raw_fd(), &mut b, len as usize, flags)
     })
 }
+
+/// Reads a small file in `dir`; `None` if it does not exist.
+pub fn read_file_at(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<Option<Vec<u8>>> {
+    use std::io::Read;
+    let c = cstr(name)?;
+    let fd = match owned(unsafe {
+        libc::openat(
+            dir.as_raw_fd(),
+            c.as_ptr(),
+            libc::O_RDONLY | libc::O_CLOEXEC | libc::O_NOFOLLOW,
+        )
+    }) {
+        Ok(fd) => fd,
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let mut out = Vec::new();
+    File::from(fd).read_to_end(&mut out)?;
+    Ok(Some(out))
+}
+
+/// Replaces `name` in `dir` atomically: write `tmp`, fsync, rename over `name`.
+pub fn replace_file_at(
+    dir: BorrowedFd<'_>,
+    tmp: &OsStr,
+    name: &OsStr,
+    data: &[u8],
+) -> io::Result<()> {
+    use std::io::Write;
+    let mut f = create_at(dir, tmp, libc::O_WRONLY | libc::O_TRUNC, 0o600)?;
+    f.write_all(data)?;
+    f.sync_data()?;
+    rename_at(dir, tmp, dir, name, 0)
+}

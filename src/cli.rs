@@ -4,7 +4,8 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::MountConfig;
+use crate::config::{MinFree, MountConfig};
+use crate::state::Policy;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -30,6 +31,30 @@ pub enum Command {
         /// The mounted cache directory.
         dir: PathBuf,
     },
+    /// Print the status table (or JSON) of a mounted cache.
+    Status {
+        /// The mounted cache directory.
+        dir: PathBuf,
+        /// JSON instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Keep NAME from being evicted (root only; persists across restarts).
+    Pin(Target),
+    /// Undo `pin`.
+    Unpin(Target),
+    /// Re-verify NAME's SHA-1 now.
+    Verify(Target),
+    /// Evict NAME now; refused if it is in use, being written, pinned or referenced.
+    Evict(Target),
+}
+
+#[derive(Args, Debug)]
+pub struct Target {
+    /// The mounted cache directory.
+    pub dir: PathBuf,
+    /// A cache file's name (no `/`).
+    pub name: std::ffi::OsString,
 }
 
 #[derive(Args, Debug)]
@@ -49,16 +74,88 @@ pub struct MountArgs {
     /// Append the log to FILE instead of standard error.
     #[arg(long, value_name = "FILE", help_heading = "Process")]
     pub log_file: Option<PathBuf>,
+
+    /// Idle age after which originals, ephemeral and swap files go (default 86400).
+    #[arg(long, value_name = "SECS", help_heading = "Eviction")]
+    pub original_min_age: Option<u64>,
+
+    /// Idle age after which resized and unrecognised files go (default 3600).
+    #[arg(long, value_name = "SECS", help_heading = "Eviction")]
+    pub resized_min_age: Option<u64>,
+
+    /// Idle age after which stale .part/.converted files with no writer go (default 3600).
+    #[arg(long, value_name = "SECS", help_heading = "Eviction")]
+    pub partial_min_age: Option<u64>,
+
+    /// Never evict by age (corrupt files still go once unused).
+    #[arg(long, help_heading = "Eviction")]
+    pub no_evict: bool,
+
+    /// Read the settings above from nova.conf ([image_cache] and legacy names); flags win.
+    #[arg(long, value_name = "FILE", help_heading = "Eviction")]
+    pub nova_conf: Option<PathBuf>,
+
+    /// Where instance directories live, for the backing-file guard [default: DIR's parent].
+    #[arg(long, value_name = "DIR", help_heading = "Eviction")]
+    pub instances_dir: Option<PathBuf>,
+
+    /// Keep at least this much free on the cache filesystem by evicting least recently used
+    /// unreferenced files first (e.g. 20G or 10%).
+    #[arg(long, value_name = "SIZE|PCT", value_parser = MinFree::parse, help_heading = "Eviction")]
+    pub min_free: Option<MinFree>,
+
+    /// Under disk pressure, never evict a file idle for less than this.
+    #[arg(long, value_name = "SECS", default_value_t = 600, help_heading = "Eviction")]
+    pub pressure_min_age: u64,
+
+    /// Re-verify each file's SHA-1 this often [default: 86400, or nova.conf's
+    /// checksum_interval_seconds].
+    #[arg(long, value_name = "SECS", help_heading = "Checksums")]
+    pub verify_interval: Option<u64>,
+
+    /// Read rate limit of the checksum thread (0: unlimited).
+    #[arg(long, value_name = "MiB/s", default_value_t = 64, help_heading = "Checksums")]
+    pub verify_rate: u64,
 }
 
 impl MountArgs {
-    pub fn into_config(self) -> MountConfig {
-        MountConfig {
+    /// Resolves the options: a flag wins over nova.conf, which wins over Nova's defaults.
+    pub fn into_config(self) -> Result<MountConfig, String> {
+        let nova = match &self.nova_conf {
+            Some(path) => crate::novaconf::load(path).map_err(|e| e.to_string())?,
+            None => Default::default(),
+        };
+        let d = Policy::default();
+        let policy = Policy {
+            original_min_age: self
+                .original_min_age
+                .or(nova.original_min_age)
+                .unwrap_or(d.original_min_age),
+            resized_min_age: self
+                .resized_min_age
+                .or(nova.resized_min_age)
+                .unwrap_or(d.resized_min_age),
+            partial_min_age: self.partial_min_age.unwrap_or(d.partial_min_age),
+            // Not nova.conf's remove_unused_base_images: operators set it to False so that
+            // Nova's own scanner stops deleting, which must not switch off ours.
+            evict: !self.no_evict,
+        };
+        Ok(MountConfig {
             dir: self.dir,
             background: self.background,
             threads: self.threads as usize,
             log_file: self.log_file,
-        }
+            policy,
+            instances_dir: self.instances_dir.or(nova.instances_path.map(PathBuf::from)),
+            min_free: self.min_free,
+            pressure_min_age: self.pressure_min_age,
+            verify_interval: self.verify_interval.or(nova.checksum_interval).unwrap_or(86_400),
+            nova_subdirectory: nova.subdirectory_name,
+            nova_scanner_on: self.nova_conf.is_some()
+                && nova.remove_unused_base_images != Some(false),
+            verify_rate_mib: self.verify_rate,
+            nova_conf: self.nova_conf,
+        })
     }
 }
 
@@ -70,10 +167,37 @@ mod tests {
     fn mount_defaults() {
         let cli = Cli::try_parse_from(["imagecachefs", "mount", "/x"]).unwrap();
         let Command::Mount(m) = cli.command else { panic!("not mount") };
-        let c = m.into_config();
+        let c = m.into_config().unwrap();
         assert_eq!(c.dir, PathBuf::from("/x"));
         assert!(!c.background);
         assert_eq!(c.threads, 4);
+        assert_eq!(c.policy, Policy::default());
+        assert_eq!(c.verify_rate_mib, 64);
+    }
+
+    #[test]
+    fn flags_set_the_policy() {
+        let cli = Cli::try_parse_from([
+            "imagecachefs",
+            "mount",
+            "/x",
+            "--original-min-age",
+            "5",
+            "--resized-min-age",
+            "6",
+            "--partial-min-age",
+            "7",
+            "--no-evict",
+            "--min-free",
+            "10%",
+        ])
+        .unwrap();
+        let Command::Mount(m) = cli.command else { panic!("not mount") };
+        let c = m.into_config().unwrap();
+        assert_eq!((c.policy.original_min_age, c.policy.resized_min_age), (5, 6));
+        assert_eq!(c.policy.partial_min_age, 7);
+        assert!(!c.policy.evict);
+        assert_eq!(c.min_free, Some(MinFree::Percent(10.0)));
     }
 
     #[test]

@@ -23,6 +23,8 @@ pub enum Error {
     NotSupported,
     /// A write to a read-only virtual file, or a non-root writer of the control file.
     AccessDenied,
+    /// A control command refused (already logged with its reason); carries its errno.
+    Refused(i32),
 }
 
 impl Error {
@@ -36,6 +38,7 @@ impl Error {
             Error::Reserved => libc::ENOENT,
             Error::NotSupported => libc::EOPNOTSUPP,
             Error::AccessDenied => libc::EACCES,
+            Error::Refused(errno) => *errno,
         }
     }
 
@@ -61,7 +64,9 @@ impl Error {
                 ) => log::Level::Debug,
                 _ => log::Level::Warn,
             },
-            Error::Reserved | Error::InvalidName | Error::AccessDenied => log::Level::Debug,
+            Error::Reserved | Error::InvalidName | Error::AccessDenied | Error::Refused(_) => {
+                log::Level::Debug
+            }
             Error::UnknownNode(_) | Error::BadHandle(_) | Error::NotSupported => log::Level::Warn,
         }
     }
@@ -88,6 +93,7 @@ impl fmt::Display for Error {
             Error::Reserved => write!(f, "name reserved by imagecachefs"),
             Error::NotSupported => write!(f, "operation not supported here"),
             Error::AccessDenied => write!(f, "access denied"),
+            Error::Refused(e) => write!(f, "refused ({})", io::Error::from_raw_os_error(*e)),
         }
     }
 }
@@ -111,6 +117,7 @@ mod tests {
             (Error::Reserved, libc::ENOENT),
             (Error::NotSupported, libc::EOPNOTSUPP),
             (Error::AccessDenied, libc::EACCES),
+            (Error::Refused(libc::EBUSY), libc::EBUSY),
         ];
         for (e, errno) in cases {
             assert_eq!(e.errno(), errno, "{e:?}");

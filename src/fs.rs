@@ -22,12 +22,54 @@ use std::sync::{Arc, OnceLock};
 use log::{error, warn};
 
 use crate::backing::{self, DirEntry, SetTime, Stat};
+use crate::cache::{self, Cache, VFile};
 use crate::error::{Error, Result};
 use crate::passthrough::Passthrough;
 use crate::sync::{Mutex, RwLock};
 
 /// The node id of the mount's root, fixed by the FUSE protocol.
 pub const ROOT: u64 = 1;
+
+/// The status tree's name in the root.
+pub const STATUS_DIR: &str = ".imagecache";
+
+/// Node ids of the status tree: the top bit set (real inode numbers never reach it);
+/// `images/NAME` is `IMAGE_BIT` plus the file's inode number.
+const VIRTUAL: u64 = 1 << 63;
+const IMAGE_BIT: u64 = 1 << 62;
+pub const V_DIR: u64 = VIRTUAL | 1;
+pub const V_IMAGES: u64 = VIRTUAL | 2;
+const V_FILES: [(&str, u64, VFile); 6] = [
+    ("status", VIRTUAL | 3, VFile::Status),
+    ("status.json", VIRTUAL | 4, VFile::StatusJson),
+    ("metrics", VIRTUAL | 5, VFile::Metrics),
+    ("events", VIRTUAL | 6, VFile::Events),
+    ("config", VIRTUAL | 7, VFile::Config),
+    ("control", VIRTUAL | 8, VFile::Control),
+];
+
+pub fn is_virtual(id: u64) -> bool {
+    id & VIRTUAL != 0
+}
+
+/// What a status-tree node id stands for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum VNode {
+    Dir,
+    Images,
+    File(VFile),
+}
+
+fn vnode(id: u64) -> Option<VNode> {
+    match id {
+        V_DIR => Some(VNode::Dir),
+        V_IMAGES => Some(VNode::Images),
+        _ if id & (VIRTUAL | IMAGE_BIT) == VIRTUAL | IMAGE_BIT => {
+            Some(VNode::File(VFile::Image(id & !(VIRTUAL | IMAGE_BIT))))
+        }
+        _ => V_FILES.iter().find(|f| f.1 == id).map(|f| VNode::File(f.2)),
+    }
+}
 
 /// Who made a request (the header's thread id and fs credentials).
 #[derive(Clone, Copy, Debug, Default)]
@@ -77,12 +119,21 @@ struct Handle {
     file: File,
 }
 
-/// An open directory: a listing taken at offset 0 and served from there.
+/// An open directory: a listing taken at offset 0 and served from there. `file` is `None`
+/// for the status tree's directories.
 #[derive(Debug)]
 struct DirHandle {
-    node: Arc<Node>,
-    file: File,
+    id: u64,
+    file: Option<File>,
     entries: Mutex<Vec<DirEntry>>,
+}
+
+/// An open status file: rendered once at open, so a `cat` sees one consistent snapshot; or
+/// the control file, which collects what is written.
+#[derive(Debug)]
+struct StatusHandle {
+    bytes: Vec<u8>,
+    control: bool,
 }
 
 /// The answer to an open or create.
@@ -91,6 +142,8 @@ pub struct Opened {
     pub fh: u64,
     /// The passthrough backing id to reply with; `None` means daemon I/O.
     pub backing: Option<u32>,
+    /// Reads and writes bypass the page cache (status files: their size is not known).
+    pub direct_io: bool,
 }
 
 /// Attribute changes of a `setattr`; `None` leaves a field alone.
@@ -117,20 +170,20 @@ pub struct OverlayFs {
     nodes: RwLock<HashMap<u64, Arc<Node>>>,
     handles: RwLock<HashMap<u64, Arc<Handle>>>,
     dirs: RwLock<HashMap<u64, Arc<DirHandle>>>,
+    status: RwLock<HashMap<u64, Arc<Mutex<StatusHandle>>>>,
     fh_prefix: u64,
     next_fh: AtomicU64,
     passthrough: OnceLock<Passthrough>,
-    /// Names in the root directory that are never shown or touched (imagecachefs's own).
-    reserved: Vec<OsString>,
+    cache: Arc<Cache>,
+    start: std::time::SystemTime,
     owner: (u32, u32),
-    fallbacks: AtomicU64,
 }
 
 impl OverlayFs {
     /// Serves the directory behind `root_fd` (an `O_PATH` fd opened before mounting).
     /// `start_secs` (e.g. the start time) prefixes file handles so that they differ between
     /// daemon lifetimes.
-    pub fn new(root_fd: OwnedFd, reserved: Vec<OsString>, start_secs: u64) -> Result<Self> {
+    pub fn new(root_fd: OwnedFd, cache: Arc<Cache>, start_secs: u64) -> Result<Self> {
         let st = backing::stat(root_fd.as_fd())?;
         let root = Arc::new(Node {
             id: ROOT,
@@ -145,12 +198,13 @@ impl OverlayFs {
             nodes: RwLock::new(nodes),
             handles: RwLock::new(HashMap::new()),
             dirs: RwLock::new(HashMap::new()),
+            status: RwLock::new(HashMap::new()),
             fh_prefix: (start_secs & 0xff_ffff) << 40,
             next_fh: AtomicU64::new(1),
             passthrough: OnceLock::new(),
-            reserved,
+            cache,
+            start: crate::clock::from_unix_secs(start_secs),
             owner: unsafe { (libc::geteuid(), libc::getegid()) },
-            fallbacks: AtomicU64::new(0),
         })
     }
 
@@ -163,14 +217,9 @@ impl OverlayFs {
         self.passthrough.get().is_some()
     }
 
-    /// How many times an inode's opens fell back to daemon I/O.
-    pub fn passthrough_fallbacks(&self) -> u64 {
-        self.fallbacks.load(Ordering::Relaxed)
-    }
-
     /// Open handles (files and directories) right now.
     pub fn open_handles(&self) -> usize {
-        self.handles.read().len() + self.dirs.read().len()
+        self.handles.read().len() + self.dirs.read().len() + self.status.read().len()
     }
 
     /// Nodes the kernel holds lookups on (the root included).
@@ -179,7 +228,15 @@ impl OverlayFs {
     }
 
     fn node(&self, id: u64) -> Result<Arc<Node>> {
+        if is_virtual(id) {
+            // Nothing but reading (and the control file) happens in the status tree.
+            return Err(Error::AccessDenied);
+        }
         self.nodes.read().get(&id).cloned().ok_or(Error::UnknownNode(id))
+    }
+
+    pub fn cache(&self) -> &Arc<Cache> {
+        &self.cache
     }
 
     fn handle(&self, fh: u64) -> Result<Arc<Handle>> {
@@ -195,7 +252,7 @@ impl OverlayFs {
     }
 
     fn is_reserved(&self, parent: u64, name: &OsStr) -> bool {
-        parent == ROOT && self.reserved.iter().any(|r| r == name)
+        parent == ROOT && (name == STATUS_DIR || cache::is_own_file(name))
     }
 
     /// A single path component that is not reserved.
@@ -238,13 +295,69 @@ impl OverlayFs {
     }
 
     pub fn lookup(&self, parent: u64, name: &OsStr) -> Result<Stat> {
+        if let Some(id) = self.virtual_child(parent, name)? {
+            return Ok(self.virtual_stat(id));
+        }
         self.check_name(parent, name)?;
         let p = self.node(parent)?;
-        self.lookup_in(&p, name)
+        let st = self.lookup_in(&p, name)?;
+        if parent == ROOT {
+            self.cache.observe(name, &st);
+        }
+        Ok(st)
+    }
+
+    /// The status-tree node `name` in `parent`, if `parent` is (or leads into) the tree.
+    fn virtual_child(&self, parent: u64, name: &OsStr) -> Result<Option<u64>> {
+        match (parent, vnode(parent)) {
+            (ROOT, _) if name == STATUS_DIR => Ok(Some(V_DIR)),
+            (_, Some(VNode::Dir)) if name == "images" => Ok(Some(V_IMAGES)),
+            (_, Some(VNode::Dir)) => match V_FILES.iter().find(|f| name == f.0) {
+                Some(f) => Ok(Some(f.1)),
+                None => Err(Error::Reserved),
+            },
+            (_, Some(VNode::Images)) => match self.cache.ino_of(name) {
+                Some(ino) => Ok(Some(VIRTUAL | IMAGE_BIT | ino)),
+                None => Err(Error::Reserved),
+            },
+            (_, Some(VNode::File(_))) => {
+                Err(Error::Io(std::io::Error::from_raw_os_error(libc::ENOTDIR)))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Attributes of a status-tree node: read-only to all, `control` write-only for root,
+    /// size and blocks 0 (the content is made at open).
+    pub fn virtual_stat(&self, id: u64) -> Stat {
+        let (mode, nlink) = match vnode(id) {
+            Some(VNode::Dir | VNode::Images) => (libc::S_IFDIR | 0o555, 2),
+            Some(VNode::File(VFile::Control)) => (libc::S_IFREG | 0o200, 1),
+            _ => (libc::S_IFREG | 0o444, 1),
+        };
+        let t = match vnode(id) {
+            Some(VNode::Dir | VNode::Images) | None => self.start,
+            Some(VNode::File(_)) => self.cache.now(),
+        };
+        Stat {
+            dev: 0,
+            ino: id,
+            mode,
+            nlink,
+            uid: 0,
+            gid: 0,
+            rdev: 0,
+            size: 0,
+            blocks: 0,
+            blksize: 4096,
+            atime: t,
+            mtime: t,
+            ctime: t,
+        }
     }
 
     pub fn forget(&self, id: u64, n: u64) {
-        if id == ROOT {
+        if id == ROOT || is_virtual(id) {
             return;
         }
         let mut nodes = self.nodes.write();
@@ -260,10 +373,21 @@ impl OverlayFs {
     }
 
     pub fn getattr(&self, id: u64) -> Result<Stat> {
+        if is_virtual(id) {
+            return Ok(self.virtual_stat(id));
+        }
         Ok(backing::stat(self.node(id)?.fd())?)
     }
 
     pub fn setattr(&self, id: u64, fh: Option<u64>, set: SetAttr) -> Result<Stat> {
+        if vnode(id) == Some(VNode::File(VFile::Control))
+            && set.mode.is_none()
+            && set.uid.is_none()
+            && set.gid.is_none()
+        {
+            // `echo CMD > control` truncates first: nothing to truncate.
+            return Ok(self.virtual_stat(id));
+        }
         let node = self.node(id)?;
         if let Some(size) = set.size {
             match fh.and_then(|fh| self.handle(fh).ok()) {
@@ -279,6 +403,10 @@ impl OverlayFs {
         }
         if set.atime.is_some() || set.mtime.is_some() {
             backing::set_times(node.fd(), set.atime, set.mtime)?;
+        }
+        if set.atime.is_some() || set.mtime.is_some() || set.size.is_some() {
+            // Nova touches a base file on every spawn: that is a use.
+            self.cache.touched(id);
         }
         Ok(backing::stat(node.fd())?)
     }
@@ -339,12 +467,20 @@ impl OverlayFs {
         let node = self.node(id)?;
         let p = self.node(newparent)?;
         backing::link_at(node.fd(), p.fd(), newname)?;
-        self.lookup_in(&p, newname)
+        let st = self.lookup_in(&p, newname)?;
+        if newparent == ROOT {
+            self.cache.observe(newname, &st);
+        }
+        Ok(st)
     }
 
     pub fn unlink(&self, parent: u64, name: &OsStr) -> Result<()> {
         self.check_name(parent, name)?;
-        Ok(backing::unlink_at(self.node(parent)?.fd(), name, false)?)
+        backing::unlink_at(self.node(parent)?.fd(), name, false)?;
+        if parent == ROOT {
+            self.cache.unlinked(name);
+        }
+        Ok(())
     }
 
     pub fn rmdir(&self, parent: u64, name: &OsStr) -> Result<()> {
@@ -364,7 +500,30 @@ impl OverlayFs {
         self.check_name(newparent, newname)?;
         let p = self.node(parent)?;
         let np = self.node(newparent)?;
-        Ok(backing::rename_at(p.fd(), name, np.fd(), newname, flags)?)
+        backing::rename_at(p.fd(), name, np.fd(), newname, flags)?;
+        if parent == ROOT && newparent == ROOT {
+            if flags & libc::RENAME_EXCHANGE != 0 {
+                self.cache.exchanged(name, newname);
+            } else {
+                self.cache.renamed(name, newname);
+            }
+        }
+        for (dir, n) in [(parent, name), (newparent, newname)] {
+            if dir == ROOT {
+                self.refresh_root_name(n);
+            }
+        }
+        Ok(())
+    }
+
+    /// Tells the cache what `name` in the root is now (after a rename).
+    fn refresh_root_name(&self, name: &OsStr) {
+        let st =
+            backing::open_path_at(self.root.fd(), name).and_then(|fd| backing::stat(fd.as_fd()));
+        match st {
+            Ok(st) if st.is_file() => self.cache.observe(name, &st),
+            _ => self.cache.unlinked(name),
+        }
     }
 
     /// Flags for the daemon's own fd on a covered file: the access mode and sync flags of the
@@ -381,10 +540,25 @@ impl OverlayFs {
                 | libc::O_NOFOLLOW)
     }
 
-    pub fn open(&self, id: u64, flags: i32, _caller: Caller) -> Result<Opened> {
+    pub fn open(&self, id: u64, flags: i32, caller: Caller) -> Result<Opened> {
+        if let Some(VNode::File(f)) = vnode(id) {
+            return self.open_status(f, flags, caller);
+        }
         let node = self.node(id)?;
         let file = backing::reopen(node.fd(), Self::data_flags(flags))?;
-        Ok(self.attach(node, file))
+        self.attach(node, file, flags, caller)
+    }
+
+    fn open_status(&self, f: VFile, flags: i32, caller: Caller) -> Result<Opened> {
+        let write = flags & libc::O_ACCMODE != libc::O_RDONLY;
+        let control = f == VFile::Control;
+        if write != control || (control && caller.uid != 0) {
+            return Err(Error::AccessDenied);
+        }
+        let bytes = if control { Vec::new() } else { self.cache.render(f) };
+        let fh = self.new_fh();
+        self.status.write().insert(fh, Arc::new(Mutex::new(StatusHandle { bytes, control })));
+        Ok(Opened { fh, backing: None, direct_io: true })
     }
 
     pub fn create(
@@ -404,15 +578,24 @@ impl OverlayFs {
         let fd = backing::path_fd_of(file.as_fd())?;
         let st = self.remember(fd, backing::stat(file.as_fd())?)?;
         let node = self.node(st.ino)?;
-        Ok((st, self.attach(node, file)))
+        if parent == ROOT {
+            self.cache.observe(name, &st);
+        }
+        Ok((st, self.attach(node, file, flags, caller)?))
     }
 
-    /// Registers a new handle; the first open of an inode chooses its I/O mode.
-    fn attach(&self, node: Arc<Node>, file: File) -> Opened {
-        let backing = if node.file_type == libc::S_IFREG { self.start_io(&node) } else { None };
+    /// Registers a new handle (a reference, if the file is a cache file); the first open of
+    /// an inode chooses its I/O mode.
+    fn attach(&self, node: Arc<Node>, file: File, flags: i32, caller: Caller) -> Result<Opened> {
         let fh = self.new_fh();
+        let write = flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0;
+        if !self.cache.opened(node.id, fh, caller.pid, write) {
+            // An eviction won the race for this file: it is gone.
+            return Err(Error::Io(std::io::Error::from_raw_os_error(libc::ENOENT)));
+        }
+        let backing = if node.file_type == libc::S_IFREG { self.start_io(&node) } else { None };
         self.handles.write().insert(fh, Arc::new(Handle { node, file }));
-        Opened { fh, backing }
+        Ok(Opened { fh, backing, direct_io: false })
     }
 
     fn start_io(&self, node: &Node) -> Option<u32> {
@@ -434,7 +617,7 @@ impl OverlayFs {
             }
             Err(e) => {
                 st.io = Io::Daemon;
-                self.fallbacks.fetch_add(1, Ordering::Relaxed);
+                self.cache.counters.lock().passthrough_fallbacks += 1;
                 if !st.warned {
                     st.warned = true;
                     warn!(
@@ -450,7 +633,11 @@ impl OverlayFs {
 
     /// Drops a handle; the last one of an inode closes its backing id.
     pub fn release(&self, fh: u64) -> Result<()> {
+        if self.status.write().remove(&fh).is_some() {
+            return Ok(());
+        }
         let h = self.handles.write().remove(&fh).ok_or(Error::BadHandle(fh))?;
+        self.cache.released(fh);
         if h.node.file_type == libc::S_IFREG {
             let mut st = h.node.state.lock();
             st.opens = st.opens.saturating_sub(1);
@@ -466,15 +653,62 @@ impl OverlayFs {
         Ok(())
     }
 
+    fn status_handle(&self, fh: u64) -> Option<Arc<Mutex<StatusHandle>>> {
+        self.status.read().get(&fh).cloned()
+    }
+
     pub fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
+        if let Some(s) = self.status_handle(fh) {
+            let s = s.lock();
+            let start = (offset as usize).min(s.bytes.len());
+            let end = (start + size as usize).min(s.bytes.len());
+            return Ok(s.bytes[start..end].to_vec());
+        }
         Ok(backing::pread(&self.handle(fh)?.file, offset, size as usize)?)
     }
 
     pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32> {
+        if let Some(s) = self.status_handle(fh) {
+            return self.write_control(&mut s.lock(), data);
+        }
         Ok(backing::pwrite(&self.handle(fh)?.file, offset, data)? as u32)
     }
 
+    /// Runs each complete line written to `control`; a refused command fails the write
+    /// with its errno and changes nothing.
+    fn write_control(&self, s: &mut StatusHandle, data: &[u8]) -> Result<u32> {
+        if !s.control {
+            return Err(Error::AccessDenied);
+        }
+        s.bytes.extend_from_slice(data);
+        while let Some(i) = s.bytes.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = s.bytes.drain(..=i).collect();
+            if line.iter().all(u8::is_ascii_whitespace) {
+                continue;
+            }
+            self.control_line(&line)?;
+        }
+        Ok(data.len() as u32)
+    }
+
+    fn control_line(&self, line: &[u8]) -> Result<()> {
+        let result = cache::parse_command(line).and_then(|c| self.cache.control(c));
+        result.map_err(|e| {
+            log::warn!("control: {:?} refused: {e:?}", String::from_utf8_lossy(line).trim_end());
+            Error::Refused(e.errno())
+        })
+    }
+
     pub fn flush(&self, fh: u64) -> Result<()> {
+        if let Some(s) = self.status_handle(fh) {
+            // A last line without a newline runs at close.
+            let mut s = s.lock();
+            if s.control && !s.bytes.is_empty() {
+                let line = std::mem::take(&mut s.bytes);
+                return self.control_line(&line);
+            }
+            return Ok(());
+        }
         self.handle(fh).map(drop)
     }
 
@@ -507,12 +741,51 @@ impl OverlayFs {
     }
 
     pub fn opendir(&self, id: u64) -> Result<u64> {
-        let node = self.node(id)?;
-        let file = backing::reopen(node.fd(), libc::O_RDONLY | libc::O_DIRECTORY)?;
+        let file = match vnode(id) {
+            Some(VNode::Dir | VNode::Images) => None,
+            Some(VNode::File(_)) => {
+                return Err(Error::Io(std::io::Error::from_raw_os_error(libc::ENOTDIR)))
+            }
+            None => {
+                let node = self.node(id)?;
+                Some(backing::reopen(node.fd(), libc::O_RDONLY | libc::O_DIRECTORY)?)
+            }
+        };
         let fh = self.new_fh();
-        let dh = DirHandle { node, file, entries: Mutex::new(Vec::new()) };
+        let dh = DirHandle { id, file, entries: Mutex::new(Vec::new()) };
         self.dirs.write().insert(fh, Arc::new(dh));
         Ok(fh)
+    }
+
+    /// The listing of a directory: `.`, `..`, then its entries.
+    fn list(&self, dh: &DirHandle) -> Result<Vec<DirEntry>> {
+        let dot = |name: &str, ino| DirEntry { name: name.into(), ino, kind: libc::S_IFDIR };
+        let mut list = vec![dot(".", dh.id), dot("..", dh.id)];
+        let entry = |name: OsString, ino, kind| DirEntry { name, ino, kind };
+        match (vnode(dh.id), &dh.file) {
+            (Some(VNode::Dir), _) => {
+                list.push(entry("images".into(), V_IMAGES, libc::S_IFDIR));
+                list.extend(V_FILES.iter().map(|f| entry(f.0.into(), f.1, libc::S_IFREG)));
+            }
+            (Some(VNode::Images), _) => list.extend(
+                self.cache
+                    .names()
+                    .into_iter()
+                    .map(|(n, ino)| entry(n, VIRTUAL | IMAGE_BIT | ino, libc::S_IFREG)),
+            ),
+            (_, Some(file)) => {
+                list.extend(
+                    backing::read_dir(file.as_fd())?
+                        .into_iter()
+                        .filter(|e| !self.is_reserved(dh.id, &e.name)),
+                );
+                if dh.id == ROOT {
+                    list.push(entry(STATUS_DIR.into(), V_DIR, libc::S_IFDIR));
+                }
+            }
+            _ => {}
+        }
+        Ok(list)
     }
 
     /// Entries from `offset` on (offset `i` is the i-th entry; `.` and `..` come first).
@@ -521,30 +794,18 @@ impl OverlayFs {
         let dh = self.dir_handle(fh)?;
         let mut entries = dh.entries.lock();
         if offset == 0 {
-            let mut list = vec![
-                DirEntry { name: ".".into(), ino: dh.node.id, kind: libc::S_IFDIR },
-                DirEntry { name: "..".into(), ino: dh.node.id, kind: libc::S_IFDIR },
-            ];
-            let id = dh.node.id;
-            list.extend(
-                backing::read_dir(dh.file.as_fd())?
-                    .into_iter()
-                    .filter(|e| !self.is_reserved(id, &e.name)),
-            );
-            *entries = list;
+            *entries = self.list(&dh)?;
         }
         Ok(entries.iter().skip(offset as usize).cloned().collect())
     }
 
     /// The directory's own attributes and a lookup of one of its entries (for readdirplus).
     pub fn dir_stat(&self, fh: u64) -> Result<Stat> {
-        Ok(backing::stat(self.dir_handle(fh)?.node.fd())?)
+        self.getattr(self.dir_handle(fh)?.id)
     }
 
     pub fn readdir_lookup(&self, fh: u64, name: &OsStr) -> Result<Stat> {
-        let dh = self.dir_handle(fh)?;
-        self.check_name(dh.node.id, name)?;
-        self.lookup_in(&dh.node, name)
+        self.lookup(self.dir_handle(fh)?.id, name)
     }
 
     pub fn releasedir(&self, fh: u64) -> Result<()> {
@@ -552,7 +813,10 @@ impl OverlayFs {
     }
 
     pub fn fsyncdir(&self, fh: u64, datasync: bool) -> Result<()> {
-        Ok(backing::fsync(&self.dir_handle(fh)?.file, datasync)?)
+        match &self.dir_handle(fh)?.file {
+            Some(f) => Ok(backing::fsync(f, datasync)?),
+            None => Ok(()),
+        }
     }
 
     pub fn statfs(&self) -> Result<libc::statvfs> {
@@ -560,15 +824,27 @@ impl OverlayFs {
     }
 
     pub fn access(&self, id: u64, mask: i32) -> Result<()> {
+        if is_virtual(id) {
+            let mode = self.virtual_stat(id).mode;
+            let w = mask & libc::W_OK != 0 && mode & 0o200 == 0;
+            let r = mask & libc::R_OK != 0 && mode & 0o444 == 0;
+            return if w || r { Err(Error::AccessDenied) } else { Ok(()) };
+        }
         Ok(backing::access(self.node(id)?.fd(), mask)?)
     }
 
     pub fn getxattr(&self, id: u64, name: &OsStr, size: u32) -> Result<Xattr> {
+        if is_virtual(id) {
+            return Err(Error::Io(std::io::Error::from_raw_os_error(libc::ENODATA)));
+        }
         let node = self.node(id)?;
         xattr_reply(size, |buf| backing::getxattr(node.fd(), name, buf))
     }
 
     pub fn listxattr(&self, id: u64, size: u32) -> Result<Xattr> {
+        if is_virtual(id) {
+            return Ok(if size == 0 { Xattr::Size(0) } else { Xattr::Data(Vec::new()) });
+        }
         let node = self.node(id)?;
         xattr_reply(size, |buf| backing::listxattr(node.fd(), buf))
     }

@@ -20,7 +20,7 @@ use log::{debug, info, log, warn};
 
 use crate::backing::{SetTime, Stat};
 use crate::error::Error;
-use crate::fs::{Caller, Opened, OverlayFs, SetAttr, Xattr};
+use crate::fs::{is_virtual, Caller, Opened, OverlayFs, SetAttr, Xattr};
 use crate::passthrough::Passthrough;
 
 /// Entry and attribute TTL. Every change to the covered directory goes through the mount,
@@ -89,6 +89,16 @@ fn set_time(t: Option<TimeOrNow>) -> Option<SetTime> {
     })
 }
 
+/// Status-tree nodes change on every read: the kernel must not cache them.
+fn ttl(st: &Stat) -> &'static Duration {
+    const NONE: Duration = Duration::ZERO;
+    if is_virtual(st.ino) {
+        &NONE
+    } else {
+        &TTL
+    }
+}
+
 /// Logs a failed request at the error's level and returns its errno.
 fn fail(op: &str, e: Error) -> Errno {
     log!(e.log_level(), "{op}: {e}");
@@ -104,6 +114,7 @@ fn opened_reply(reply: ReplyOpen, o: Opened) {
             reply.opened_passthrough(FileHandle(o.fh), FopenFlags::empty(), &b);
             let _ = b.into_raw();
         }
+        None if o.direct_io => reply.opened(FileHandle(o.fh), FopenFlags::FOPEN_DIRECT_IO),
         None => reply.opened(FileHandle(o.fh), FopenFlags::empty()),
     }
 }
@@ -143,7 +154,7 @@ impl Filesystem for FuseAdapter {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         match self.core.lookup(parent.0, name) {
-            Ok(st) => reply.entry(&TTL, &attr(&st), Generation(0)),
+            Ok(st) => reply.entry(ttl(&st), &attr(&st), Generation(0)),
             Err(e) => reply.error(fail("lookup", e)),
         }
     }
@@ -154,7 +165,7 @@ impl Filesystem for FuseAdapter {
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         match self.core.getattr(ino.0) {
-            Ok(st) => reply.attr(&TTL, &attr(&st)),
+            Ok(st) => reply.attr(ttl(&st), &attr(&st)),
             Err(e) => reply.error(fail("getattr", e)),
         }
     }
@@ -179,7 +190,7 @@ impl Filesystem for FuseAdapter {
     ) {
         let set = SetAttr { mode, uid, gid, size, atime: set_time(atime), mtime: set_time(mtime) };
         match self.core.setattr(ino.0, fh.map(|f| f.0), set) {
-            Ok(st) => reply.attr(&TTL, &attr(&st)),
+            Ok(st) => reply.attr(ttl(&st), &attr(&st)),
             Err(e) => reply.error(fail("setattr", e)),
         }
     }
@@ -422,8 +433,8 @@ impl Filesystem for FuseAdapter {
                     Err(_) => continue,
                 }
             };
-            if reply.add(INodeNo(st.ino), next, &e.name, &TTL, &attr(&st), Generation(0)) {
-                if !dots {
+            if reply.add(INodeNo(st.ino), next, &e.name, ttl(&st), &attr(&st), Generation(0)) {
+                if !dots && !is_virtual(st.ino) {
                     self.core.forget(st.ino, 1);
                 }
                 break;
@@ -629,6 +640,22 @@ impl Filesystem for FuseAdapter {
         ) {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(fail("copy_file_range", e)),
+        }
+    }
+}
+
+/// Kernel cache invalidation after the daemon itself removed a name (eviction). Sent from
+/// the eviction thread, never from a request handler.
+pub struct KernelNotifier(pub fuser::Notifier);
+
+impl crate::evict::Invalidate for KernelNotifier {
+    fn deleted(&self, ino: u64, name: &OsStr) {
+        let root = INodeNo(crate::fs::ROOT);
+        if let Err(e) = self.0.delete(root, INodeNo(ino), name) {
+            debug!("notify delete {name:?}: {e}; invalidating the entry instead");
+            if let Err(e) = self.0.inval_entry(root, name) {
+                debug!("notify inval_entry {name:?}: {e}");
+            }
         }
     }
 }

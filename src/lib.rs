@@ -6,9 +6,13 @@
 //! mounts over the directory itself and detaches.
 
 pub mod backing;
+pub mod cache;
+pub mod checksums;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod error;
+pub mod evict;
 pub mod fs;
 pub mod fuse;
 pub mod guard;
@@ -18,5 +22,7 @@ pub mod novaconf;
 pub mod passthrough;
 pub mod procfs;
 pub mod run;
+pub mod state;
+pub mod status;
 pub mod sync;
 pub mod verify;

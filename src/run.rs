@@ -1,9 +1,9 @@
 //! Wiring: logging, the background start, the mount, the FUSE session and signals.
 
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -12,16 +12,16 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use log::{error, info};
 
+use crate::backing;
+use crate::cache::{Cache, Settings};
+use crate::clock::SystemClock;
 use crate::config::MountConfig;
-use crate::fs::OverlayFs;
+use crate::fs::{OverlayFs, STATUS_DIR};
 use crate::fuse::FuseAdapter;
 use crate::mount::{self, Refusal};
 
 /// Set in the daemon started by `--background`: the fd to report readiness on.
 const READY_FD_ENV: &str = "IMAGECACHEFS_READY_FD";
-
-/// Names in the cache directory that belong to imagecachefs itself.
-pub const RESERVED: &[&str] = &[".imagecache"];
 
 fn init_logging(verbose: u8, log_file: Option<&Path>) -> Result<(), Refusal> {
     let level = match verbose {
@@ -50,7 +50,7 @@ fn init_logging(verbose: u8, log_file: Option<&Path>) -> Result<(), Refusal> {
 pub fn mount_command(cfg: MountConfig, verbose: u8) -> i32 {
     let ready = std::env::var(READY_FD_ENV).ok().and_then(|s| s.parse::<i32>().ok());
     if cfg.background && ready.is_none() {
-        return start_background(&cfg, verbose);
+        return start_background(&cfg);
     }
     // SAFETY: the fd number was handed to us by our parent for this purpose only.
     let mut ready = ready.map(|fd| unsafe { File::from_raw_fd(fd) });
@@ -77,7 +77,7 @@ pub fn mount_command(cfg: MountConfig, verbose: u8) -> i32 {
 }
 
 /// Starts the daemon as a detached child and waits until it reports the mount live.
-fn start_background(cfg: &MountConfig, verbose: u8) -> i32 {
+fn start_background(cfg: &MountConfig) -> i32 {
     let mut fds = [0; 2];
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
         eprintln!("imagecachefs: pipe: {}", std::io::Error::last_os_error());
@@ -91,15 +91,15 @@ fn start_background(cfg: &MountConfig, verbose: u8) -> i32 {
             return 1;
         }
     };
-    // The daemon runs in `/`: hand it the directory as an absolute path.
+    // The same command line without `--background`; the daemon runs in `/`, so the
+    // directory goes as an absolute path.
     let dir = mount::absolute(&cfg.dir).unwrap_or_else(|_| cfg.dir.clone());
-    let mut args: Vec<OsString> = vec!["mount".into(), dir.into()];
-    args.extend(["--threads".into(), cfg.threads.to_string().into()]);
-    if let Some(f) = &cfg.log_file {
-        args.extend(["--log-file".into(), f.clone().into()]);
-    }
-    for _ in 0..verbose {
-        args.push("-v".into());
+    let mut args: Vec<OsString> = Vec::new();
+    for a in std::env::args_os().skip(1) {
+        if a == "--background" {
+            continue;
+        }
+        args.push(if a == cfg.dir.as_os_str() { dir.clone().into() } else { a });
     }
     let wr_raw = std::os::fd::AsRawFd::as_raw_fd(&wr);
     let mut cmd = Command::new(exe);
@@ -168,11 +168,59 @@ fn makedev(dev: (u32, u32)) -> u64 {
 fn serve(cfg: &MountConfig, on_ready: impl FnOnce()) -> Result<(), Refusal> {
     let prepared = mount::prepare(&cfg.dir)?;
     let dir = prepared.dir.clone();
+    if backing::open_path_at(prepared.dir_fd.as_fd(), OsStr::new(STATUS_DIR)).is_ok() {
+        return Err(Refusal(format!(
+            "{} contains a file named {STATUS_DIR}, the name of imagecachefs's status tree: \
+             rename it first",
+            dir.display()
+        )));
+    }
+    if let Some(sub) = &cfg.nova_subdirectory {
+        if dir.file_name().is_some_and(|n| n != sub.as_str()) {
+            log::warn!(
+                "nova.conf names the image cache subdirectory {sub:?} but {} is mounted: \
+                 Nova may be caching images somewhere else",
+                dir.display()
+            );
+        }
+    }
+    if cfg.nova_scanner_on {
+        log::warn!(
+            "{}: [image_cache] remove_unused_base_images is not False: Nova's own cache manager \
+             will still delete images behind imagecachefs's back; set it to False",
+            cfg.nova_conf.as_deref().unwrap_or(Path::new("nova.conf")).display()
+        );
+    }
     let signals = block_signals();
     // Modes of new files come from the callers (already masked by the kernel).
     unsafe { libc::umask(0) };
     raise_fd_limit();
     let fs_type = mount::covered_fs_type(&prepared);
+    let instances_dir = cfg
+        .instances_dir
+        .clone()
+        .unwrap_or_else(|| dir.parent().map(Path::to_path_buf).unwrap_or_else(|| "/".into()));
+    let instances_dir_shown = instances_dir.clone();
+    let settings = Settings {
+        cache_dir: dir.clone(),
+        instances_dir,
+        min_free: cfg.min_free,
+        pressure_min_age: cfg.pressure_min_age,
+        verify_interval: cfg.verify_interval,
+        verify_rate_mib: cfg.verify_rate_mib,
+    };
+    // Before the mount: finding pre-mount holders stats /proc/*/fd targets, which must not
+    // reach this mount before it is served.
+    let root = prepared.dir_fd.try_clone().map_err(|e| Refusal(format!("dup: {e}")))?;
+    let cache = Cache::open(
+        root,
+        cfg.policy.clone(),
+        Arc::new(SystemClock),
+        crate::procfs::ProcRoot::default(),
+        settings,
+        MountConfig { instances_dir: Some(instances_dir_shown), ..cfg.clone() }.pairs(),
+    )
+    .map_err(|e| Refusal(format!("reading {}: {e}", dir.display())))?;
     mount::mount(&prepared)?;
     let fail = |msg: String| {
         let _ = mount::detach(&dir);
@@ -181,11 +229,11 @@ fn serve(cfg: &MountConfig, on_ready: impl FnOnce()) -> Result<(), Refusal> {
     let mount::Prepared { dir_fd, dev, .. } = prepared;
     let pt_dev = dev.try_clone().map_err(|e| fail(format!("dup /dev/fuse: {e}")))?;
     let start = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-    let reserved = RESERVED.iter().map(OsString::from).collect();
     let core = Arc::new(
-        OverlayFs::new(dir_fd, reserved, start)
+        OverlayFs::new(dir_fd, cache.clone(), start)
             .map_err(|e| fail(format!("{}: {e}", dir.display())))?,
     );
+    cache.spawn_persister();
     let adapter = FuseAdapter::new(core.clone(), pt_dev, fs_type);
     let mut fuse_cfg = fuser::Config::default();
     fuse_cfg.n_threads = Some(cfg.threads);
@@ -193,6 +241,10 @@ fn serve(cfg: &MountConfig, on_ready: impl FnOnce()) -> Result<(), Refusal> {
     let session = fuser::Session::from_fd(adapter, dev, fuser::SessionACL::All, fuse_cfg)
         .map_err(|e| fail(format!("FUSE handshake on {}: {e}", dir.display())))?;
     let our_dev = mount::top_mount(&dir).map(|m| makedev(m.dev));
+    cache.set_passthrough(core.passthrough_enabled());
+    cache.set_invalidator(Box::new(crate::fuse::KernelNotifier(session.notifier())));
+    crate::evict::spawn(cache.clone());
+    crate::checksums::spawn(cache.clone());
     info!(
         "mounted over {} ({} worker threads, passthrough {})",
         dir.display(),
@@ -202,6 +254,7 @@ fn serve(cfg: &MountConfig, on_ready: impl FnOnce()) -> Result<(), Refusal> {
     on_ready();
     spawn_signal_thread(signals, dir.clone(), our_dev, core.clone());
     session.run().map_err(|e| Refusal(format!("FUSE session on {}: {e}", dir.display())))?;
+    cache.persist();
     info!("session on {} ended; exiting", dir.display());
     Ok(())
 }
@@ -255,4 +308,71 @@ pub fn unmount_command(dir: &Path, verbose: u8) -> i32 {
             1
         }
     }
+}
+
+fn status_dir(dir: &Path) -> Result<std::path::PathBuf, String> {
+    let abs = mount::absolute(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    match mount::probe(&abs) {
+        mount::Found::Live => Ok(abs.join(STATUS_DIR)),
+        mount::Found::Stale => Err(format!("{} is a stale imagecachefs mount", dir.display())),
+        mount::Found::Plain => Err(format!("{} is not an imagecachefs mount", dir.display())),
+    }
+}
+
+/// `imagecachefs status DIR [--json]`.
+pub fn status_command(dir: &Path, json: bool) -> i32 {
+    let file = if json { "status.json" } else { "status" };
+    match status_dir(dir).and_then(|d| std::fs::read(d.join(file)).map_err(|e| e.to_string())) {
+        Ok(bytes) => {
+            let _ = std::io::stdout().write_all(&bytes);
+            0
+        }
+        Err(e) => {
+            eprintln!("imagecachefs: {e}");
+            1
+        }
+    }
+}
+
+/// `imagecachefs pin|unpin|verify|evict DIR NAME`: one line to the control file.
+pub fn control_command(dir: &Path, verb: &str, name: &OsStr) -> i32 {
+    let shown = name.to_string_lossy();
+    let fail = |msg: String| {
+        eprintln!("imagecachefs: {msg}");
+        1
+    };
+    let b = name.as_encoded_bytes();
+    if b.is_empty() || b == b"." || b == b".." || b.contains(&b'/') || b.contains(&b'\n') {
+        return fail(format!("{shown:?} is not a cache file name (no '/', '..' or newline)"));
+    }
+    if unsafe { libc::geteuid() } != 0 {
+        return fail(format!("{verb} needs root (the control file is root-only)"));
+    }
+    let sdir = match status_dir(dir) {
+        Ok(d) => d,
+        Err(e) => return fail(e),
+    };
+    let mut line = format!("{verb} ").into_bytes();
+    line.extend_from_slice(b);
+    line.push(b'\n');
+    let written = OpenOptions::new()
+        .write(true)
+        .open(sdir.join("control"))
+        .and_then(|mut f| f.write_all(&line));
+    let Err(e) = written else { return 0 };
+    let why = match e.raw_os_error() {
+        Some(libc::ENOENT) => format!("{} has no cache file named {shown}", dir.display()),
+        Some(libc::EBUSY) => {
+            let state = std::fs::read_to_string(sdir.join("images").join(name)).unwrap_or_default();
+            let state = state
+                .lines()
+                .find_map(|l| l.strip_prefix("state: "))
+                .unwrap_or("needed")
+                .to_string();
+            format!("refused: {shown} is {state} and stays")
+        }
+        Some(libc::EINVAL) => format!("{verb} {shown}: refused as invalid"),
+        _ => format!("{verb} {shown}: {e}"),
+    };
+    fail(why)
 }

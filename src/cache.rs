@@ -1,0 +1,589 @@
+//! The cache service: the bookkeeping (`state`) behind one lock, with what it needs from the
+//! outside world — a clock, /proc for holders, the instance disks for backing-file names,
+//! and the persistent state file in the covered directory. `fs` calls it on every event that
+//! matters (names appearing and going, opens, releases, touches) and for the status files.
+//!
+//! The lock is never held across a syscall on a large file; state-file writes happen on the
+//! persister thread, or synchronously before a status file is rendered, so that whatever an
+//! operator has seen is on disk (a `kill -9` loses nothing that was reported).
+
+use std::cmp::Reverse;
+use std::collections::{BTreeSet, HashSet};
+use std::ffi::{OsStr, OsString};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::OnceLock;
+use std::time::Duration;
+use std::time::SystemTime;
+
+use log::{info, warn};
+
+use crate::backing::{self, Stat};
+use crate::checksums::next_check;
+use crate::clock::Clock;
+use crate::config::MinFree;
+use crate::evict::Invalidate;
+use crate::procfs::ProcRoot;
+use crate::state::{CacheState, Policy, RefChange, RefEffect, Verified};
+use crate::status::{self, Counters, View};
+use crate::sync::{Condvar, Mutex};
+
+/// Deadlines (eviction or checksum), earliest first.
+type Queue = std::collections::BinaryHeap<Reverse<(SystemTime, u64)>>;
+
+/// The state file in the covered directory, and its temporary twin.
+pub const STATE_FILE: &str = ".imagecachefs.state";
+pub const STATE_TMP: &str = ".imagecachefs.state.tmp";
+
+/// The virtual files of `.imagecache/`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VFile {
+    Status,
+    StatusJson,
+    Metrics,
+    Events,
+    Config,
+    Control,
+    /// `images/NAME`, by inode.
+    Image(u64),
+}
+
+/// A control command, as written to `.imagecache/control`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Command {
+    Pin(OsString),
+    Unpin(OsString),
+    Verify(OsString),
+    Evict(OsString),
+}
+
+/// Why a control command was refused (each maps to an errno the CLI explains).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ControlError {
+    /// Not one of the commands, or a malformed line (`EINVAL`).
+    BadCommand(String),
+    /// A name with `/`, `..`, or empty (`EINVAL`).
+    BadName,
+    /// No cache file of that name (`ENOENT`).
+    NoSuchFile,
+    /// `evict` of a file that must stay (`EBUSY`), with the reason.
+    Refused(&'static str),
+}
+
+impl ControlError {
+    pub fn errno(&self) -> i32 {
+        match self {
+            ControlError::BadCommand(_) | ControlError::BadName => libc::EINVAL,
+            ControlError::NoSuchFile => libc::ENOENT,
+            ControlError::Refused(_) => libc::EBUSY,
+        }
+    }
+}
+
+/// Parses one control line.
+pub fn parse_command(line: &[u8]) -> Result<Command, ControlError> {
+    let line = line.strip_suffix(b"\n").unwrap_or(line);
+    let text = String::from_utf8_lossy(line);
+    let (verb, name) = match line.iter().position(|&b| b == b' ') {
+        Some(i) => (&line[..i], &line[i + 1..]),
+        None => return Err(ControlError::BadCommand(text.into_owned())),
+    };
+    if name.is_empty() || name == b"." || name == b".." || name.contains(&b'/') || name.contains(&0)
+    {
+        return Err(ControlError::BadName);
+    }
+    let name = OsStr::from_bytes(name).to_os_string();
+    match verb {
+        b"pin" => Ok(Command::Pin(name)),
+        b"unpin" => Ok(Command::Unpin(name)),
+        b"verify" => Ok(Command::Verify(name)),
+        b"evict" => Ok(Command::Evict(name)),
+        _ => Err(ControlError::BadCommand(text.into_owned())),
+    }
+}
+
+/// Where things are and the limits of the background work.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// The cache directory (its path is the mount; used for names, never for I/O).
+    pub cache_dir: PathBuf,
+    /// Where instance directories live, for the backing-file guard and Nova's lock files.
+    pub instances_dir: PathBuf,
+    pub min_free: Option<MinFree>,
+    pub pressure_min_age: u64,
+    pub verify_interval: u64,
+    pub verify_rate_mib: u64,
+}
+
+pub struct Cache {
+    pub state: Mutex<CacheState>,
+    pub counters: Mutex<Counters>,
+    pub policy: Policy,
+    pub clock: Arc<dyn Clock>,
+    pub proc: ProcRoot,
+    pub settings: Settings,
+    config: Vec<(String, String)>,
+    root: OwnedFd,
+    dev: u64,
+    /// Version of the state last written to disk, and a signal for the persister.
+    saved: Mutex<u64>,
+    dirty: Condvar,
+    /// Eviction deadlines, earliest first, and the eviction thread's wake-up.
+    queue: Mutex<Queue>,
+    due: Condvar,
+    invalidate: OnceLock<Box<dyn Invalidate>>,
+    /// Checksum jobs (birth or re-verification), earliest first, and their thread's wake-up.
+    jobs: Mutex<Queue>,
+    job_due: Condvar,
+    /// `evict NAME` requests waiting for the eviction thread.
+    operator: Mutex<Vec<(OsString, OperatorReply)>>,
+    /// Whether the kernel granted passthrough (known after the FUSE handshake).
+    passthrough: std::sync::atomic::AtomicBool,
+}
+
+/// Where the eviction thread answers an `evict NAME`.
+pub type OperatorReply = std::sync::mpsc::Sender<Result<(), ControlError>>;
+
+impl Cache {
+    /// Builds the service over the covered root (an `O_PATH` fd), restoring saved state and
+    /// registering every regular file of the root with its holders from before the mount.
+    pub fn open(
+        root: OwnedFd,
+        policy: Policy,
+        clock: Arc<dyn Clock>,
+        proc: ProcRoot,
+        settings: Settings,
+        config: Vec<(String, String)>,
+    ) -> std::io::Result<Arc<Self>> {
+        let dev = backing::stat(root.as_fd())?.dev;
+        let mut state = CacheState::new();
+        match backing::read_file_at(root.as_fd(), OsStr::new(STATE_FILE)) {
+            Ok(Some(text)) => {
+                let bad = state.restore(&String::from_utf8_lossy(&text));
+                if bad > 0 {
+                    warn!("{STATE_FILE}: skipped {bad} unreadable line(s)");
+                }
+            }
+            Ok(None) => {}
+            Err(e) => warn!("reading {STATE_FILE}: {e}; starting with empty state"),
+        }
+        let cache = Arc::new(Cache {
+            state: Mutex::new(state),
+            counters: Mutex::new(Counters::default()),
+            policy,
+            clock,
+            proc,
+            settings,
+            config,
+            root,
+            dev,
+            saved: Mutex::new(0),
+            dirty: Condvar::new(),
+            queue: Mutex::new(Queue::new()),
+            due: Condvar::new(),
+            invalidate: OnceLock::new(),
+            jobs: Mutex::new(Queue::new()),
+            job_due: Condvar::new(),
+            operator: Mutex::new(Vec::new()),
+            passthrough: Default::default(),
+        });
+        cache.scan()?;
+        let now = cache.now();
+        let interval = cache.settings.verify_interval;
+        let checks: Vec<(u64, SystemTime)> = {
+            let state = cache.state.lock();
+            state
+                .images()
+                .map(|i| {
+                    let v = match i.verified {
+                        Verified::Ok(t) | Verified::Mismatch(t) => Some(t),
+                        Verified::Never | Verified::Pending => None,
+                    };
+                    (i.ino, next_check(i.checksum.map(|c| c.at), v, interval, now))
+                })
+                .collect()
+        };
+        for (ino, at) in checks {
+            cache.schedule(ino);
+            cache.verify_at(ino, at);
+        }
+        Ok(cache)
+    }
+
+    /// Queues a checksum job for `ino` at `at`.
+    pub fn verify_at(&self, ino: u64, at: SystemTime) {
+        let mut q = self.jobs.lock();
+        let earliest = q.peek().is_none_or(|Reverse((t, _))| at < *t);
+        q.push(Reverse((at, ino)));
+        if earliest {
+            self.job_due.notify_one();
+        }
+    }
+
+    /// `verify NAME`, or a file whose writing just ended: hash it now.
+    pub fn request_verify(&self, ino: u64) {
+        self.state.lock().set_verify_pending(ino);
+        self.verify_at(ino, self.now());
+    }
+
+    pub fn take_verify_due(&self, now: SystemTime) -> Vec<u64> {
+        take_due(&mut self.jobs.lock(), now)
+    }
+
+    pub fn wait_for_verify(&self) {
+        wait_due(&self.jobs, &self.job_due, &*self.clock);
+    }
+
+    pub fn set_passthrough(&self, on: bool) {
+        self.passthrough.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The covered directory (an `O_PATH` fd).
+    pub fn root(&self) -> BorrowedFd<'_> {
+        self.root.as_fd()
+    }
+
+    pub fn set_invalidator(&self, i: Box<dyn Invalidate>) {
+        let _ = self.invalidate.set(i);
+    }
+
+    pub fn invalidator(&self) -> Option<&dyn Invalidate> {
+        self.invalidate.get().map(|b| b.as_ref())
+    }
+
+    /// Queues the file's eviction deadline (if it has one) for the eviction thread.
+    pub fn schedule(&self, ino: u64) {
+        let deadline = {
+            let state = self.state.lock();
+            state.image(ino).and_then(|img| CacheState::deadline(img, &self.policy))
+        };
+        if let Some(d) = deadline {
+            self.schedule_at(ino, d);
+        }
+    }
+
+    pub fn schedule_at(&self, ino: u64, at: SystemTime) {
+        let mut q = self.queue.lock();
+        let earliest = q.peek().is_none_or(|Reverse((t, _))| at < *t);
+        q.push(Reverse((at, ino)));
+        if earliest {
+            self.due.notify_one();
+        }
+    }
+
+    /// Makes the eviction thread run now (inode 0 is never a file).
+    pub fn wake_evictor(&self) {
+        self.schedule_at(0, SystemTime::UNIX_EPOCH);
+    }
+
+    /// Hands `evict NAME` to the eviction thread (which alone removes files and notifies the
+    /// kernel) and waits for its answer.
+    pub fn evict_by_operator(&self, name: &OsStr) -> Result<(), ControlError> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.operator.lock().push((name.to_os_string(), tx));
+        self.wake_evictor();
+        rx.recv().unwrap_or(Err(ControlError::Refused("the eviction thread is gone")))
+    }
+
+    /// Pending `evict NAME` requests.
+    pub fn take_operator_jobs(&self) -> Vec<(OsString, OperatorReply)> {
+        std::mem::take(&mut *self.operator.lock())
+    }
+
+    /// Pops every eviction deadline due at `now` (each inode once).
+    pub fn take_due(&self, now: SystemTime) -> Vec<u64> {
+        take_due(&mut self.queue.lock(), now)
+    }
+
+    /// Blocks until the earliest deadline passes (or an earlier one is queued).
+    pub fn wait_for_due(&self) {
+        wait_due(&self.queue, &self.due, &*self.clock);
+    }
+
+    /// Registers the regular files of the root and finds processes holding them open.
+    fn scan(&self) -> std::io::Result<()> {
+        let mut files = HashSet::new();
+        for e in backing::read_dir(self.root.as_fd())? {
+            if e.kind != libc::S_IFREG || is_own_file(&e.name) {
+                continue;
+            }
+            let Ok(fd) = backing::open_path_at(self.root.as_fd(), &e.name) else { continue };
+            let Ok(st) = backing::stat(fd.as_fd()) else { continue };
+            if st.is_file() {
+                self.observe(&e.name, &st);
+                files.insert((st.dev, st.ino));
+            }
+        }
+        let early = self.proc.holders_of(&files);
+        let mut state = self.state.lock();
+        for ((_, ino), h) in early {
+            info!("pid {} ({}) held inode {ino} open before the mount", h.pid, h.program);
+            state.add_early_holder(ino, h);
+        }
+        Ok(())
+    }
+
+    pub fn now(&self) -> std::time::SystemTime {
+        self.clock.now()
+    }
+
+    /// A regular file under `name` in the root.
+    pub fn observe(&self, name: &OsStr, st: &Stat) {
+        if is_own_file(name) {
+            return;
+        }
+        if !st.is_file() {
+            self.unlinked(name);
+            return;
+        }
+        let new = {
+            let mut state = self.state.lock();
+            let known = state.by_name(name).is_some_and(|i| i.ino == st.ino);
+            state.observe(name, st.ino, st.size, st.mtime);
+            !known
+        };
+        if new {
+            self.schedule(st.ino);
+        }
+    }
+
+    pub fn unlinked(&self, name: &OsStr) {
+        self.state.lock().forget_name(name);
+    }
+
+    pub fn renamed(&self, from: &OsStr, to: &OsStr) {
+        self.state.lock().rename(from, to);
+    }
+
+    pub fn exchanged(&self, a: &OsStr, b: &OsStr) {
+        self.state.lock().exchange(a, b);
+    }
+
+    /// An open of a cache file through the mount; `pid` is the request's thread id.
+    /// `false`: the file is being evicted, the open must fail with `ENOENT`.
+    pub fn opened(&self, ino: u64, fh: u64, pid: u32, write: bool) -> bool {
+        let holder = self.proc.holder(pid).unwrap_or_else(|| crate::procfs::Holder {
+            pid,
+            program: "unknown".into(),
+            instance: None,
+            start_time: 0,
+        });
+        let now = self.now();
+        let effect = self.state.lock().reference(RefChange::Open { fh, ino, holder, write }, now);
+        effect != RefEffect::Gone
+    }
+
+    pub fn released(&self, fh: u64) -> RefEffect {
+        let now = self.now();
+        let effect = self.state.lock().reference(RefChange::Release { fh }, now);
+        self.dirty.notify_one();
+        match effect {
+            RefEffect::Unreferenced { ino } => self.schedule(ino),
+            RefEffect::WritingDone { ino, .. } => {
+                self.schedule(ino);
+                self.verify_at(ino, now);
+                // The file grew the cache: let the eviction thread check free space.
+                self.wake_evictor();
+            }
+            RefEffect::None | RefEffect::Gone => {}
+        }
+        effect
+    }
+
+    pub fn touched(&self, ino: u64) {
+        let now = self.now();
+        self.state.lock().touch(ino, now);
+        self.dirty.notify_one();
+        self.schedule(ino);
+    }
+
+    /// The inode of the cache file `name`, if there is one.
+    pub fn ino_of(&self, name: &OsStr) -> Option<u64> {
+        self.state.lock().by_name(name).map(|i| i.ino)
+    }
+
+    /// Names and inodes of every cache file (for `images/`).
+    pub fn names(&self) -> Vec<(OsString, u64)> {
+        let s = self.state.lock();
+        s.images().filter_map(|i| Some((i.name.clone()?, i.ino))).collect()
+    }
+
+    /// Names instance disks use as backing files (read at decision time; a few hundred bytes
+    /// per disk). An error means "unknown": eviction must not go ahead on it.
+    pub fn referenced(&self) -> std::io::Result<BTreeSet<OsString>> {
+        crate::guard::backing_names(&self.settings.instances_dir, &self.settings.cache_dir)
+            .inspect_err(|e| {
+                warn!("reading instance disks under {}: {e}", self.settings.instances_dir.display())
+            })
+    }
+
+    /// Drops holders from before the mount that have closed the file or exited.
+    pub fn recheck_early(&self) {
+        let now = self.now();
+        let dev = self.dev;
+        let proc = &self.proc;
+        let freed = self.state.lock().recheck_early(now, |h, ino| proc.still_holds(h, dev, ino));
+        for ino in freed {
+            self.schedule(ino);
+        }
+    }
+
+    /// Renders a status file. Whatever it shows is persisted first.
+    pub fn render(&self, file: VFile) -> Vec<u8> {
+        self.recheck_early();
+        let referenced = match file {
+            VFile::Events | VFile::Config | VFile::Control => BTreeSet::new(),
+            _ => self.referenced().unwrap_or_default(),
+        };
+        let now = self.now();
+        let text = {
+            let state = self.state.lock();
+            let counters = self.counters.lock();
+            let view = View {
+                state: &state,
+                policy: &self.policy,
+                referenced: &referenced,
+                now,
+                counters: &counters,
+            };
+            match file {
+                VFile::Status => status::table(&view),
+                VFile::StatusJson => status::json(&view),
+                VFile::Metrics => status::metrics(&view),
+                VFile::Events => status::events(&state),
+                VFile::Config => {
+                    let on = self.passthrough.load(std::sync::atomic::Ordering::Relaxed);
+                    let mut pairs = self.config.clone();
+                    pairs.push(("passthrough".into(), if on { "on" } else { "off" }.into()));
+                    status::config(&pairs)
+                }
+                VFile::Control => String::new(),
+                VFile::Image(ino) => match state.image(ino) {
+                    Some(img) if img.name.is_some() => status::image(&view, img),
+                    _ => String::new(),
+                },
+            }
+        };
+        self.persist();
+        text.into_bytes()
+    }
+
+    /// Writes the state file if anything changed since the last write.
+    pub fn persist(&self) {
+        let mut saved = self.saved.lock();
+        let (version, text) = {
+            let s = self.state.lock();
+            (s.version, s.persist_text())
+        };
+        if version == *saved {
+            return;
+        }
+        match backing::replace_file_at(
+            self.root.as_fd(),
+            OsStr::new(STATE_TMP),
+            OsStr::new(STATE_FILE),
+            text.as_bytes(),
+        ) {
+            Ok(()) => *saved = version,
+            Err(e) => warn!("writing {STATE_FILE}: {e}"),
+        }
+    }
+
+    /// The persister: writes changes within a fraction of a second, coalescing bursts.
+    pub fn spawn_persister(self: &Arc<Self>) {
+        let me = Arc::downgrade(self);
+        std::thread::Builder::new()
+            .name("persist".into())
+            .spawn(move || loop {
+                let Some(c) = me.upgrade() else { return };
+                {
+                    let mut saved = c.saved.lock();
+                    if c.state.lock().version == *saved {
+                        c.dirty.wait_for(&mut saved, Duration::from_secs(5));
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(200));
+                c.persist();
+            })
+            .expect("spawn persister");
+    }
+
+    /// Runs a control command.
+    pub fn control(&self, cmd: Command) -> Result<(), ControlError> {
+        let now = self.now();
+        let result = match &cmd {
+            Command::Pin(n) | Command::Unpin(n) => {
+                let pin = matches!(cmd, Command::Pin(_));
+                if self.state.lock().set_pin(n, pin, now) {
+                    info!("{} {}", if pin { "pinned" } else { "unpinned" }, n.to_string_lossy());
+                    if !pin {
+                        self.schedule(self.ino_of(n).unwrap_or(0));
+                    }
+                    Ok(())
+                } else {
+                    Err(ControlError::NoSuchFile)
+                }
+            }
+            Command::Evict(n) => self.evict_by_operator(n),
+            Command::Verify(n) => {
+                let ino = self.ino_of(n).ok_or(ControlError::NoSuchFile)?;
+                self.request_verify(ino);
+                Ok(())
+            }
+        };
+        self.persist();
+        result
+    }
+}
+
+/// Pops every entry of a deadline heap due at `now` (each inode once).
+fn take_due(q: &mut Queue, now: SystemTime) -> Vec<u64> {
+    let mut out = Vec::new();
+    while q.peek().is_some_and(|Reverse((t, _))| *t <= now) {
+        let Reverse((_, ino)) = q.pop().expect("peeked");
+        if !out.contains(&ino) {
+            out.push(ino);
+        }
+    }
+    out
+}
+
+/// Sleeps until the earliest entry of a deadline heap is due.
+fn wait_due(q: &Mutex<Queue>, wake: &Condvar, clock: &dyn Clock) {
+    let mut q = q.lock();
+    loop {
+        let now = clock.now();
+        let wait = match q.peek() {
+            Some(Reverse((t, _))) if *t <= now => return,
+            Some(Reverse((t, _))) => t.duration_since(now).unwrap_or_default(),
+            None => Duration::from_secs(3600),
+        };
+        wake.wait_for(&mut q, wait.min(Duration::from_secs(3600)));
+    }
+}
+
+/// imagecachefs's own files in the covered directory.
+pub fn is_own_file(name: &OsStr) -> bool {
+    name == STATE_FILE || name == STATE_TMP
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_lines_parse_or_refuse() {
+        assert_eq!(parse_command(b"pin abc\n"), Ok(Command::Pin("abc".into())));
+        assert_eq!(parse_command(b"evict swap_512"), Ok(Command::Evict("swap_512".into())));
+        assert_eq!(parse_command(b"unpin x"), Ok(Command::Unpin("x".into())));
+        assert_eq!(parse_command(b"verify x"), Ok(Command::Verify("x".into())));
+        assert!(matches!(parse_command(b"remove x"), Err(ControlError::BadCommand(_))));
+        assert!(matches!(parse_command(b"pin"), Err(ControlError::BadCommand(_))));
+        assert_eq!(parse_command(b"pin ../x"), Err(ControlError::BadName));
+        assert_eq!(parse_command(b"pin a/b"), Err(ControlError::BadName));
+        assert_eq!(parse_command(b"pin .."), Err(ControlError::BadName));
+        assert_eq!(parse_command(b"pin "), Err(ControlError::BadName));
+    }
+}

@@ -1,0 +1,94 @@
+//! Time, behind one trait so that every decision about age and deadlines can be driven by a
+//! manual clock in tests. Wall-clock time (`SystemTime`) is used because `last_used` must
+//! survive restarts; nothing in the pure state reads a clock itself.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use crate::sync::Mutex;
+
+pub trait Clock: Send + Sync {
+    fn now(&self) -> SystemTime;
+}
+
+#[derive(Debug, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> SystemTime {
+        SystemTime::now()
+    }
+}
+
+/// A clock that moves only when told to.
+#[derive(Debug)]
+pub struct ManualClock {
+    now: Mutex<SystemTime>,
+}
+
+impl ManualClock {
+    pub fn new(start: SystemTime) -> Arc<Self> {
+        Arc::new(ManualClock { now: Mutex::new(start) })
+    }
+
+    pub fn advance(&self, d: Duration) {
+        *self.now.lock() += d;
+    }
+}
+
+impl Clock for ManualClock {
+    fn now(&self) -> SystemTime {
+        *self.now.lock()
+    }
+}
+
+/// RFC 3339 UTC, whole seconds: `2026-11-21T09:00:00Z`.
+pub fn rfc3339(t: SystemTime) -> String {
+    let secs = unix_secs(t);
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (proleptic Gregorian, era-based arithmetic).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3_600,
+        rem % 3_600 / 60,
+        rem % 60
+    )
+}
+
+/// Seconds since the epoch (0 before it).
+pub fn unix_secs(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+pub fn from_unix_secs(s: u64) -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_secs(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn manual_clock_moves_when_told() {
+        let c = ManualClock::new(from_unix_secs(1_000));
+        c.advance(Duration::from_secs(5));
+        assert_eq!(unix_secs(c.now()), 1_005);
+    }
+
+    #[test]
+    fn rfc3339_is_utc_seconds() {
+        assert_eq!(rfc3339(from_unix_secs(1_795_251_600)), "2026-11-21T09:00:00Z");
+        assert_eq!(rfc3339(from_unix_secs(0)), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(from_unix_secs(951_782_400)), "2000-02-29T00:00:00Z");
+        assert_eq!(rfc3339(from_unix_secs(4_107_542_399)), "2100-02-28T23:59:59Z");
+    }
+}
