@@ -375,9 +375,16 @@ impl Cache {
         effect != RefEffect::Gone
     }
 
-    pub fn released(&self, fh: u64) -> RefEffect {
+    /// A handle released; `size`: the file's size now, if the handle could have changed it.
+    pub fn released(&self, fh: u64, size: Option<(u64, u64)>) -> RefEffect {
         let now = self.now();
-        let effect = self.state.lock().reference(RefChange::Release { fh }, now);
+        let effect = {
+            let mut state = self.state.lock();
+            if let Some((ino, size)) = size {
+                state.resized(ino, size);
+            }
+            state.reference(RefChange::Release { fh }, now)
+        };
         self.dirty.notify_one();
         match effect {
             RefEffect::Unreferenced { ino } => self.schedule(ino),
@@ -392,9 +399,14 @@ impl Cache {
         effect
     }
 
-    pub fn touched(&self, ino: u64) {
+    /// A use through `utime`/`truncate`; `size` as it is now.
+    pub fn touched(&self, ino: u64, size: u64) {
         let now = self.now();
-        self.state.lock().touch(ino, now);
+        {
+            let mut state = self.state.lock();
+            state.touch(ino, now);
+            state.resized(ino, size);
+        }
         self.dirty.notify_one();
         self.schedule(ino);
     }

@@ -117,6 +117,8 @@ impl Node {
 struct Handle {
     node: Arc<Node>,
     file: File,
+    /// Opened for writing: its release may have changed the file's size.
+    write: bool,
 }
 
 /// An open directory: a listing taken at offset 0 and served from there. `file` is `None`
@@ -404,11 +406,12 @@ impl OverlayFs {
         if set.atime.is_some() || set.mtime.is_some() {
             backing::set_times(node.fd(), set.atime, set.mtime)?;
         }
+        let st = backing::stat(node.fd())?;
         if set.atime.is_some() || set.mtime.is_some() || set.size.is_some() {
             // Nova touches a base file on every spawn: that is a use.
-            self.cache.touched(id);
+            self.cache.touched(id, st.size);
         }
-        Ok(backing::stat(node.fd())?)
+        Ok(st)
     }
 
     pub fn readlink(&self, id: u64) -> Result<Vec<u8>> {
@@ -594,7 +597,7 @@ impl OverlayFs {
             return Err(Error::Io(std::io::Error::from_raw_os_error(libc::ENOENT)));
         }
         let backing = if node.file_type == libc::S_IFREG { self.start_io(&node) } else { None };
-        self.handles.write().insert(fh, Arc::new(Handle { node, file }));
+        self.handles.write().insert(fh, Arc::new(Handle { node, file, write }));
         Ok(Opened { fh, backing, direct_io: false })
     }
 
@@ -637,7 +640,10 @@ impl OverlayFs {
             return Ok(());
         }
         let h = self.handles.write().remove(&fh).ok_or(Error::BadHandle(fh))?;
-        self.cache.released(fh);
+        // Writes went through the kernel: the handle's own fd tells the size they left.
+        let size =
+            if h.write { h.file.metadata().ok().map(|m| (h.node.id, m.len())) } else { None };
+        self.cache.released(fh, size);
         if h.node.file_type == libc::S_IFREG {
             let mut st = h.node.state.lock();
             st.opens = st.opens.saturating_sub(1);

@@ -415,6 +415,16 @@ impl CacheState {
         }
     }
 
+    /// The file's size changed (a writer released it, or it was truncated).
+    pub fn resized(&mut self, ino: u64, size: u64) {
+        if let Some(img) = self.images.get_mut(&ino) {
+            if img.size != size {
+                img.size = size;
+                self.changed();
+            }
+        }
+    }
+
     /// Holders found at start, from before the mount.
     pub fn add_early_holder(&mut self, ino: u64, h: Holder) {
         if let Some(img) = self.images.get_mut(&ino) {

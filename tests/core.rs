@@ -1,0 +1,320 @@
+//! The cache service without a kernel mount: `Cache` over a plain temporary directory, a
+//! manual clock, a fake (empty) /proc, and `evict::run_once` / `checksums::run_once` called
+//! directly instead of sleeping. Thresholds per kind, pins, guards, Nova's lock,
+//! `--no-evict`, disk-pressure order and the state file's survival across restarts.
+
+use std::ffi::{CString, OsStr};
+use std::fs;
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use imagecachefs::cache::{Cache, Settings};
+use imagecachefs::clock::{from_unix_secs, ManualClock};
+use imagecachefs::config::MinFree;
+use imagecachefs::procfs::ProcRoot;
+use imagecachefs::state::{Policy, RefEffect};
+use imagecachefs::{checksums, evict};
+
+const ORIG: &str = "0d5e6b61602d758984b3bf038267614d6016eb2a";
+const RESIZED: &str = "0d5e6b61602d758984b3bf038267614d6016eb2a_10";
+const PART: &str = "1111111111111111111111111111111111111111.part";
+const SWAP: &str = "swap_512";
+
+struct World {
+    tmp: tempfile::TempDir,
+    clock: Arc<ManualClock>,
+    start: SystemTime,
+}
+
+impl World {
+    fn new(files: &[&str]) -> Self {
+        let tmp = tempfile::Builder::new().prefix("icfs-core").tempdir().unwrap();
+        fs::create_dir_all(tmp.path().join("instances/_base")).unwrap();
+        fs::create_dir_all(tmp.path().join("proc")).unwrap();
+        let start = from_unix_secs(1_800_000_000);
+        let w = World { tmp, clock: ManualClock::new(start), start };
+        for f in files {
+            w.write(f, f.as_bytes());
+        }
+        w
+    }
+
+    fn base(&self) -> PathBuf {
+        self.tmp.path().join("instances/_base")
+    }
+
+    fn instances(&self) -> PathBuf {
+        self.tmp.path().join("instances")
+    }
+
+    /// Writes a file with its mtime at the world's start.
+    fn write(&self, name: &str, data: &[u8]) {
+        let p = self.base().join(name);
+        fs::write(&p, data).unwrap();
+        let f = fs::File::options().write(true).open(&p).unwrap();
+        f.set_modified(self.start).unwrap();
+    }
+
+    fn open(&self, policy: Policy, min_free: Option<MinFree>) -> Arc<Cache> {
+        let c = CString::new(self.base().as_os_str().as_bytes()).unwrap();
+        let fd =
+            unsafe { libc::open(c.as_ptr(), libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC) };
+        assert!(fd >= 0);
+        let settings = Settings {
+            cache_dir: self.base(),
+            instances_dir: self.instances(),
+            min_free,
+            pressure_min_age: 600,
+            verify_interval: 86_400,
+            verify_rate_mib: 0,
+        };
+        Cache::open(
+            unsafe { OwnedFd::from_raw_fd(fd) },
+            policy,
+            self.clock.clone(),
+            ProcRoot(self.tmp.path().join("proc")),
+            settings,
+            Vec::new(),
+        )
+        .unwrap()
+    }
+
+    fn exists(&self, name: &str) -> bool {
+        self.base().join(name).exists()
+    }
+
+    fn advance(&self, secs: u64) {
+        self.clock.advance(Duration::from_secs(secs));
+    }
+}
+
+fn policy() -> Policy {
+    Policy { original_min_age: 1_000, resized_min_age: 100, partial_min_age: 50, evict: true }
+}
+
+fn ino(c: &Cache, name: &str) -> u64 {
+    c.ino_of(OsStr::new(name)).unwrap_or_else(|| panic!("{name} unknown"))
+}
+
+fn events(c: &Cache) -> String {
+    String::from_utf8(c.render(imagecachefs::cache::VFile::Events)).unwrap()
+}
+
+#[test]
+fn thresholds_per_kind() {
+    let w = World::new(&[ORIG, RESIZED, PART, SWAP]);
+    let c = w.open(policy(), None);
+    assert_eq!(evict::run_once(&c), 0);
+    w.advance(49);
+    assert_eq!(evict::run_once(&c), 0, "nothing is due before 50 s");
+    w.advance(1);
+    assert_eq!(evict::run_once(&c), 1);
+    assert!(!w.exists(PART), "the stale .part goes at 50 s");
+    w.advance(50);
+    evict::run_once(&c);
+    assert!(!w.exists(RESIZED), "resized goes at 100 s");
+    assert!(w.exists(ORIG) && w.exists(SWAP));
+    w.advance(899);
+    evict::run_once(&c);
+    assert!(w.exists(ORIG) && w.exists(SWAP), "originals and swap stay until 1000 s");
+    w.advance(1);
+    assert_eq!(evict::run_once(&c), 2);
+    assert!(!w.exists(ORIG) && !w.exists(SWAP));
+    let ev = events(&c);
+    for n in [ORIG, RESIZED, PART, SWAP] {
+        assert!(ev.contains(&format!("evicted {n} reason idle")), "{ev}");
+    }
+}
+
+#[test]
+fn references_pins_and_no_evict_keep_files() {
+    let w = World::new(&[RESIZED, SWAP]);
+    let c = w.open(policy(), None);
+    let s = ino(&c, SWAP);
+    assert!(c.control(imagecachefs::cache::Command::Pin(SWAP.into())).is_ok());
+    let r = ino(&c, RESIZED);
+    assert!(c.opened(r, 7, 1, false));
+    w.advance(10_000);
+    evict::run_once(&c);
+    assert!(w.exists(RESIZED), "an open file is never evicted");
+    assert_eq!(c.released(7, None), RefEffect::Unreferenced { ino: r });
+    evict::run_once(&c);
+    assert!(w.exists(RESIZED), "its age restarts at the release");
+    w.advance(100);
+    evict::run_once(&c);
+    assert!(!w.exists(RESIZED), "gone 100 s after its release");
+
+    c.schedule(s);
+    evict::run_once(&c);
+    assert!(w.exists(SWAP), "a pinned file is never evicted");
+    assert!(c.control(imagecachefs::cache::Command::Unpin(SWAP.into())).is_ok());
+    evict::run_once(&c);
+    assert!(!w.exists(SWAP), "after unpin it goes");
+
+    let w = World::new(&[RESIZED]);
+    let c = w.open(Policy { evict: false, ..policy() }, None);
+    w.advance(100_000);
+    c.schedule(ino(&c, RESIZED));
+    evict::run_once(&c);
+    assert!(w.exists(RESIZED), "--no-evict keeps everything");
+}
+
+#[test]
+fn an_opening_race_wins_or_sees_the_file_gone() {
+    let w = World::new(&[RESIZED]);
+    let c = w.open(policy(), None);
+    let r = ino(&c, RESIZED);
+    w.advance(100);
+    evict::run_once(&c);
+    assert!(!w.exists(RESIZED));
+    assert!(!c.opened(r, 9, 1, false) || c.ino_of(OsStr::new(RESIZED)).is_none());
+    assert_eq!(
+        c.released(9, None),
+        RefEffect::None,
+        "a late release of an unknown handle changes nothing"
+    );
+}
+
+fn require_tool(name: &str) {
+    let ok = Command::new(name).arg("--version").output().is_ok();
+    assert!(ok, "this test needs `{name}` (Debian package qemu-utils)");
+}
+
+#[test]
+fn instance_disks_and_nova_lock_guard_files() {
+    require_tool("qemu-img");
+    let w = World::new(&[ORIG, RESIZED]);
+    let inst = w.instances().join("3f2a7d0c-0000-4000-8000-000000000001");
+    fs::create_dir_all(&inst).unwrap();
+    let st = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+        .arg(w.base().join(ORIG))
+        .arg(inst.join("disk"))
+        .arg("1M")
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let c = w.open(policy(), None);
+    w.advance(10_000);
+    evict::run_once(&c);
+    assert!(w.exists(ORIG), "a stopped instance's base stays");
+    assert!(!w.exists(RESIZED));
+    assert!(events(&c).contains(&format!("eviction-refused {ORIG} named as a backing file")));
+    let status =
+        String::from_utf8(c.render(imagecachefs::cache::VFile::Image(ino(&c, ORIG)))).unwrap();
+    assert!(status.contains("state: referenced") && status.contains("evicts_at: -"), "{status}");
+
+    // The instance is deleted: at the next look the base goes.
+    fs::remove_dir_all(&inst).unwrap();
+    w.advance(600);
+    evict::run_once(&c);
+    assert!(!w.exists(ORIG));
+    assert!(w.instances().join("locks").join(format!("nova-{ORIG}")).exists(), "lock file kept");
+}
+
+#[test]
+fn a_held_nova_lock_defers_eviction() {
+    let w = World::new(&[RESIZED]);
+    let c = w.open(policy(), None);
+    let locks = w.instances().join("locks");
+    fs::create_dir_all(&locks).unwrap();
+    let lock = locks.join(format!("nova-{RESIZED}"));
+    let mut holder = Command::new("python3")
+        .arg("-c")
+        .arg("import fcntl,sys,time; f=open(sys.argv[1],'a'); fcntl.lockf(f, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)")
+        .arg(&lock)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3 is needed for this test");
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(holder.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line.trim(), "locked");
+    w.advance(100);
+    evict::run_once(&c);
+    let still = w.exists(RESIZED);
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+    assert!(still, "not evicted while Nova holds its lock");
+    assert!(events(&c).contains("locked by nova"));
+    w.advance(1);
+    evict::run_once(&c);
+    assert!(!w.exists(RESIZED), "evicted once the lock is free");
+    assert!(lock.exists(), "Nova's lock file is never deleted");
+}
+
+#[test]
+fn pressure_evicts_least_recently_used_first_down_to_a_floor() {
+    let names = ["aaaa", "bbbb", "cccc"];
+    let w = World::new(&names);
+    // A target no filesystem meets: every unguarded file past the floor goes, oldest first.
+    let c = w.open(Policy { evict: false, ..policy() }, Some(MinFree::Percent(99.99)));
+    w.advance(700);
+    let b = ino(&c, "bbbb");
+    assert!(c.opened(b, 1, 1, false));
+    c.released(1, None); // bbbb used at 700 s: under the 600 s floor now
+    w.advance(100);
+    let a = ino(&c, "aaaa");
+    assert!(c.opened(a, 2, 1, false)); // aaaa in use
+    evict::relieve_pressure(&c);
+    assert!(w.exists("aaaa"), "in use");
+    assert!(w.exists("bbbb"), "used 100 s ago, under the pressure floor");
+    assert!(!w.exists("cccc"), "idle 800 s, least recently used");
+    assert!(events(&c).contains("evicted cccc reason pressure"));
+}
+
+#[test]
+fn state_survives_a_restart() {
+    let w = World::new(&[ORIG, SWAP]);
+    let c = w.open(policy(), None);
+    assert_eq!(checksums::run_once(&c), 2, "birth checksums of both files");
+    assert!(c.control(imagecachefs::cache::Command::Pin(ORIG.into())).is_ok());
+    w.advance(30);
+    let s = ino(&c, SWAP);
+    assert!(c.opened(s, 3, 1, false));
+    c.released(3, None);
+    let before = String::from_utf8(c.render(imagecachefs::cache::VFile::StatusJson)).unwrap();
+    drop(c);
+    let c = w.open(policy(), None);
+    let after = String::from_utf8(c.render(imagecachefs::cache::VFile::StatusJson)).unwrap();
+    let strip = |s: &str| s.split_once("\"images\"").unwrap().1.to_string();
+    assert_eq!(strip(&before), strip(&after), "last use, pin and checksums after a restart");
+    assert!(after.contains("\"state\":\"pinned\""));
+}
+
+#[test]
+fn corruption_is_found_and_the_file_goes_once_unused() {
+    let w = World::new(&[RESIZED]);
+    let c = w.open(Policy { evict: false, ..policy() }, None);
+    assert_eq!(checksums::run_once(&c), 1);
+    let r = ino(&c, RESIZED);
+    assert!(c.opened(r, 5, 1, false));
+    // Flip a byte underneath, keeping the inode.
+    let p = w.base().join(RESIZED);
+    let mut data = fs::read(&p).unwrap();
+    data[0] ^= 0xff;
+    fs::File::options()
+        .write(true)
+        .open(&p)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, &data))
+        .unwrap();
+    c.request_verify(r);
+    assert_eq!(checksums::run_once(&c), 1);
+    let img = String::from_utf8(c.render(imagecachefs::cache::VFile::Image(r))).unwrap();
+    assert!(img.contains("state: corrupt") && img.contains("verified: mismatch"), "{img}");
+    evict::run_once(&c);
+    assert!(w.exists(RESIZED), "in use: stays, flagged");
+    c.released(5, None);
+    evict::run_once(&c);
+    assert!(!w.exists(RESIZED), "goes once nothing uses it, even with --no-evict");
+    assert!(
+        events(&c).contains("evicted 0d5e6b61602d758984b3bf038267614d6016eb2a_10 reason corrupt")
+    );
+}
