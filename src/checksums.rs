@@ -13,8 +13,7 @@ use log::{error, info, warn};
 
 use crate::backing;
 use crate::cache::Cache;
-use crate::state::hex;
-use crate::verify::{self, Hashed, Rate};
+use crate::verify::{self, hex, Hashed, Rate};
 
 /// Hashes one file now: a birth checksum if it has none, else a re-verification.
 /// Returns `false` if the work was abandoned (file gone or changed).

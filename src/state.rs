@@ -21,6 +21,7 @@ use std::time::{Duration, SystemTime};
 use crate::clock::{from_unix_secs, unix_secs};
 use crate::kind::Kind;
 use crate::procfs::Holder;
+use crate::verify::hex;
 
 /// How many events `events` keeps.
 pub const EVENTS_KEPT: usize = 512;
@@ -692,7 +693,7 @@ fn parse_saved(line: &str) -> Option<(OsString, Saved)> {
     let checksum = match (f[3], f[4]) {
         ("-", _) => None,
         (s, at) => Some(Checksum {
-            sha1: unhex(s)?.try_into().ok()?,
+            sha1: crate::verify::parse_hex(s)?,
             at: from_unix_secs(at.parse().ok()?),
         }),
     };
@@ -704,10 +705,6 @@ fn parse_saved(line: &str) -> Option<(OsString, Saved)> {
         _ => return None,
     };
     Some((name, Saved { last_used, pinned, checksum, verified }))
-}
-
-pub fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 fn unhex(s: &str) -> Option<Vec<u8>> {

@@ -12,7 +12,8 @@ use std::time::SystemTime;
 
 use crate::clock::rfc3339;
 use crate::kind::Kind;
-use crate::state::{hex, CacheState, Image, Policy, Use, Verified};
+use crate::state::{CacheState, Image, Policy, Use, Verified};
+use crate::verify::hex;
 
 /// Monotonic counters for `metrics`.
 #[derive(Clone, Debug, Default)]

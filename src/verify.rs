@@ -103,10 +103,10 @@ pub fn sha1_of(mut r: impl Read) -> io::Result<[u8; 20]> {
     }
 }
 
-/// 40 lowercase hex digits.
-pub fn hex(d: &[u8; 20]) -> String {
+/// Lowercase hex digits (40 for a digest).
+pub fn hex(d: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(40);
+    let mut s = String::with_capacity(d.len() * 2);
     for &b in d {
         s.push(DIGITS[usize::from(b >> 4)] as char);
         s.push(DIGITS[usize::from(b & 0xf)] as char);
