@@ -381,7 +381,7 @@ impl OverlayFs {
         Ok(backing::stat(self.node(id)?.fd())?)
     }
 
-    pub fn setattr(&self, id: u64, fh: Option<u64>, set: SetAttr) -> Result<Stat> {
+    pub fn setattr(&self, id: u64, fh: Option<u64>, set: SetAttr, caller: Caller) -> Result<Stat> {
         if vnode(id) == Some(VNode::File(VFile::Control))
             && set.mode.is_none()
             && set.uid.is_none()
@@ -391,6 +391,9 @@ impl OverlayFs {
             return Ok(self.virtual_stat(id));
         }
         let node = self.node(id)?;
+        if set.size.is_some() {
+            self.kill_privs(&node, caller)?;
+        }
         if let Some(size) = set.size {
             match fh.and_then(|fh| self.handle(fh).ok()) {
                 Some(h) => backing::ftruncate(&h.file, size)?,
@@ -548,8 +551,35 @@ impl OverlayFs {
             return self.open_status(f, flags, caller);
         }
         let node = self.node(id)?;
+        if flags & libc::O_ACCMODE != libc::O_RDONLY {
+            self.kill_privs(&node, caller)?;
+        }
         let file = backing::reopen(node.fd(), Self::data_flags(flags))?;
         self.attach(node, file, flags, caller)
+    }
+
+    /// The mount negotiates `FUSE_HANDLE_KILLPRIV_V2` (so the kernel does not ask for
+    /// `security.capability` before every write): dropping set-user-id, set-group-id (with
+    /// group execute) and file capabilities when an unprivileged caller may modify a file is
+    /// then ours. Passthrough writes reach the covered file with the daemon's credentials,
+    /// which would keep them, so they are dropped when such a caller opens the file for
+    /// writing or truncates it.
+    fn kill_privs(&self, node: &Node, caller: Caller) -> Result<()> {
+        if caller.uid == 0 || node.file_type != libc::S_IFREG {
+            return Ok(());
+        }
+        let mode = backing::stat(node.fd())?.mode;
+        let sgid_exec = libc::S_ISGID | libc::S_IXGRP;
+        if mode & libc::S_ISUID != 0 || mode & sgid_exec == sgid_exec {
+            backing::chmod(node.fd(), mode & 0o7777 & !(libc::S_ISUID | libc::S_ISGID))?;
+        }
+        match backing::removexattr(node.fd(), std::ffi::OsStr::new("security.capability")) {
+            Err(e) if e.raw_os_error() != Some(libc::ENODATA) => {
+                log::debug!("dropping file capabilities of inode {}: {e}", node.id)
+            }
+            _ => {}
+        }
+        Ok(())
     }
 
     fn open_status(&self, f: VFile, flags: i32, caller: Caller) -> Result<Opened> {

@@ -123,6 +123,9 @@ impl Filesystem for FuseAdapter {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
         for flag in [
             InitFlags::FUSE_PARALLEL_DIROPS,
+            // Set-id bits are dropped by the daemon (fs::kill_privs), so the kernel may mark
+            // inodes as having no security attributes instead of asking before every write.
+            InitFlags::FUSE_HANDLE_KILLPRIV_V2,
             InitFlags::FUSE_DO_READDIRPLUS,
             InitFlags::FUSE_READDIRPLUS_AUTO,
         ] {
@@ -172,7 +175,7 @@ impl Filesystem for FuseAdapter {
 
     fn setattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -189,7 +192,7 @@ impl Filesystem for FuseAdapter {
         reply: ReplyAttr,
     ) {
         let set = SetAttr { mode, uid, gid, size, atime: set_time(atime), mtime: set_time(mtime) };
-        match self.core.setattr(ino.0, fh.map(|f| f.0), set) {
+        match self.core.setattr(ino.0, fh.map(|f| f.0), set, caller(req)) {
             Ok(st) => reply.attr(ttl(&st), &attr(&st)),
             Err(e) => reply.error(fail("setattr", e)),
         }

@@ -2219,3 +2219,38 @@ fn unmount_command_keeps_serving_an_open_file_until_its_release() {
         assert_eq!(code, 0, "imagecachefs unmount: {out}{err}");
     });
 }
+
+/// The mount lets the kernel skip its per-write `security.capability` query, so dropping
+/// set-id bits when an unprivileged user modifies a file is the daemon's job: the result
+/// must be what the covered filesystem does.
+#[test]
+fn set_id_bits_drop_when_an_unprivileged_user_writes_or_truncates() {
+    let env = Env::new();
+    env.open_to_all();
+    const NOBODY: u32 = 65534;
+    env.same("set-id bits", |r, t| -> Res<()> {
+        t.ok("mkdir w 777", mkdir(&r.join("w"), 0o777).and_then(|_| chmod(&r.join("w"), 0o777)))?;
+        let w = r.join("w");
+        for (name, mode) in [("suid", 0o4755), ("sgid", 0o2775), ("sgid-noexec", 0o2664)] {
+            let p = w.join(name);
+            t.ok("put", put(&p, b"data"))?;
+            t.ok("chown nobody", chown(&p, NOBODY, NOBODY))?;
+            t.ok("chmod", chmod(&p, mode))?;
+        }
+        let (wsuid, wsgid, wnoexec) = (w.join("suid"), w.join("sgid"), w.join("sgid-noexec"));
+        let lines = as_user(NOBODY, NOBODY, || {
+            let mut t = Log::default();
+            let fd = open(&wsuid, libc::O_WRONLY | libc::O_APPEND, 0);
+            t.rec("append to suid", fd.and_then(|fd| write_all(&fd, b"more")));
+            t.rec("truncate sgid", truncate(&wsgid, 2));
+            let fd = open(&wnoexec, libc::O_WRONLY | libc::O_APPEND, 0);
+            t.rec("append to sgid-noexec", fd.and_then(|fd| write_all(&fd, b"more")));
+            t.0
+        });
+        t.0.extend(lines);
+        t.rec("suid after", stat(&wsuid));
+        t.rec("sgid after", stat(&wsgid));
+        t.rec("sgid-noexec after", stat(&wnoexec));
+        Ok(())
+    });
+}
