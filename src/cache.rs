@@ -8,7 +8,7 @@
 //! operator has seen is on disk (a `kill -9` loses nothing that was reported).
 
 use std::cmp::Reverse;
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::ffi::{OsStr, OsString};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
@@ -25,7 +25,7 @@ use crate::checksums::next_check;
 use crate::clock::Clock;
 use crate::config::MinFree;
 use crate::evict::Invalidate;
-use crate::procfs::ProcRoot;
+use crate::procfs::{Holder, ProcRoot};
 use crate::state::{CacheState, Policy, RefChange, RefEffect, Verified};
 use crate::status::{self, Counters, View};
 use crate::sync::{Condvar, Mutex};
@@ -141,7 +141,13 @@ pub struct Cache {
     operator: Mutex<Vec<(OsString, OperatorReply)>>,
     /// Whether the kernel granted passthrough (known after the FUSE handshake).
     passthrough: std::sync::atomic::AtomicBool,
+    /// Holders by request thread id, with that thread's start time: a thread that opens
+    /// again costs one small /proc read instead of five.
+    holders: Mutex<HashMap<u32, (u64, Holder)>>,
 }
+
+/// Entries kept in the holder cache before it starts over.
+const HOLDER_CACHE: usize = 4096;
 
 /// Where the eviction thread answers an `evict NAME`.
 pub type OperatorReply = std::sync::mpsc::Sender<Result<(), ControlError>>;
@@ -188,6 +194,7 @@ impl Cache {
             job_due: Condvar::new(),
             operator: Mutex::new(Vec::new()),
             passthrough: Default::default(),
+            holders: Mutex::new(HashMap::new()),
         });
         cache.scan()?;
         let now = cache.now();
@@ -364,18 +371,34 @@ impl Cache {
     /// An open of a cache file through the mount; `pid` is the request's thread id.
     /// `false`: the file is being evicted, the open must fail with `ENOENT`.
     pub fn opened(&self, ino: u64, fh: u64, pid: u32, write: bool) -> bool {
-        let holder = self.proc.holder(pid).unwrap_or_else(|| crate::procfs::Holder {
-            pid,
-            program: "unknown".into(),
-            instance: None,
-            start_time: 0,
-        });
+        let holder = self.holder(pid);
         let now = self.now();
         let effect = self.state.lock().reference(RefChange::Open { fh, ino, holder, write }, now);
         effect != RefEffect::Gone
     }
 
     /// A handle released; `size`: the file's size now, if the handle could have changed it.
+    /// Who a request thread belongs to (pid reuse is caught by the thread's start time).
+    fn holder(&self, tid: u32) -> Holder {
+        let started = self.proc.start_time(tid);
+        if let Some((t, h)) = self.holders.lock().get(&tid) {
+            if Some(*t) == started {
+                return h.clone();
+            }
+        }
+        let Some(h) = self.proc.holder(tid) else {
+            return Holder { pid: tid, program: "unknown".into(), instance: None, start_time: 0 };
+        };
+        if let Some(t) = started {
+            let mut cache = self.holders.lock();
+            if cache.len() >= HOLDER_CACHE {
+                cache.clear();
+            }
+            cache.insert(tid, (t, h.clone()));
+        }
+        h
+    }
+
     pub fn released(&self, fh: u64, size: Option<(u64, u64)>) -> RefEffect {
         let now = self.now();
         let effect = {

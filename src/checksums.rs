@@ -38,7 +38,12 @@ pub fn check_one(cache: &Cache, ino: u64) -> bool {
     let file = match file {
         Ok(f) => f,
         Err(e) => {
-            warn!("checksum of {}: {e}", name.to_string_lossy());
+            // Renamed between reading the name and opening it, or not readable right now.
+            let renamed = matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ESTALE));
+            if !renamed {
+                warn!("checksum of {}: {e}", name.to_string_lossy());
+            }
+            retry(cache, ino, write_gen, if renamed { Duration::ZERO } else { RETRY_AFTER });
             return false;
         }
     };
@@ -58,9 +63,13 @@ pub fn check_one(cache: &Cache, ino: u64) -> bool {
     let started = Instant::now();
     let digest = match verify::sha1_file(&file, rate, &changed) {
         Ok(Hashed::Done(d)) => d,
-        Ok(Hashed::Cancelled) => return false,
+        Ok(Hashed::Cancelled) => {
+            retry(cache, ino, write_gen, Duration::ZERO);
+            return false;
+        }
         Err(e) => {
             error!("checksum of {}: read: {e}", name.to_string_lossy());
+            retry(cache, ino, write_gen, RETRY_AFTER);
             return false;
         }
     };
@@ -105,6 +114,21 @@ pub fn check_one(cache: &Cache, ino: u64) -> bool {
     cache.persist();
     cache.verify_at(ino, now + Duration::from_secs(cache.settings.verify_interval.max(1)));
     true
+}
+
+/// Pause before hashing again a file that could not be read.
+const RETRY_AFTER: Duration = Duration::from_secs(60);
+
+/// Queues an abandoned job again if the file is still there as it was: renamed (`X.converted`
+/// -> `X`) needs the job under its new name. A file reopened for writing is left alone (its
+/// writer's release queues it).
+fn retry(cache: &Cache, ino: u64, write_gen: u64, after: Duration) {
+    let again = cache.state.lock().image(ino).is_some_and(|i| {
+        i.write_gen == write_gen && i.writers() == 0 && !i.evicting && i.name.is_some()
+    });
+    if again {
+        cache.verify_at(ino, cache.now() + after);
+    }
 }
 
 /// Runs every checksum job due at the cache's `now` (tests call this instead of sleeping).

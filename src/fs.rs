@@ -112,13 +112,27 @@ impl Node {
     }
 }
 
-/// An open regular file.
+/// An open regular file. With passthrough the kernel reads and writes the covered file
+/// itself, so the daemon opens its own fd only when an operation needs one (fsync,
+/// fallocate, lseek, copy_file_range, daemon I/O).
 #[derive(Debug)]
 struct Handle {
     node: Arc<Node>,
-    file: File,
+    file: OnceLock<File>,
+    /// `open(2)` flags for the daemon's fd (see `data_flags`).
+    flags: i32,
     /// Opened for writing: its release may have changed the file's size.
     write: bool,
+}
+
+impl Handle {
+    fn file(&self) -> Result<&File> {
+        if let Some(f) = self.file.get() {
+            return Ok(f);
+        }
+        let f = backing::reopen(self.node.fd(), self.flags)?;
+        Ok(self.file.get_or_init(|| f))
+    }
 }
 
 /// An open directory: a listing taken at offset 0 and served from there. `file` is `None`
@@ -396,7 +410,7 @@ impl OverlayFs {
         }
         if let Some(size) = set.size {
             match fh.and_then(|fh| self.handle(fh).ok()) {
-                Some(h) => backing::ftruncate(&h.file, size)?,
+                Some(h) => backing::ftruncate(h.file()?, size)?,
                 None => backing::truncate(node.fd(), size)?,
             }
         }
@@ -554,8 +568,7 @@ impl OverlayFs {
         if flags & libc::O_ACCMODE != libc::O_RDONLY {
             self.kill_privs(&node, caller)?;
         }
-        let file = backing::reopen(node.fd(), Self::data_flags(flags))?;
-        self.attach(node, file, flags, caller)
+        self.attach(node, None, flags, caller)
     }
 
     /// The mount negotiates `FUSE_HANDLE_KILLPRIV_V2` (so the kernel does not ask for
@@ -614,12 +627,18 @@ impl OverlayFs {
         if parent == ROOT {
             self.cache.observe(name, &st);
         }
-        Ok((st, self.attach(node, file, flags, caller)?))
+        Ok((st, self.attach(node, Some(file), flags, caller)?))
     }
 
     /// Registers a new handle (a reference, if the file is a cache file); the first open of
     /// an inode chooses its I/O mode.
-    fn attach(&self, node: Arc<Node>, file: File, flags: i32, caller: Caller) -> Result<Opened> {
+    fn attach(
+        &self,
+        node: Arc<Node>,
+        file: Option<File>,
+        flags: i32,
+        caller: Caller,
+    ) -> Result<Opened> {
         let fh = self.new_fh();
         let write = flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0;
         if !self.cache.opened(node.id, fh, caller.pid, write) {
@@ -627,7 +646,13 @@ impl OverlayFs {
             return Err(Error::Io(std::io::Error::from_raw_os_error(libc::ENOENT)));
         }
         let backing = if node.file_type == libc::S_IFREG { self.start_io(&node) } else { None };
-        self.handles.write().insert(fh, Arc::new(Handle { node, file, write }));
+        let h = Handle {
+            node,
+            file: file.map(OnceLock::from).unwrap_or_default(),
+            flags: Self::data_flags(flags),
+            write,
+        };
+        self.handles.write().insert(fh, Arc::new(h));
         Ok(Opened { fh, backing, direct_io: false })
     }
 
@@ -671,8 +696,11 @@ impl OverlayFs {
         }
         let h = self.handles.write().remove(&fh).ok_or(Error::BadHandle(fh))?;
         // Writes went through the kernel: the handle's own fd tells the size they left.
-        let size =
-            if h.write { h.file.metadata().ok().map(|m| (h.node.id, m.len())) } else { None };
+        let size = if h.write {
+            backing::stat(h.node.fd()).ok().map(|st| (h.node.id, st.size))
+        } else {
+            None
+        };
         self.cache.released(fh, size);
         if h.node.file_type == libc::S_IFREG {
             let mut st = h.node.state.lock();
@@ -700,14 +728,14 @@ impl OverlayFs {
             let end = (start + size as usize).min(s.bytes.len());
             return Ok(s.bytes[start..end].to_vec());
         }
-        Ok(backing::pread(&self.handle(fh)?.file, offset, size as usize)?)
+        Ok(backing::pread(self.handle(fh)?.file()?, offset, size as usize)?)
     }
 
     pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32> {
         if let Some(s) = self.status_handle(fh) {
             return self.write_control(&mut s.lock(), data);
         }
-        Ok(backing::pwrite(&self.handle(fh)?.file, offset, data)? as u32)
+        Ok(backing::pwrite(self.handle(fh)?.file()?, offset, data)? as u32)
     }
 
     /// Runs each complete line written to `control`; a refused command fails the write
@@ -749,15 +777,15 @@ impl OverlayFs {
     }
 
     pub fn fsync(&self, fh: u64, datasync: bool) -> Result<()> {
-        Ok(backing::fsync(&self.handle(fh)?.file, datasync)?)
+        Ok(backing::fsync(self.handle(fh)?.file()?, datasync)?)
     }
 
     pub fn fallocate(&self, fh: u64, offset: u64, len: u64, mode: i32) -> Result<()> {
-        Ok(backing::fallocate(&self.handle(fh)?.file, mode, offset, len)?)
+        Ok(backing::fallocate(self.handle(fh)?.file()?, mode, offset, len)?)
     }
 
     pub fn lseek(&self, fh: u64, offset: i64, whence: i32) -> Result<i64> {
-        Ok(backing::lseek(&self.handle(fh)?.file, offset, whence)?)
+        Ok(backing::lseek(self.handle(fh)?.file()?, offset, whence)?)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -772,7 +800,7 @@ impl OverlayFs {
     ) -> Result<u32> {
         let a = self.handle(fh_in)?;
         let b = self.handle(fh_out)?;
-        let n = backing::copy_file_range(&a.file, off_in, &b.file, off_out, len, flags)?;
+        let n = backing::copy_file_range(a.file()?, off_in, b.file()?, off_out, len, flags)?;
         Ok(n.min(u32::MAX as usize) as u32)
     }
 

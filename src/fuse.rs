@@ -105,17 +105,27 @@ fn fail(op: &str, e: Error) -> Errno {
     Errno::from_i32(e.errno())
 }
 
+/// Open flags of a regular file: nothing is buffered in the daemon (passthrough data goes
+/// to the covered file, daemon I/O is synchronous), so `close` need not send a FLUSH.
+/// Status files keep FLUSH: the control file runs a last unterminated line at close.
+fn fopen_flags(o: &Opened) -> FopenFlags {
+    if o.direct_io {
+        FopenFlags::FOPEN_DIRECT_IO
+    } else {
+        FopenFlags::FOPEN_NOFLUSH
+    }
+}
+
 fn opened_reply(reply: ReplyOpen, o: Opened) {
     match o.backing {
         Some(id) => {
             // The id stays owned by the core (closed at the last release), so the wrapper
             // must not close it when it goes out of scope.
             let b = unsafe { reply.wrap_backing(id) };
-            reply.opened_passthrough(FileHandle(o.fh), FopenFlags::empty(), &b);
+            reply.opened_passthrough(FileHandle(o.fh), fopen_flags(&o), &b);
             let _ = b.into_raw();
         }
-        None if o.direct_io => reply.opened(FileHandle(o.fh), FopenFlags::FOPEN_DIRECT_IO),
-        None => reply.opened(FileHandle(o.fh), FopenFlags::empty()),
+        None => reply.opened(FileHandle(o.fh), fopen_flags(&o)),
     }
 }
 
@@ -555,7 +565,7 @@ impl Filesystem for FuseAdapter {
                         &attr(&st),
                         Generation(0),
                         FileHandle(o.fh),
-                        FopenFlags::empty(),
+                        fopen_flags(&o),
                         &b,
                     );
                     let _ = b.into_raw();
@@ -565,7 +575,7 @@ impl Filesystem for FuseAdapter {
                     &attr(&st),
                     Generation(0),
                     FileHandle(o.fh),
-                    FopenFlags::empty(),
+                    fopen_flags(&o),
                 ),
             },
             Err(e) => reply.error(fail("create", e)),

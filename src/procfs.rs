@@ -124,8 +124,13 @@ impl ProcRoot {
         })
     }
 
-    fn start_time(&self, pid: u32) -> Option<u64> {
-        parse_start_time(&fs::read_to_string(self.0.join(pid.to_string()).join("stat")).ok()?)
+    /// Start time (field 22 of `/proc/<pid>/stat`) of a process or thread; one small read.
+    pub fn start_time(&self, pid: u32) -> Option<u64> {
+        use std::io::Read;
+        let mut buf = [0u8; 1024];
+        let mut f = fs::File::open(self.0.join(pid.to_string()).join("stat")).ok()?;
+        let n = f.read(&mut buf).ok()?;
+        parse_start_time(std::str::from_utf8(&buf[..n]).ok()?)
     }
 
     /// `(st_dev, st_ino)` of every file `pid` holds a descriptor on; empty if it is gone or
