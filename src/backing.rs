@@ -473,5 +473,7 @@ pub fn replace_file_at(
     let mut f = create_at(dir, tmp, libc::O_WRONLY | libc::O_TRUNC, 0o600)?;
     f.write_all(data)?;
     f.sync_data()?;
-    rename_at(dir, tmp, dir, name, 0)
+    rename_at(dir, tmp, dir, name, 0)?;
+    // The rename itself reaches the disk with the directory.
+    fsync(&reopen(dir, libc::O_RDONLY | libc::O_DIRECTORY)?, false)
 }

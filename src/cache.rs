@@ -8,7 +8,7 @@
 //! operator has seen is on disk (a `kill -9` loses nothing that was reported).
 
 use std::cmp::Reverse;
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap};
 use std::ffi::{OsStr, OsString};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
@@ -25,7 +25,7 @@ use crate::checksums::next_check;
 use crate::clock::Clock;
 use crate::config::MinFree;
 use crate::evict::Invalidate;
-use crate::procfs::{Holder, ProcRoot};
+use crate::procfs::{Holder, ProcRoot, Wanted};
 use crate::state::{CacheState, Policy, RefChange, RefEffect, Verified};
 use crate::status::{self, Counters, View};
 use crate::sync::{Condvar, Mutex};
@@ -144,6 +144,8 @@ pub struct Cache {
     /// Holders by request thread id, with that thread's start time: a thread that opens
     /// again costs one small /proc read instead of five.
     holders: Mutex<HashMap<u32, (u64, Holder)>>,
+    /// Our mount's id (0 before the mount).
+    mount_id: std::sync::atomic::AtomicU64,
 }
 
 /// Entries kept in the holder cache before it starts over.
@@ -195,11 +197,12 @@ impl Cache {
             operator: Mutex::new(Vec::new()),
             passthrough: Default::default(),
             holders: Mutex::new(HashMap::new()),
+            mount_id: Default::default(),
         });
         cache.scan()?;
         let now = cache.now();
         let interval = cache.settings.verify_interval;
-        let checks: Vec<(u64, SystemTime)> = {
+        let checks: Vec<(u64, Option<SystemTime>)> = {
             let state = cache.state.lock();
             state
                 .images()
@@ -214,7 +217,9 @@ impl Cache {
         };
         for (ino, at) in checks {
             cache.schedule(ino);
-            cache.verify_at(ino, at);
+            if let Some(at) = at {
+                cache.verify_at(ino, at);
+            }
         }
         Ok(cache)
     }
@@ -311,25 +316,46 @@ impl Cache {
 
     /// Registers the regular files of the root and finds processes holding them open.
     fn scan(&self) -> std::io::Result<()> {
-        let mut files = HashSet::new();
         for e in backing::read_dir(self.root.as_fd())? {
             if e.kind != libc::S_IFREG || is_own_file(&e.name) {
                 continue;
             }
             let Ok(fd) = backing::open_path_at(self.root.as_fd(), &e.name) else { continue };
             let Ok(st) = backing::stat(fd.as_fd()) else { continue };
-            if st.is_file() {
-                self.observe(&e.name, &st);
-                files.insert((st.dev, st.ino));
-            }
+            self.observe(&e.name, &st);
         }
-        let early = self.proc.holders_of(&files);
+        let files = self.files();
+        let want = self.wanted(&files);
+        let early = self.proc.holders_of(&want);
         let mut state = self.state.lock();
-        for ((_, ino), h) in early {
-            info!("pid {} ({}) held inode {ino} open before the mount", h.pid, h.program);
-            state.add_early_holder(ino, h);
+        for held in early {
+            let Some(ino) = state.by_name(&held.name).map(|i| i.ino) else { continue };
+            info!(
+                "pid {} ({}) held {} open{} before the mount",
+                held.holder.pid,
+                held.holder.program,
+                held.name.to_string_lossy(),
+                if held.write { " for writing" } else { "" }
+            );
+            state.add_early_holder(ino, held.holder, held.write);
         }
         Ok(())
+    }
+
+    /// Cache files by `(st_dev, st_ino)`, for the /proc walk.
+    fn files(&self) -> HashMap<(u64, u64), OsString> {
+        let state = self.state.lock();
+        state.images().filter_map(|i| Some(((self.dev, i.ino), i.name.clone()?))).collect()
+    }
+
+    fn wanted<'a>(&'a self, files: &'a HashMap<(u64, u64), OsString>) -> Wanted<'a> {
+        let mnt = self.mount_id.load(std::sync::atomic::Ordering::Relaxed);
+        Wanted { dev: self.dev, files, skip_mnt: (mnt != 0).then_some(mnt) }
+    }
+
+    /// Our own mount's id, once mounted: its descriptors are never looked at through /proc.
+    pub fn set_mount_id(&self, id: u64) {
+        self.mount_id.store(id, std::sync::atomic::Ordering::Relaxed);
     }
 
     pub fn now(&self) -> std::time::SystemTime {
@@ -456,18 +482,51 @@ impl Cache {
 
     /// Drops holders from before the mount that have closed the file or exited.
     pub fn recheck_early(&self) {
+        let any = self.state.lock().images().any(|i| !i.early.is_empty());
+        if !any {
+            return;
+        }
         let now = self.now();
-        let dev = self.dev;
+        let files = self.files();
+        let want = self.wanted(&files);
         let proc = &self.proc;
-        let freed = self.state.lock().recheck_early(now, |h, ino| proc.still_holds(h, dev, ino));
-        for ino in freed {
-            self.schedule(ino);
+        let effects =
+            self.state.lock().recheck_early(now, |h, name| proc.still_holds(h, &want, name));
+        for effect in effects {
+            match effect {
+                RefEffect::WritingDone { ino, .. } => {
+                    self.schedule(ino);
+                    self.verify_at(ino, now);
+                }
+                RefEffect::Unreferenced { ino } => self.schedule(ino),
+                RefEffect::None | RefEffect::Gone => {}
+            }
+        }
+    }
+
+    /// Sizes of files being written now (their writes bypass the daemon).
+    fn refresh_sizes(&self) {
+        let writing: Vec<(u64, OsString)> = {
+            let state = self.state.lock();
+            state
+                .images()
+                .filter(|i| i.writers() > 0)
+                .filter_map(|i| Some((i.ino, i.name.clone()?)))
+                .collect()
+        };
+        for (ino, name) in writing {
+            let st = backing::open_path_at(self.root.as_fd(), &name)
+                .and_then(|fd| backing::stat(fd.as_fd()));
+            if let Some(st) = st.ok().filter(|st| st.ino == ino) {
+                self.state.lock().resized(ino, st.size);
+            }
         }
     }
 
     /// Renders a status file. Whatever it shows is persisted first.
     pub fn render(&self, file: VFile) -> Vec<u8> {
         self.recheck_early();
+        self.refresh_sizes();
         let referenced = match file {
             VFile::Events | VFile::Config | VFile::Control => BTreeSet::new(),
             _ => self.referenced().unwrap_or_default(),

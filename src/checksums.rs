@@ -112,7 +112,10 @@ pub fn check_one(cache: &Cache, ino: u64) -> bool {
         }
     }
     cache.persist();
-    cache.verify_at(ino, now + Duration::from_secs(cache.settings.verify_interval.max(1)));
+    // An interval of 0 turns periodic re-verification off (on demand still works).
+    if cache.settings.verify_interval > 0 {
+        cache.verify_at(ino, now + Duration::from_secs(cache.settings.verify_interval));
+    }
     true
 }
 
@@ -148,15 +151,17 @@ pub fn spawn(cache: Arc<Cache>) {
         .expect("spawn checksum thread");
 }
 
-/// When a file's next check is due, given what is known about it.
+/// When a file's next check is due, given what is known about it: its birth checksum at
+/// once, a re-verification an interval after the last one (never with an interval of 0).
 pub fn next_check(
     checksum_at: Option<SystemTime>,
     verified_at: Option<SystemTime>,
     interval: u64,
     now: SystemTime,
-) -> SystemTime {
+) -> Option<SystemTime> {
     match (checksum_at, verified_at) {
-        (None, _) => now,
-        (Some(c), v) => v.unwrap_or(c).max(c) + Duration::from_secs(interval),
+        (None, _) => Some(now),
+        (Some(_), _) if interval == 0 => None,
+        (Some(c), v) => Some(v.unwrap_or(c).max(c) + Duration::from_secs(interval)),
     }
 }

@@ -120,7 +120,13 @@ pub struct MountArgs {
 
 impl MountArgs {
     /// Resolves the options: a flag wins over nova.conf, which wins over Nova's defaults.
-    pub fn into_config(self) -> Result<MountConfig, String> {
+    pub fn into_config(mut self) -> Result<MountConfig, String> {
+        // The daemon works from `/`: every path it keeps is made absolute here.
+        for p in
+            [&mut self.nova_conf, &mut self.log_file, &mut self.instances_dir].into_iter().flatten()
+        {
+            *p = std::path::absolute(&*p).map_err(|e| format!("{}: {e}", p.display()))?;
+        }
         let nova = match &self.nova_conf {
             Some(path) => crate::novaconf::load(path).map_err(|e| e.to_string())?,
             None => Default::default(),

@@ -277,6 +277,10 @@ impl OverlayFs {
         if b.is_empty() || b == b"." || b == b".." || b.contains(&b'/') {
             return Err(Error::InvalidName);
         }
+        if parent == ROOT && name == STATUS_DIR {
+            // The status tree is there and is not the caller's to change.
+            return Err(Error::AccessDenied);
+        }
         if self.is_reserved(parent, name) {
             return Err(Error::Reserved);
         }
@@ -385,6 +389,8 @@ impl OverlayFs {
         };
         if gone {
             nodes.remove(&id);
+            drop(nodes);
+            self.cache.state.lock().forgotten(id);
         }
     }
 

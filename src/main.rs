@@ -7,7 +7,10 @@ fn main() {
     let cli = Cli::parse();
     let v = cli.verbose;
     let code = match cli.command {
-        Command::Mount(args) => match args.into_config() {
+        Command::Mount(args) => match run::init_logging(v, args.log_file.as_deref())
+            .map_err(|r| r.to_string())
+            .and_then(|()| args.into_config())
+        {
             Ok(cfg) => run::mount_command(cfg, v),
             Err(e) => {
                 eprintln!("imagecachefs: {e}");

@@ -48,6 +48,8 @@ pub fn absolute(dir: &Path) -> io::Result<PathBuf> {
 /// One line of `/proc/self/mountinfo`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MountInfo {
+    /// The mount id (what `/proc/<pid>/fdinfo/<fd>` calls `mnt_id`).
+    pub id: u64,
     pub mount_point: PathBuf,
     pub dev: (u32, u32),
     pub fstype: String,
@@ -81,6 +83,7 @@ pub fn parse_mountinfo(text: &str) -> Vec<MountInfo> {
             let f: Vec<&str> = left.split(' ').collect();
             let (maj, min) = f.get(2)?.split_once(':')?;
             Some(MountInfo {
+                id: f.first()?.parse().ok()?,
                 mount_point: PathBuf::from(unescape(f.get(4)?)),
                 dev: (maj.parse().ok()?, min.parse().ok()?),
                 fstype: right.split(' ').next()?.to_string(),
@@ -108,10 +111,18 @@ pub enum Found {
 
 pub fn probe(dir: &Path) -> Found {
     match top_mount(dir) {
-        Some(m) if m.fstype == FSTYPE => match std::fs::metadata(dir) {
-            Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => Found::Stale,
-            _ => Found::Live,
-        },
+        Some(m) if m.fstype == FSTYPE => {
+            // statfs always reaches the daemon (stat may be answered from the kernel's cache).
+            let c = CString::new(dir.as_os_str().as_bytes()).expect("a path has no NUL");
+            let mut s: libc::statfs = unsafe { std::mem::zeroed() };
+            let dead = unsafe { libc::statfs(c.as_ptr(), &mut s) } != 0
+                && io::Error::last_os_error().raw_os_error() == Some(libc::ENOTCONN);
+            if dead {
+                Found::Stale
+            } else {
+                Found::Live
+            }
+        }
         _ => Found::Plain,
     }
 }
@@ -247,6 +258,7 @@ mod tests {
         assert_eq!(m[0].mount_point, PathBuf::from("/mnt/parent dir"));
         assert_eq!(m[0].fstype, "ext3");
         assert_eq!(m[1].dev, (0, 52));
+        assert_eq!((m[0].id, m[1].id), (36, 40));
         assert_eq!(m[1].fstype, FSTYPE);
         assert_eq!(m[1].mount_point, PathBuf::from("/var/lib/nova/instances/_base"));
     }

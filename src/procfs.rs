@@ -10,11 +10,12 @@
 //! or denies access is skipped, never an error. The root is a plain directory so that tests
 //! (ours and integration tests) can point it at a fake tree.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::HashMap;
+use std::ffi::{OsStr, OsString};
 use std::fs;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// The root of a `/proc` tree: `/proc` itself, or a fake tree in tests.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -41,7 +42,27 @@ pub struct Holder {
 }
 
 /// A file as `stat` names it: `(st_dev, st_ino)`.
-type FileId = (u64, u64);
+pub type FileId = (u64, u64);
+
+/// The cache files a `/proc` walk looks for.
+#[derive(Clone, Copy, Debug)]
+pub struct Wanted<'a> {
+    /// The covered filesystem's device.
+    pub dev: u64,
+    /// Cache files by `(st_dev, st_ino)` on the covered filesystem, with their names.
+    pub files: &'a HashMap<FileId, OsString>,
+    /// Our own mount's id (`mnt_id` in fdinfo): its descriptors are counted by file handle.
+    pub skip_mnt: Option<u64>,
+}
+
+/// A process holding a cache file open, found through `/proc`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Held {
+    pub name: OsString,
+    pub holder: Holder,
+    /// One of its descriptors on the file was opened for writing.
+    pub write: bool,
+}
 
 impl ProcRoot {
     /// Thread id (the FUSE request's pid) -> Holder of its thread group: `/proc/<tid>/status`
@@ -56,17 +77,12 @@ impl ProcRoot {
         self.process(parse_tgid(&status)?)
     }
 
-    /// Every (pid, fd target) where a process holds open a file with this device and inode
-    /// number: walks `/proc/<pid>/fd/*`, `stat()`s each entry (following the magic link) and
-    /// matches st_dev/st_ino. Skips our own pid (`std::process::id()`) and processes or fds that
-    /// vanish or deny access.
-    ///
-    /// One entry per process and file, however many descriptors the process has on it. The
-    /// `stat()` reaches whatever each descriptor names, so call this before the mount serves
-    /// requests (or from a thread that does not serve them).
-    pub fn holders_of(&self, files: &HashSet<(u64, u64)>) -> Vec<((u64, u64), Holder)> {
+    /// Every process that holds a wanted file open, with whether any of its descriptors on it
+    /// may write. Skips our own pid and processes or fds that vanish or deny access; one entry
+    /// per process and file, however many descriptors it has on it.
+    pub fn holders_of(&self, want: &Wanted) -> Vec<Held> {
         let mut found = Vec::new();
-        if files.is_empty() {
+        if want.files.is_empty() {
             return found;
         }
         let Ok(entries) = fs::read_dir(&self.0) else { return found };
@@ -77,14 +93,17 @@ impl ProcRoot {
                 continue;
             }
             let Some(start_time) = self.start_time(pid) else { continue };
-            let held: BTreeSet<FileId> =
-                self.open_files(pid).filter(|file| files.contains(file)).collect();
+            let held = self.held_by(pid, want);
             if held.is_empty() {
                 continue;
             }
             match self.process(pid) {
                 Some(holder) if holder.start_time == start_time => {
-                    found.extend(held.into_iter().map(|file| (file, holder.clone())));
+                    found.extend(held.into_iter().map(|(name, write)| Held {
+                        name,
+                        holder: holder.clone(),
+                        write,
+                    }))
                 }
                 _ => {}
             }
@@ -92,10 +111,39 @@ impl ProcRoot {
         found
     }
 
-    /// True if `h.pid` still exists with the same start_time and still holds (dev, ino) open.
-    pub fn still_holds(&self, h: &Holder, dev: u64, ino: u64) -> bool {
+    /// True if `h` (same pid and start time) still holds the wanted file `name` open.
+    pub fn still_holds(&self, h: &Holder, want: &Wanted, name: &OsStr) -> bool {
         let same = || self.start_time(h.pid) == Some(h.start_time);
-        same() && self.open_files(h.pid).any(|file| file == (dev, ino)) && same()
+        same() && self.held_by(h.pid, want).iter().any(|(n, _)| n == name) && same()
+    }
+
+    /// The wanted files `pid` holds, by name, with write access.
+    fn held_by(&self, pid: u32, want: &Wanted) -> Vec<(OsString, bool)> {
+        let proc_dir = self.0.join(pid.to_string());
+        let Ok(fds) = fs::read_dir(proc_dir.join("fd")) else { return Vec::new() };
+        let mut out: Vec<(OsString, bool)> = Vec::new();
+        for fd in fds.flatten() {
+            let info_path = proc_dir.join("fdinfo").join(fd.file_name());
+            let read_info =
+                || fs::read_to_string(&info_path).map(|t| parse_fdinfo(&t)).unwrap_or_default();
+            let mut info = None;
+            // A descriptor on our own mount is never stat'ed (that would ask this daemon).
+            if let Some(ours) = want.skip_mnt {
+                let i = read_info();
+                if i.mnt == Some(ours) {
+                    continue;
+                }
+                info = Some(i);
+            }
+            let mut fdinfo = || *info.get_or_insert_with(read_info);
+            let Some(name) = wanted_name(&fd.path(), want, &mut fdinfo) else { continue };
+            let write = fdinfo().flags.is_some_and(|f| f & libc::O_ACCMODE != libc::O_RDONLY);
+            match out.iter_mut().find(|(n, _)| *n == name) {
+                Some(e) => e.1 |= write,
+                None => out.push((name, write)),
+            }
+        }
+        out
     }
 
     /// The thread group `pid` itself (not resolved through `status`).
@@ -132,16 +180,41 @@ impl ProcRoot {
         let n = f.read(&mut buf).ok()?;
         parse_start_time(std::str::from_utf8(&buf[..n]).ok()?)
     }
+}
 
-    /// `(st_dev, st_ino)` of every file `pid` holds a descriptor on; empty if it is gone or
-    /// denies access.
-    fn open_files(&self, pid: u32) -> impl Iterator<Item = FileId> {
-        fs::read_dir(self.0.join(pid.to_string()).join("fd"))
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter_map(|fd| fs::metadata(fd.path()).ok())
-            .map(|meta| (meta.dev(), meta.ino()))
+/// Which wanted file a descriptor names: by device and inode on the covered filesystem; or,
+/// for a descriptor that does not reach it (opened through an earlier overlay at the same
+/// path: alive during an upgrade, dead after a crash), by the overlay's inode number — node
+/// ids are the covered inode numbers — and the file's name.
+fn wanted_name(fd: &Path, want: &Wanted, fdinfo: &mut dyn FnMut() -> FdInfo) -> Option<OsString> {
+    if let Ok(m) = fs::metadata(fd) {
+        if m.dev() == want.dev {
+            return want.files.get(&(m.dev(), m.ino())).cloned();
+        }
+    }
+    let ino = fdinfo().ino?;
+    let name = fs::read_link(fd).ok()?.file_name()?.to_os_string();
+    (want.files.get(&(want.dev, ino)) == Some(&name)).then_some(name)
+}
+
+/// What `/proc/<pid>/fdinfo/<fd>` says of a descriptor.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FdInfo {
+    /// The mount it was opened on.
+    pub mnt: Option<u64>,
+    /// Its open flags.
+    pub flags: Option<i32>,
+    /// The inode number on that mount.
+    pub ino: Option<u64>,
+}
+
+/// Parses `mnt_id:`, `flags:` (octal) and `ino:` of an fdinfo text.
+pub fn parse_fdinfo(text: &str) -> FdInfo {
+    let field = |key: &str| text.lines().find_map(|l| l.strip_prefix(key)).map(str::trim);
+    FdInfo {
+        mnt: field("mnt_id:").and_then(|v| v.parse().ok()),
+        flags: field("flags:").and_then(|v| i32::from_str_radix(v, 8).ok()),
+        ino: field("ino:").and_then(|v| v.parse().ok()),
     }
 }
 
@@ -288,6 +361,15 @@ mod tests {
             symlink(exe, dir.join("exe")).unwrap();
         }
         dir
+    }
+
+    #[test]
+    fn fdinfo_fields() {
+        let text = "pos:\t5\nflags:\t02100002\nmnt_id:\t43\nino:\t10018924\n";
+        let i = parse_fdinfo(text);
+        assert_eq!((i.mnt, i.ino), (Some(43), Some(10_018_924)));
+        assert_eq!(i.flags.map(|f| f & libc::O_ACCMODE), Some(libc::O_RDWR));
+        assert_eq!(parse_fdinfo(""), FdInfo::default());
     }
 
     #[test]
@@ -488,22 +570,31 @@ mod tests {
         );
         symlink(&base, root.path().join(std::process::id().to_string()).join("fd/3")).unwrap();
 
-        let found = proc.holders_of(&HashSet::from([id(&base)]));
+        let files = HashMap::from([(id(&base), OsString::from("base"))]);
+        let want = Wanted { dev: id(&base).0, files: &files, skip_mnt: None };
+        let found = proc.holders_of(&want);
         assert_eq!(found.len(), 1, "{found:?}");
-        let (file, holder) = &found[0];
-        assert_eq!(*file, id(&base));
+        let Held { name, holder, write } = &found[0];
+        assert_eq!(name, "base");
+        assert!(!write, "no fdinfo in the fake tree: not known to write");
         assert_eq!((holder.pid, holder.program.as_str()), (TGID, "qemu-system-x86_64"));
-        assert!(proc.holders_of(&HashSet::new()).is_empty());
+        let none = HashMap::new();
+        assert!(proc.holders_of(&Wanted { files: &none, ..want }).is_empty());
 
-        assert!(proc.still_holds(holder, id(&base).0, id(&base).1));
+        let both = HashMap::from([
+            (id(&base), OsString::from("base")),
+            (id(&other), OsString::from("other")),
+        ]);
+        let want = Wanted { files: &both, ..want };
+        assert!(proc.still_holds(holder, &want, OsStr::new("base")));
         fs::remove_file(dir.join("fd/3")).unwrap();
-        assert!(proc.still_holds(holder, id(&base).0, id(&base).1));
+        assert!(proc.still_holds(holder, &want, OsStr::new("base")));
         fs::remove_file(dir.join("fd/4")).unwrap();
-        assert!(!proc.still_holds(holder, id(&base).0, id(&base).1));
+        assert!(!proc.still_holds(holder, &want, OsStr::new("base")));
         // Same pid, another process (start time differs).
-        assert!(proc.still_holds(holder, id(&other).0, id(&other).1));
+        assert!(proc.still_holds(holder, &want, OsStr::new("other")));
         fs::write(dir.join("stat"), stat_line(TGID, "qemu-system-x86", 78)).unwrap();
-        assert!(!proc.still_holds(holder, id(&other).0, id(&other).1));
+        assert!(!proc.still_holds(holder, &want, OsStr::new("other")));
     }
 
     #[test]
@@ -544,25 +635,33 @@ mod tests {
         let pid = child.0.id();
         let proc = ProcRoot::default();
         let deadline = Instant::now() + Duration::from_secs(10);
+        let files = HashMap::from([((dev, ino), OsString::from("image"))]);
+        let want = Wanted { dev, files: &files, skip_mnt: None };
         let holder = loop {
-            let found = proc.holders_of(&HashSet::from([(dev, ino)]));
+            let found = proc.holders_of(&want);
             // Until `sh` has exec'd, the holder's program is `sh`.
-            if let Some((_, h)) = found.iter().find(|(_, h)| h.program == "sleep") {
+            if let Some(held) = found.iter().find(|h| h.holder.program == "sleep") {
                 assert_eq!(found.len(), 1, "{found:?}");
-                assert_eq!(found[0].0, (dev, ino));
-                break h.clone();
+                assert_eq!(held.name, "image");
+                assert!(!held.write, "opened read-only");
+                break held.holder.clone();
             }
             assert!(Instant::now() < deadline, "sleep {pid} not found holding the file: {found:?}");
             std::thread::sleep(Duration::from_millis(10));
         };
         assert_eq!(holder.pid, pid);
         assert_eq!(holder.instance, None);
-        assert!(proc.still_holds(&holder, dev, ino));
-        assert!(!proc.still_holds(&holder, dev, ino.wrapping_add(1)));
+        assert!(proc.still_holds(&holder, &want, OsStr::new("image")));
+        let elsewhere = HashMap::from([((dev, ino.wrapping_add(1)), OsString::from("image"))]);
+        assert!(!proc.still_holds(
+            &holder,
+            &Wanted { files: &elsewhere, ..want },
+            "image".as_ref()
+        ));
 
         child.0.kill().unwrap();
         child.0.wait().unwrap();
-        assert!(!proc.still_holds(&holder, dev, ino));
+        assert!(!proc.still_holds(&holder, &want, OsStr::new("image")));
         // Gone, or (if the pid was recycled already) another process.
         assert_ne!(proc.holder(pid).map(|h| h.start_time), Some(holder.start_time));
     }

@@ -23,7 +23,8 @@ use crate::mount::{self, Refusal};
 /// Set in the daemon started by `--background`: the fd to report readiness on.
 const READY_FD_ENV: &str = "IMAGECACHEFS_READY_FD";
 
-fn init_logging(verbose: u8, log_file: Option<&Path>) -> Result<(), Refusal> {
+/// Starts the log backend (once; later calls change nothing).
+pub fn init_logging(verbose: u8, log_file: Option<&Path>) -> Result<(), Refusal> {
     let level = match verbose {
         0 => "info",
         1 => "debug",
@@ -105,7 +106,6 @@ fn start_background(cfg: &MountConfig) -> i32 {
     let mut cmd = Command::new(exe);
     cmd.args(&args)
         .env(READY_FD_ENV, wr_raw.to_string())
-        .current_dir("/")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null());
@@ -168,6 +168,8 @@ fn makedev(dev: (u32, u32)) -> u64 {
 fn serve(cfg: &MountConfig, on_ready: impl FnOnce()) -> Result<(), Refusal> {
     let prepared = mount::prepare(&cfg.dir)?;
     let dir = prepared.dir.clone();
+    // Every path is absolute by now; do not keep the caller's directory busy.
+    let _ = std::env::set_current_dir("/");
     if backing::open_path_at(prepared.dir_fd.as_fd(), OsStr::new(STATUS_DIR)).is_ok() {
         return Err(Refusal(format!(
             "{} contains a file named {STATUS_DIR}, the name of imagecachefs's status tree: \
@@ -240,7 +242,11 @@ fn serve(cfg: &MountConfig, on_ready: impl FnOnce()) -> Result<(), Refusal> {
     fuse_cfg.acl = fuser::SessionACL::All;
     let session = fuser::Session::from_fd(adapter, dev, fuser::SessionACL::All, fuse_cfg)
         .map_err(|e| fail(format!("FUSE handshake on {}: {e}", dir.display())))?;
-    let our_dev = mount::top_mount(&dir).map(|m| makedev(m.dev));
+    let ours = mount::top_mount(&dir);
+    let our_dev = ours.as_ref().map(|m| makedev(m.dev));
+    if let Some(m) = &ours {
+        cache.set_mount_id(m.id);
+    }
     cache.set_passthrough(core.passthrough_enabled());
     cache.set_invalidator(Box::new(crate::fuse::KernelNotifier(session.notifier())));
     crate::evict::spawn(cache.clone());
@@ -363,13 +369,15 @@ pub fn control_command(dir: &Path, verb: &str, name: &OsStr) -> i32 {
     let why = match e.raw_os_error() {
         Some(libc::ENOENT) => format!("{} has no cache file named {shown}", dir.display()),
         Some(libc::EBUSY) => {
-            let state = std::fs::read_to_string(sdir.join("images").join(name)).unwrap_or_default();
-            let state = state
+            // The reason is the newest refusal of this name in `events`.
+            let events = std::fs::read_to_string(sdir.join("events")).unwrap_or_default();
+            let marker = format!(" eviction-refused {shown} ");
+            let why = events
                 .lines()
-                .find_map(|l| l.strip_prefix("state: "))
-                .unwrap_or("needed")
-                .to_string();
-            format!("refused: {shown} is {state} and stays")
+                .rev()
+                .find_map(|l| l.split_once(&marker).map(|(_, why)| why.to_string()))
+                .unwrap_or_else(|| "needed".into());
+            format!("refused: {shown} stays ({why})")
         }
         Some(libc::EINVAL) => format!("{verb} {shown}: refused as invalid"),
         _ => format!("{verb} {shown}: {e}"),

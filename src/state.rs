@@ -137,8 +137,9 @@ pub struct Image {
     pub kind: Kind,
     pub size: u64,
     pub opens: BTreeMap<u64, OpenRef>,
-    /// Processes that held the file open before the mount (found through /proc).
-    pub early: Vec<Holder>,
+    /// Processes that held the file open before the mount (found through /proc), and whether
+    /// they may write it.
+    pub early: Vec<(Holder, bool)>,
     pub pinned: bool,
     pub last_used: SystemTime,
     pub checksum: Option<Checksum>,
@@ -150,8 +151,9 @@ pub struct Image {
 }
 
 impl Image {
+    /// Handles open for writing, through the mount or from before it.
     pub fn writers(&self) -> usize {
-        self.opens.values().filter(|o| o.write).count()
+        self.opens.values().filter(|o| o.write).count() + self.early.iter().filter(|e| e.1).count()
     }
 
     pub fn refs(&self) -> usize {
@@ -247,6 +249,9 @@ pub struct CacheState {
     saved: HashMap<OsString, Saved>,
     /// Bumped on every change worth persisting.
     pub version: u64,
+    /// Inodes evicted while the kernel may still hold a stale entry for them: an open that
+    /// arrives late gets `ENOENT`. Cleared when the number names a file again.
+    evicted: std::collections::HashSet<u64>,
 }
 
 fn lossy(name: &OsStr) -> String {
@@ -298,6 +303,7 @@ impl CacheState {
             self.forget_name(name);
         }
         let saved = self.saved.remove(name);
+        self.evicted.remove(&ino);
         let img = self.images.entry(ino).or_insert_with(|| Image {
             name: None,
             ino,
@@ -375,6 +381,9 @@ impl CacheState {
     pub fn reference(&mut self, change: RefChange, now: SystemTime) -> RefEffect {
         match change {
             RefChange::Open { fh, ino, holder, write } => {
+                if self.evicted.contains(&ino) {
+                    return RefEffect::Gone;
+                }
                 let Some(img) = self.images.get_mut(&ino) else { return RefEffect::None };
                 if img.evicting {
                     return RefEffect::Gone;
@@ -426,41 +435,50 @@ impl CacheState {
         }
     }
 
-    /// Holders found at start, from before the mount.
-    pub fn add_early_holder(&mut self, ino: u64, h: Holder) {
+    /// A holder found at start, from before the mount. A writer makes any checksum stale:
+    /// the file's content is only known once it is gone.
+    pub fn add_early_holder(&mut self, ino: u64, h: Holder, write: bool) {
         if let Some(img) = self.images.get_mut(&ino) {
-            if !img.early.contains(&h) {
-                img.early.push(h);
+            if !img.early.iter().any(|(e, _)| *e == h) {
+                img.early.push((h, write));
+            }
+            if write {
+                img.write_gen += 1;
+                img.checksum = None;
             }
         }
     }
 
-    /// Drops early holders for which `still_holds` says no (checked lazily, when asked).
-    /// Returns the inodes that lost their last reference.
+    /// Drops early holders for which `still_holds(holder, name)` says no (checked lazily, when
+    /// asked). Returns what that changed, as reference changes do.
     pub fn recheck_early(
         &mut self,
         now: SystemTime,
-        mut still_holds: impl FnMut(&Holder, u64) -> bool,
-    ) -> Vec<u64> {
-        let mut freed = Vec::new();
+        mut still_holds: impl FnMut(&Holder, &OsStr) -> bool,
+    ) -> Vec<RefEffect> {
+        let mut effects = Vec::new();
         for img in self.images.values_mut() {
+            let Some(name) = img.name.clone() else { continue };
             if img.early.is_empty() {
                 continue;
             }
-            let ino = img.ino;
-            let before = img.early.len();
-            img.early.retain(|h| still_holds(h, ino));
-            if img.early.len() != before {
-                img.last_used = img.last_used.max(now);
-                if img.refs() == 0 {
-                    freed.push(ino);
-                }
+            let (ino, refs, writers, before) =
+                (img.ino, img.refs(), img.writers(), img.early.len());
+            img.early.retain(|(h, _)| still_holds(h, &name));
+            if img.early.len() == before {
+                continue;
+            }
+            img.last_used = img.last_used.max(now);
+            if writers > 0 && img.writers() == 0 {
+                effects.push(RefEffect::WritingDone { ino, write_gen: img.write_gen });
+            } else if refs > 0 && img.refs() == 0 {
+                effects.push(RefEffect::Unreferenced { ino });
             }
         }
-        if !freed.is_empty() {
+        if !effects.is_empty() {
             self.changed();
         }
-        freed
+        effects
     }
 
     pub fn set_pin(&mut self, name: &OsStr, pinned: bool, now: SystemTime) -> bool {
@@ -616,8 +634,14 @@ impl CacheState {
         }
     }
 
+    /// The kernel forgot the inode: no late open can name it any more.
+    pub fn forgotten(&mut self, ino: u64) {
+        self.evicted.remove(&ino);
+    }
+
     /// Removes an evicted file's entry (its name is gone from disk).
     pub fn evicted(&mut self, ino: u64) {
+        self.evicted.insert(ino);
         if let Some(name) = self.images.get(&ino).and_then(|i| i.name.clone()) {
             self.forget_name(&name);
         }

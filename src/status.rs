@@ -71,7 +71,7 @@ impl View<'_> {
             .opens
             .values()
             .map(|o| holder_text(&o.holder, false))
-            .chain(img.early.iter().map(|h| holder_text(h, true)))
+            .chain(img.early.iter().map(|(h, _)| holder_text(h, true)))
             .collect();
         holders.dedup();
         Row {

@@ -362,3 +362,38 @@ fn digests_and_verdicts_survive_kill_9_and_remount() {
     early.kill();
     drop(m);
 }
+
+/// A download that was still being written by a process from before the mount (or through
+/// the previous daemon during an upgrade) is not hashed until that writer is gone: its
+/// checksum is what the file held when writing finished, and a later verify matches.
+#[test]
+fn a_writer_from_before_the_mount_delays_the_checksum_until_it_is_done() {
+    let n = Nova::new();
+    let name = "b6589fc6ab0dc82cf12099d1c2d40ab994e8410c";
+    let part = format!("{name}.part");
+    write_file(&n.dir.join(&part), b"first half ");
+    // Holds the file open for appending; writes the rest once the go file appears, then exits.
+    let go = n.s.path("go");
+    let mut writer = Proc::python(
+        "import os, sys, time\n\
+         f = open(sys.argv[1], 'a'); print('open', flush=True)\n\
+         while not os.path.exists(sys.argv[2]): time.sleep(0.01)\n\
+         f.write('second half'); f.close(); print('done', flush=True); time.sleep(60)",
+        &[&n.dir.join(&part), &go],
+    );
+    writer.wait_line("open");
+    let m = n.mount(("3600", "3600", "3600"), &[]);
+    let text = n.status(&part).expect("status of the .part");
+    assert_eq!(field(&text, "state").as_deref(), Some("writing"), "{text}");
+    assert_eq!(field(&text, "sha1").as_deref(), Some("pending"), "{text}");
+    write_file(&go, b"");
+    writer.wait_line("done");
+    writer.terminate();
+    // The writer is found gone when the status is read; then the file is hashed.
+    let got = wait_sha1(&n, &m, &part, Duration::from_secs(20));
+    assert_sha1(&n, &part, &got, &sha1sum(&n.real(&part)));
+    fs::rename(n.at(&part), n.at(name)).unwrap();
+    verify(&n, name);
+    let text = wait_verified(&n, name, "ok ", Duration::from_secs(20));
+    assert_eq!(field(&text, "state").as_deref(), Some("idle"), "{text}");
+}

@@ -596,3 +596,30 @@ fn opens_racing_the_deadline_see_the_whole_file_or_enoent() {
     );
     drop(m);
 }
+
+/// After a daemon crash, a process still reading through the dead mount (a VM keeps reading
+/// its base over passthrough) is found by the next daemon and keeps the file.
+#[test]
+fn a_reader_through_a_dead_mount_keeps_its_file_after_a_remount() {
+    let n = Nova::new();
+    let name = "7110eda4d09e062aa5e4a390b0a572ac0d2c0220";
+    write_file(&n.dir.join(name), &pseudo_random(1 << 20, 7));
+    let m = n.mount(("2", "2", "2"), &[]);
+    let mut reader = Proc::python(
+        "import sys, time; f = open(sys.argv[1], 'rb'); f.read(1); print('open', flush=True); \
+         time.sleep(60)",
+        &[&n.at(name)],
+    );
+    reader.wait_line("open");
+    drop(m.kill9_leave_stale());
+    let m2 = n.mount(("2", "2", "2"), &[]);
+    let text = n.status(name).expect("status after the remount");
+    assert_eq!(field(&text, "refs").as_deref(), Some("1"), "{text}");
+    let holders = field(&text, "holders").unwrap_or_default();
+    assert!(holders.contains(&format!("{} ", reader.pid())), "{text}");
+    assert!(holders.ends_with("(before mount)"), "{text}");
+    n.stays(&m2, name, Duration::from_secs(4), "a reader through the dead mount holds it");
+    reader.terminate();
+    n.status(name); // the holder is found gone when the status is read
+    n.wait_evicted(name, Duration::from_secs(10));
+}
