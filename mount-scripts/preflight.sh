@@ -1,0 +1,251 @@
+#!/usr/bin/env bash
+# Checks that a compute node is ready for imagecachefs; run it before the first mount.
+set -euo pipefail
+
+usage() {
+    cat <<'EOF'
+Usage: preflight.sh [--cache-dir DIR] [--nova-conf FILE]
+
+Checks that this machine is ready for `imagecachefs mount DIR`:
+  - running as root, with CAP_SYS_ADMIN (needed to mount and for kernel passthrough)
+  - /dev/fuse exists
+  - kernel FUSE passthrough: Linux >= 6.9 and CONFIG_FUSE_PASSTHROUGH=y in
+    /boot/config-$(uname -r) or /proc/config.gz ("unknown" when neither exists)
+  - DIR is a directory, not already an imagecachefs mount (live or dead), and
+    holds no entry named .imagecache
+  - free inodes on DIR's filesystem (df -i)
+  - the hard limit on open files (ulimit -Hn >= 65536 recommended)
+  - processes holding files under DIR open (a warning: imagecachefs finds them
+    at mount time and counts them as holders until they close those files)
+  - nova.conf sets [image_cache] remove_unused_base_images = False (otherwise
+    Nova's own cache manager deletes images behind imagecachefs's back)
+
+Options:
+  --cache-dir DIR    the image cache [default: /var/lib/nova/instances/_base]
+  --nova-conf FILE   Nova's configuration [default: /etc/nova/nova.conf; the
+                     check is skipped with a note when the default is absent]
+  -h, --help         this text
+
+Prints one line per check (ok, warn, note or FAIL). Exit status: 0 when
+nothing failed (warnings allowed), 1 with the list of failures, 2 bad usage.
+EOF
+}
+
+cache_dir=/var/lib/nova/instances/_base
+nova_conf=/etc/nova/nova.conf
+nova_conf_given=0
+while [ $# -gt 0 ]; do
+    case $1 in
+        -h | --help) usage; exit 0 ;;
+        --cache-dir) [ $# -ge 2 ] || { echo "preflight: --cache-dir needs a value" >&2; exit 2; }
+            cache_dir=$2; shift 2 ;;
+        --cache-dir=*) cache_dir=${1#*=}; shift ;;
+        --nova-conf) [ $# -ge 2 ] || { echo "preflight: --nova-conf needs a value" >&2; exit 2; }
+            nova_conf=$2; nova_conf_given=1; shift 2 ;;
+        --nova-conf=*) nova_conf=${1#*=}; nova_conf_given=1; shift ;;
+        *) echo "preflight: unknown argument $1 (see --help)" >&2; exit 2 ;;
+    esac
+done
+
+failures=()
+warnings=0
+ok() { printf 'ok    %s\n' "$*"; }
+note() { printf 'note  %s\n' "$*"; }
+warn() { printf 'warn  %s\n' "$*"; warnings=$((warnings + 1)); }
+fail() { printf 'FAIL  %s\n' "$*"; failures+=("$*"); }
+
+# The absolute path of $1 without touching $1 itself (it may be a dead mount).
+absolute() {
+    local p=$1 parent name
+    while [ "${#p}" -gt 1 ] && [ "${p%/}" != "$p" ]; do p=${p%/}; done
+    [ "$p" = / ] && { echo /; return; }
+    case $p in
+        */*) parent=${p%/*}; name=${p##*/} ;;
+        *) parent=.; name=$p ;;
+    esac
+    [ -n "$parent" ] || parent=/
+    parent=$(cd "$parent" 2>/dev/null && pwd -P) || return 1
+    [ "$parent" = / ] && parent=
+    echo "$parent/$name"
+}
+
+# --- privileges ------------------------------------------------------------------------------
+uid=$(id -u)
+if [ "$uid" -eq 0 ]; then
+    ok "running as root"
+else
+    fail "not running as root (uid $uid): imagecachefs mounts and must run as root"
+fi
+capeff=$(awk '/^CapEff:/ { print $2 }' /proc/self/status 2>/dev/null || true)
+if [ -n "$capeff" ] && (((16#$capeff >> 21) & 1)); then
+    ok "CAP_SYS_ADMIN is in the effective capability set"
+elif [ -n "$capeff" ]; then
+    fail "no CAP_SYS_ADMIN (CapEff $capeff): mounting and kernel FUSE passthrough need it"
+fi
+
+# --- FUSE ------------------------------------------------------------------------------------
+if [ -c /dev/fuse ]; then
+    ok "/dev/fuse exists"
+else
+    fail "/dev/fuse is missing: load the fuse kernel module (modprobe fuse)"
+fi
+
+release=$(uname -r)
+if [[ $release =~ ^([0-9]+)\.([0-9]+) ]]; then
+    major=${BASH_REMATCH[1]}
+    minor=${BASH_REMATCH[2]}
+    if [ "$major" -gt 6 ] || { [ "$major" -eq 6 ] && [ "$minor" -ge 9 ]; }; then
+        ok "kernel $release is >= 6.9 (FUSE passthrough)"
+    else
+        fail "kernel $release is older than 6.9: no FUSE passthrough, imagecachefs would serve every VM read itself"
+    fi
+else
+    warn "cannot parse the kernel release '$release'; FUSE passthrough needs Linux >= 6.9"
+fi
+
+kconfig=
+if [ -r "/boot/config-$release" ]; then
+    kconfig=$(grep -E '(^| )CONFIG_FUSE_PASSTHROUGH[= ]' "/boot/config-$release" || true)
+    kconfig_from=/boot/config-$release
+elif [ -r /proc/config.gz ]; then
+    kconfig=$(gzip -dc /proc/config.gz | grep -E '(^| )CONFIG_FUSE_PASSTHROUGH[= ]' || true)
+    kconfig_from=/proc/config.gz
+else
+    kconfig_from=
+fi
+if [ -z "$kconfig_from" ]; then
+    note "CONFIG_FUSE_PASSTHROUGH: unknown (neither /boot/config-$release nor /proc/config.gz exists); the daemon's log says \"passthrough on\" or \"OFF\""
+elif [ "$kconfig" = CONFIG_FUSE_PASSTHROUGH=y ]; then
+    ok "CONFIG_FUSE_PASSTHROUGH=y ($kconfig_from)"
+else
+    fail "the kernel is built without CONFIG_FUSE_PASSTHROUGH=y ($kconfig_from): imagecachefs would serve every VM read itself"
+fi
+
+# --- the cache directory ---------------------------------------------------------------------
+dir=$(absolute "$cache_dir") || dir=
+dir_ok=0
+if [ -z "$dir" ]; then
+    fail "$cache_dir: its parent directory does not exist"
+else
+    top=$(awk -v want="${dir// /\\040}" '
+        { split($0, halves, " - "); split(halves[1], f, " "); split(halves[2], g, " ") }
+        f[5] == want { top = g[1] }
+        END { print top }
+    ' /proc/self/mountinfo)
+    if [ "$top" = fuse.imagecachefs ]; then
+        # statfs always reaches the daemon; a plain stat may be answered from the kernel's cache.
+        if stat -f "$dir" >/dev/null 2>&1; then
+            fail "$dir is already an imagecachefs mount (imagecachefs status $dir)"
+        else
+            fail "$dir is a dead imagecachefs mount (its daemon is gone): run imagecachefs unmount $dir"
+        fi
+    elif [ ! -e "$dir" ]; then
+        fail "$dir does not exist (Nova creates it on the first spawn; mkdir it, owned by nova)"
+    elif [ ! -d "$dir" ]; then
+        fail "$dir is not a directory"
+    else
+        dir_ok=1
+        ok "$dir is a directory and not an imagecachefs mount"
+        if [ -e "$dir/.imagecache" ] || [ -L "$dir/.imagecache" ]; then
+            fail "$dir/.imagecache exists: that name is imagecachefs's status tree, rename it first"
+        fi
+    fi
+fi
+
+if [ "$dir_ok" -eq 1 ]; then
+    if read -r inodes ifree < <(df -Pi "$dir" 2>/dev/null | awk 'NR == 2 { print $2, $4 }'); then
+        if ! [[ $inodes =~ ^[0-9]+$ ]] || [ "$inodes" -eq 0 ]; then
+            note "$dir's filesystem does not report an inode count (allocated on demand)"
+        elif [ "$ifree" -lt 1000 ]; then
+            fail "only $ifree free inodes on $dir's filesystem (df -i): Nova cannot download images"
+        else
+            ok "$ifree free inodes on $dir's filesystem"
+        fi
+    else
+        warn "df -i $dir failed"
+    fi
+fi
+
+# --- limits ----------------------------------------------------------------------------------
+hard=$(ulimit -Hn)
+if [ "$hard" = unlimited ] || [ "$hard" -ge 65536 ]; then
+    ok "hard limit on open files is $hard"
+else
+    warn "hard limit on open files is $hard here; >= 65536 recommended (imagecachefs.service sets LimitNOFILE=1048576)"
+fi
+
+# --- processes holding cache files open -------------------------------------------------------
+if [ "$dir_ok" -eq 1 ]; then
+    pattern="$(printf '%s' "$dir" | sed 's/[][*?\\]/\\&/g')/*"
+    found=$(find /proc/[0-9]*/fd -mindepth 1 -maxdepth 1 -lname "$pattern" -printf '%h %l\n' 2>/dev/null |
+        sort -u || true)
+    holders=()
+    while read -r fddir target; do
+        [ -n "$fddir" ] || continue
+        pid=${fddir#/proc/}
+        pid=${pid%/fd}
+        # This script and its own children inherit its caller's descriptors: not holders.
+        ancestor=$pid
+        while [ "$ancestor" -gt 1 ] && [ "$ancestor" -ne $$ ]; do
+            ancestor=$(awk '/^PPid:/ { print $2 }' "/proc/$ancestor/status" 2>/dev/null || echo 0)
+            [ -n "$ancestor" ] || ancestor=0
+        done
+        [ "$ancestor" -eq $$ ] && continue
+        comm=$(cat "/proc/$pid/comm" 2>/dev/null) || continue # gone meanwhile
+        holders+=("pid $pid ($comm): $target")
+    done <<<"$found"
+    if [ "${#holders[@]}" -eq 0 ]; then
+        ok "no process holds a file under $dir open"
+    else
+        warn "${#holders[@]} open file(s) under $dir; imagecachefs will count them as held from before the mount until they are closed:"
+        printf '        %s\n' "${holders[@]}"
+    fi
+fi
+
+# --- nova.conf -------------------------------------------------------------------------------
+if [ ! -e "$nova_conf" ] && [ "$nova_conf_given" -eq 0 ]; then
+    note "$nova_conf not found: remove_unused_base_images not checked (use --nova-conf FILE)"
+elif [ ! -r "$nova_conf" ]; then
+    fail "$nova_conf cannot be read"
+else
+    # oslo.config's INI rules: "key = value" or "key: value" (the first = or : splits),
+    # # and ; comment lines, section names other than DEFAULT compared lowercased, the last
+    # assignment wins; [image_cache] is read before the legacy [DEFAULT] name.
+    found=$(awk '
+        function trim(s) { sub(/^[ \t]+/, "", s); sub(/[ \t]+$/, "", s); return s }
+        /^[#;]/ { next }
+        /^\[/ { s = $0; sub(/^\[/, "", s); sub(/\][ \t]*$/, "", s); section = (s == "DEFAULT") ? s : tolower(s); next }
+        /^[^ \t]/ && match($0, /[=:]/) {
+            key = trim(substr($0, 1, RSTART - 1)); value = trim(substr($0, RSTART + 1))
+            if (value ~ /^".*"$/ || value ~ /^'\''.*'\''$/) value = substr(value, 2, length(value) - 2)
+            if (key == "remove_unused_base_images" && (section == "image_cache" || section == "DEFAULT"))
+                found[section] = NR " " value
+        }
+        END {
+            if ("image_cache" in found) print "image_cache " found["image_cache"]
+            else if ("DEFAULT" in found) print "DEFAULT " found["DEFAULT"]
+        }
+    ' "$nova_conf")
+    if [ -z "$found" ]; then
+        fail "$nova_conf does not set [image_cache] remove_unused_base_images (Nova's default is True): Nova would delete images behind imagecachefs's back; set it to False"
+    else
+        read -r section line value <<<"$found"
+        where="$nova_conf:$line: [$section] remove_unused_base_images = $value"
+        case ${value,,} in
+            false | no | off | 0) ok "$where" ;;
+            true | yes | on | 1)
+                fail "$where: Nova would delete images behind imagecachefs's back; set it to False" ;;
+            *) fail "$where: not a boolean Nova accepts; set it to False" ;;
+        esac
+    fi
+fi
+
+# --- summary ---------------------------------------------------------------------------------
+if [ "${#failures[@]}" -gt 0 ]; then
+    echo
+    echo "preflight: ${#failures[@]} problem(s) to fix before mounting imagecachefs:"
+    printf '  - %s\n' "${failures[@]}"
+    exit 1
+fi
+echo
+echo "preflight: ready for imagecachefs ($warnings warning(s))"
