@@ -10,8 +10,9 @@
 //! key line, a key before any `[section]` is an error, a repeated key or section: last wins.
 //! Section names other than `DEFAULT` compare lowercased (as oslo normalises them), `DEFAULT`
 //! is exact. Only the value that wins is checked (as oslo converts only that one); unknown
-//! sections and keys are never checked. Values are returned as written: oslo's `$name`
-//! substitution (e.g. `$state_path/instances`) is not performed.
+//! sections and keys are never checked. Paths get oslo's `$name`/`${name}` substitution from
+//! `[DEFAULT]` (`$state_path/instances`); an `instances_path` that refers to a name the file
+//! does not set is an error naming its line.
 //!
 //! Names accepted, first set wins (history from the Nova git tree):
 //! - `[image_cache] remove_unused_base_images`, `remove_unused_original_minimum_age_seconds`,
@@ -161,14 +162,62 @@ pub fn parse(text: &str, path: &Path) -> Result<NovaImageCache, ConfError> {
         return Err(error(e.clone()));
     }
     let string = |names| convert(&ini, path, names, |s| Ok(s.to_owned())).ok().flatten();
+    // Paths may use oslo.config's `$name` substitution (`$state_path/instances`): expand it
+    // from [DEFAULT], and refuse (naming the line) what the file cannot resolve, since a wrong
+    // instances path would leave the backing-file guard looking in the wrong place.
+    let instances_path = match ini.get(INSTANCES_PATH) {
+        Some((_, v)) => Some(expand(&ini, &v.text, 0).map_err(|m| error((v.line, m)))?),
+        None => None,
+    };
+    // The subdirectory name is only compared with the mounted directory: an unresolvable
+    // `_base_$my_ip` (my_ip defaults to the host's address) skips that check.
+    let subdirectory_name = string(SUBDIRECTORY_NAME).and_then(|s| expand(&ini, &s, 0).ok());
     Ok(NovaImageCache {
         remove_unused_base_images: remove_unused.ok().flatten(),
         original_min_age: original.ok().flatten(),
         resized_min_age: resized.ok().flatten(),
-        subdirectory_name: string(SUBDIRECTORY_NAME),
-        instances_path: string(INSTANCES_PATH),
+        subdirectory_name,
+        instances_path,
         checksum_interval: checksum.ok().flatten(),
     })
+}
+
+/// oslo.config substitution: `$name` and `${name}` take the value of `name` in [DEFAULT]
+/// (itself expanded), `$$` is a literal `$`.
+fn expand(ini: &Ini, text: &str, depth: usize) -> Result<String, String> {
+    if depth > 8 {
+        return Err(format!("{text:?}: substitutions nest too deep"));
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find('$') {
+        out.push_str(&rest[..i]);
+        rest = &rest[i + 1..];
+        if let Some(r) = rest.strip_prefix('$') {
+            out.push('$');
+            rest = r;
+            continue;
+        }
+        let (name, after) = match rest.strip_prefix('{') {
+            Some(r) => r.split_once('}').ok_or_else(|| format!("{text:?}: unclosed ${{"))?,
+            None => {
+                let end = rest
+                    .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                    .unwrap_or(rest.len());
+                rest.split_at(end)
+            }
+        };
+        let value = ini
+            .0
+            .get(DEFAULT)
+            .and_then(|keys| keys.get(name))
+            .map(|v| v.text.as_str())
+            .ok_or_else(|| format!("{text:?} refers to ${name}, which this file does not set"))?;
+        out.push_str(&expand(ini, value, depth + 1)?);
+        rest = after;
+    }
+    out.push_str(rest);
+    Ok(out)
 }
 
 /// Reads and parses a nova.conf; a file that cannot be read is an error on line 0.
@@ -362,6 +411,24 @@ lock_path = /var/lib/nova/tmp
 ";
 
     #[test]
+    fn paths_expand_oslo_substitutions_or_name_their_line() {
+        let c =
+            p("[DEFAULT]\nstate_path = /var/lib/nova\ninstances_path = $state_path/instances\n\
+                   [image_cache]\nsubdirectory_name = _base_${my_ip}\n")
+            .unwrap();
+        assert_eq!(c.instances_path.as_deref(), Some("/var/lib/nova/instances"));
+        assert_eq!(c.subdirectory_name, None, "my_ip is not set: no sanity check");
+        let c = p("[DEFAULT]\nmy_ip = 10.0.0.5\ninstances_path = /srv/$$x\n[image_cache]\n\
+                   subdirectory_name = _base_$my_ip\n")
+        .unwrap();
+        assert_eq!(c.instances_path.as_deref(), Some("/srv/$x"));
+        assert_eq!(c.subdirectory_name.as_deref(), Some("_base_10.0.0.5"));
+        let (line, msg) = err("[DEFAULT]\n\ninstances_path = $state_path/instances\n");
+        assert_eq!(line, 3);
+        assert!(msg.contains("$state_path"), "{msg}");
+    }
+
+    #[test]
     fn realistic_nova_conf() {
         let c = p(REALISTIC).unwrap();
         assert_eq!(
@@ -419,8 +486,8 @@ lock_path = /var/lib/nova/tmp
         assert_eq!(c.remove_unused_base_images, Some(false));
         assert_eq!(c.original_min_age, Some(10));
         assert_eq!(c.resized_min_age, Some(20));
-        // Returned as written: no `$` substitution.
-        assert_eq!(c.subdirectory_name.as_deref(), Some("_base_$my_ip"));
+        // `$my_ip` is not set in the file: no name to compare the mount with.
+        assert_eq!(c.subdirectory_name, None);
     }
 
     #[test]
