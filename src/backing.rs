@@ -379,6 +379,52 @@ pub fn removexattr(fd: BorrowedFd<'_>, name: &OsStr) -> io::Result<()> {
 
 // Operations on an open covered file.
 
+/// A zeroed buffer aligned for `O_DIRECT` (4 KiB covers every logical block size in use).
+struct Aligned {
+    ptr: *mut u8,
+    layout: std::alloc::Layout,
+    len: usize,
+}
+
+impl Aligned {
+    fn new(len: usize) -> Self {
+        let layout = std::alloc::Layout::from_size_align(len.max(1), 4096).expect("valid layout");
+        // SAFETY: the layout has a non-zero size.
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+        if ptr.is_null() {
+            std::alloc::handle_alloc_error(layout);
+        }
+        Aligned { ptr, layout, len }
+    }
+
+    fn as_mut(&mut self) -> &mut [u8] {
+        // SAFETY: `ptr` points at `layout.size() >= len` initialised bytes owned by `self`.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+}
+
+impl Drop for Aligned {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with this layout.
+        unsafe { std::alloc::dealloc(self.ptr, self.layout) }
+    }
+}
+
+/// `pread`/`pwrite` on an `O_DIRECT` fd go through an aligned buffer: the request's data sits
+/// at an arbitrary address in the daemon, while offsets and lengths are the caller's, so the
+/// covered filesystem refuses exactly the misaligned requests it would refuse the caller.
+pub fn pread_direct(file: &File, offset: u64, size: usize) -> io::Result<Vec<u8>> {
+    let mut buf = Aligned::new(size);
+    let n = file.read_at(buf.as_mut(), offset)?;
+    Ok(buf.as_mut()[..n].to_vec())
+}
+
+pub fn pwrite_direct(file: &File, offset: u64, data: &[u8]) -> io::Result<usize> {
+    let mut buf = Aligned::new(data.len());
+    buf.as_mut().copy_from_slice(data);
+    file.write_at(buf.as_mut(), offset)
+}
+
 pub fn pread(file: &File, offset: u64, size: usize) -> io::Result<Vec<u8>> {
     let mut buf = vec![0u8; size];
     let mut done = 0;

@@ -75,6 +75,11 @@ pub struct MountArgs {
     #[arg(long, value_name = "FILE", help_heading = "Process")]
     pub log_file: Option<PathBuf>,
 
+    /// Serve every read and write through the daemon instead of kernel passthrough (several
+    /// times slower; for troubleshooting, or where passthrough cannot work).
+    #[arg(long, help_heading = "Process")]
+    pub no_passthrough: bool,
+
     /// Idle age after which originals, ephemeral and swap files go (default 86400).
     #[arg(long, value_name = "SECS", help_heading = "Eviction")]
     pub original_min_age: Option<u64>,
@@ -150,6 +155,7 @@ impl MountArgs {
             dir: self.dir,
             background: self.background,
             threads: self.threads as usize,
+            passthrough: !self.no_passthrough,
             log_file: self.log_file,
             policy,
             instances_dir: self.instances_dir.or(nova.instances_path.map(PathBuf::from)),

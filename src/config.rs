@@ -56,6 +56,8 @@ pub struct MountConfig {
     pub background: bool,
     /// FUSE worker threads.
     pub threads: usize,
+    /// Ask the kernel for passthrough (off: the daemon serves every read and write).
+    pub passthrough: bool,
     /// Append the log here instead of standard error.
     pub log_file: Option<PathBuf>,
     /// Eviction thresholds.

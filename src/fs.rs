@@ -552,16 +552,15 @@ impl OverlayFs {
         }
     }
 
-    /// Flags for the daemon's own fd on a covered file: the access mode and sync flags of the
-    /// caller's open, without the ones the kernel already handled (create, truncate) or that
-    /// only matter on the data path the kernel serves (direct I/O, append).
+    /// Flags for the daemon's own fd on a covered file: the caller's access mode, sync and
+    /// direct-I/O flags, without the ones the kernel already handled (create, truncate) and
+    /// append (the kernel sends each write's offset).
     fn data_flags(flags: i32) -> i32 {
         flags
             & !(libc::O_CREAT
                 | libc::O_EXCL
                 | libc::O_NOCTTY
                 | libc::O_TRUNC
-                | libc::O_DIRECT
                 | libc::O_APPEND
                 | libc::O_NOFOLLOW)
     }
@@ -734,14 +733,22 @@ impl OverlayFs {
             let end = (start + size as usize).min(s.bytes.len());
             return Ok(s.bytes[start..end].to_vec());
         }
-        Ok(backing::pread(self.handle(fh)?.file()?, offset, size as usize)?)
+        let h = self.handle(fh)?;
+        if h.flags & libc::O_DIRECT != 0 {
+            return Ok(backing::pread_direct(h.file()?, offset, size as usize)?);
+        }
+        Ok(backing::pread(h.file()?, offset, size as usize)?)
     }
 
     pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32> {
         if let Some(s) = self.status_handle(fh) {
             return self.write_control(&mut s.lock(), data);
         }
-        Ok(backing::pwrite(self.handle(fh)?.file()?, offset, data)? as u32)
+        let h = self.handle(fh)?;
+        if h.flags & libc::O_DIRECT != 0 {
+            return Ok(backing::pwrite_direct(h.file()?, offset, data)? as u32);
+        }
+        Ok(backing::pwrite(h.file()?, offset, data)? as u32)
     }
 
     /// Runs each complete line written to `control`; a refused command fails the write

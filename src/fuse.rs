@@ -41,8 +41,9 @@ pub struct FuseAdapter {
 }
 
 impl FuseAdapter {
-    pub fn new(core: Arc<OverlayFs>, dev: OwnedFd, covered_fs_type: i64) -> Self {
-        FuseAdapter { core, dev: Some(dev), covered_fs_type }
+    /// `dev: None` serves every read and write through the daemon (`--no-passthrough`).
+    pub fn new(core: Arc<OverlayFs>, dev: Option<OwnedFd>, covered_fs_type: i64) -> Self {
+        FuseAdapter { core, dev, covered_fs_type }
     }
 }
 
@@ -149,13 +150,15 @@ impl Filesystem for FuseAdapter {
             OVERLAYFS_SUPER_MAGIC | FUSE_SUPER_MAGIC | ECRYPTFS_SUPER_MAGIC => 2,
             _ => 1,
         };
-        let granted = config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
+        let granted = self.dev.is_some()
+            && config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
             && config.set_max_stack_depth(depth).is_ok();
         match (granted, self.dev.take()) {
             (true, Some(dev)) => {
                 self.core.enable_passthrough(Passthrough::new(dev));
                 info!("kernel passthrough enabled (stack depth {depth})");
             }
+            (_, None) => warn!("passthrough off (--no-passthrough): the daemon serves all data"),
             _ => warn!(
                 "kernel FUSE passthrough is not available (needs Linux >= 6.9 with \
                  CONFIG_FUSE_PASSTHROUGH): every read and write goes through the daemon, \

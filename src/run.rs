@@ -236,7 +236,7 @@ fn serve(cfg: &MountConfig, on_ready: impl FnOnce()) -> Result<(), Refusal> {
             .map_err(|e| fail(format!("{}: {e}", dir.display())))?,
     );
     cache.spawn_persister();
-    let adapter = FuseAdapter::new(core.clone(), pt_dev, fs_type);
+    let adapter = FuseAdapter::new(core.clone(), cfg.passthrough.then_some(pt_dev), fs_type);
     let mut fuse_cfg = fuser::Config::default();
     fuse_cfg.n_threads = Some(cfg.threads);
     fuse_cfg.acl = fuser::SessionACL::All;

@@ -548,11 +548,24 @@ impl Env {
     }
 
     fn build(with_bind: bool) -> Self {
+        Self::build_with(with_bind, &[])
+    }
+
+    /// The daemon serves every read and write itself (the path taken where the kernel refuses
+    /// passthrough); checked in the `config` status file.
+    fn without_passthrough() -> Self {
+        let env = Self::build_with(false, &["--no-passthrough"]);
+        let config = std::fs::read_to_string(env.scratch.base.join(".imagecache/config")).unwrap();
+        assert!(config.contains("passthrough: off"), "{config}");
+        env
+    }
+
+    fn build_with(with_bind: bool, args: &[&str]) -> Self {
         let scratch = Scratch::new();
         let plain = scratch.path("plain");
         std::fs::create_dir(&plain).unwrap();
         let bind = with_bind.then(|| BindMount::new(&scratch.base, &scratch.path("bind")));
-        let mount = Mount::new(&scratch.base, &[]);
+        let mount = Mount::new(&scratch.base, args);
         Env { mount, bind, plain, scratch }
     }
 
@@ -675,7 +688,17 @@ fn create_exclusive_twice_is_eexist() {
 
 #[test]
 fn open_o_direct_with_aligned_buffers() {
-    let env = Env::new();
+    open_o_direct_with_aligned_buffers_in(Env::new(), true);
+}
+
+/// Without passthrough the daemon does the I/O: it never sees the caller's buffer address,
+/// so only a misaligned buffer is not refused; offsets and lengths are.
+#[test]
+fn open_o_direct_with_aligned_buffers_without_passthrough() {
+    open_o_direct_with_aligned_buffers_in(Env::without_passthrough(), false);
+}
+
+fn open_o_direct_with_aligned_buffers_in(env: Env, buffer_alignment_checked: bool) {
     env.same("O_DIRECT", |r, t| -> Res<()> {
         let p = r.join("direct.raw");
         let flags = libc::O_CREAT | libc::O_RDWR | libc::O_DIRECT;
@@ -700,10 +723,13 @@ fn open_o_direct_with_aligned_buffers() {
         });
         t.rec("pread at EOF", n);
         // Misaligned buffer and offset are refused by the covered file system.
-        let n = cvt_len(unsafe {
-            libc::pread(fd.as_raw_fd(), rb.as_mut().as_mut_ptr().add(1).cast(), 4096, 0)
-        });
-        t.rec("pread misaligned buffer", n);
+        if buffer_alignment_checked {
+            let n = cvt_len(unsafe {
+                libc::pread(fd.as_raw_fd(), rb.as_mut().as_mut_ptr().add(1).cast(), 4096, 0)
+            });
+            t.rec("pread misaligned buffer", n);
+        }
+        t.rec("pread misaligned length", pread(&fd, 100, 0).map(|d| d.len()));
         t.rec("pwrite misaligned offset", pwrite(&fd, &buf.as_slice()[..4096], 1));
         drop(fd);
         let whole = get(&p)?;
@@ -715,7 +741,15 @@ fn open_o_direct_with_aligned_buffers() {
 
 #[test]
 fn open_o_trunc_and_o_append() {
-    let env = Env::new();
+    open_o_trunc_and_o_append_in(Env::new());
+}
+
+#[test]
+fn open_o_trunc_and_o_append_without_passthrough() {
+    open_o_trunc_and_o_append_in(Env::without_passthrough());
+}
+
+fn open_o_trunc_and_o_append_in(env: Env) {
     env.same("O_TRUNC/O_APPEND", |r, t| -> Res<()> {
         let p = r.join("f");
         t.ok("put", put(&p, b"hello world"))?;
@@ -746,7 +780,15 @@ fn open_o_trunc_and_o_append() {
 
 #[test]
 fn read_write_pread_pwrite() {
-    let env = Env::new();
+    read_write_pread_pwrite_in(Env::new());
+}
+
+#[test]
+fn read_write_pread_pwrite_without_passthrough() {
+    read_write_pread_pwrite_in(Env::without_passthrough());
+}
+
+fn read_write_pread_pwrite_in(env: Env) {
     env.same("read/write", |r, t| -> Res<()> {
         let p = r.join("data");
         let fd = t.fd("create", open(&p, libc::O_CREAT | libc::O_RDWR, 0o644))?;
@@ -784,7 +826,15 @@ fn read_write_pread_pwrite() {
 
 #[test]
 fn mmap_shared_read_and_write() {
-    let env = Env::new();
+    mmap_shared_read_and_write_in(Env::new());
+}
+
+#[test]
+fn mmap_shared_read_and_write_without_passthrough() {
+    mmap_shared_read_and_write_in(Env::without_passthrough());
+}
+
+fn mmap_shared_read_and_write_in(env: Env) {
     env.same("mmap", |r, t| -> Res<()> {
         let p = r.join("m");
         t.ok("put", put(&p, &pattern(64 << 10, 4)))?;
@@ -834,7 +884,15 @@ fn mmap_shared_read_and_write() {
 
 #[test]
 fn fsync_and_fdatasync() {
-    let env = Env::new();
+    fsync_and_fdatasync_in(Env::new());
+}
+
+#[test]
+fn fsync_and_fdatasync_without_passthrough() {
+    fsync_and_fdatasync_in(Env::without_passthrough());
+}
+
+fn fsync_and_fdatasync_in(env: Env) {
     env.same("fsync", |r, t| -> Res<()> {
         let p = r.join("f");
         let fd = t.fd("create", open(&p, libc::O_CREAT | libc::O_WRONLY, 0o644))?;
@@ -863,7 +921,15 @@ fn fsync_and_fdatasync() {
 
 #[test]
 fn ftruncate_and_truncate() {
-    let env = Env::new();
+    ftruncate_and_truncate_in(Env::new());
+}
+
+#[test]
+fn ftruncate_and_truncate_without_passthrough() {
+    ftruncate_and_truncate_in(Env::without_passthrough());
+}
+
+fn ftruncate_and_truncate_in(env: Env) {
     env.same("truncate", |r, t| -> Res<()> {
         let p = r.join("f");
         t.ok("put", put(&p, &pattern(100, 6)))?;
@@ -1489,7 +1555,15 @@ fn fallocate_default_keep_size_punch_hole_zero_range() {
 
 #[test]
 fn lseek_data_and_hole_on_a_sparse_file() {
-    let env = Env::new();
+    lseek_data_and_hole_on_a_sparse_file_in(Env::new());
+}
+
+#[test]
+fn lseek_data_and_hole_on_a_sparse_file_without_passthrough() {
+    lseek_data_and_hole_on_a_sparse_file_in(Env::without_passthrough());
+}
+
+fn lseek_data_and_hole_on_a_sparse_file_in(env: Env) {
     env.same("SEEK_DATA/SEEK_HOLE", |r, t| -> Res<()> {
         let p = r.join("sparse.raw");
         let fd = t.fd("create", open(&p, libc::O_CREAT | libc::O_RDWR, 0o644))?;
@@ -1544,7 +1618,15 @@ fn cfr(
 
 #[test]
 fn copy_file_range_between_files() {
-    let env = Env::new();
+    copy_file_range_between_files_in(Env::new());
+}
+
+#[test]
+fn copy_file_range_between_files_without_passthrough() {
+    copy_file_range_between_files_in(Env::without_passthrough());
+}
+
+fn copy_file_range_between_files_in(env: Env) {
     env.same("copy_file_range", |r, t| -> Res<()> {
         t.ok("put src", put(&r.join("src"), &pattern(300 << 10, 9)))?;
         let src = t.fd("open src", open(&r.join("src"), libc::O_RDONLY, 0))?;
