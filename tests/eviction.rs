@@ -412,6 +412,12 @@ fn evict_command_removes_an_idle_file_and_refuses_a_needed_one() {
     let (code, out, err) = icfs(&["pin"], &n.dir, H4);
     assert_eq!(code, 0, "pin failed:\n{out}{err}");
 
+    // Birth checksums are computed in the background: let them land before comparing.
+    for name in [H2, H3, H4] {
+        wait_until(Duration::from_secs(20), &format!("the sha1 of {name}"), || {
+            (n.field(name, "sha1") != "pending").then_some(())
+        });
+    }
     for (name, state) in [(H2, "in-use"), (H3, "referenced"), (H4, "pinned")] {
         let before = n.status(name).unwrap();
         let (code, out, err) = icfs(&["evict"], &n.dir, name);
