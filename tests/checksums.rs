@@ -17,7 +17,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{run_ok, wait_until, Mount};
+use common::{convert_to_raw, run_ok, tool, wait_until, Mount, Proc, LOCKER, READER};
 use nova::*;
 
 const MIB: usize = 1 << 20;
@@ -142,12 +142,7 @@ fn sha1_survives_nova_convert_and_rename() {
     let (bytes, qcow2) = source_image(&n.s.path("src"), 6 * MIB, 22);
     let m = n.mount((LONG, LONG, LONG), &[]);
     let converted = n.at(&format!("{H2}.converted"));
-    run_ok(
-        tool("qemu-img")
-            .args(["convert", "-t", "none", "-O", "raw", "-f", "qcow2"])
-            .arg(&qcow2)
-            .arg(&converted),
-    );
+    convert_to_raw(&qcow2, &converted);
     fs::rename(&converted, n.at(H2)).unwrap();
     assert!(fs::read(n.real(H2)).unwrap() == bytes, "the converted image differs from the source");
     let got = wait_sha1(&n, &m, H2, Duration::from_secs(10));

@@ -5,46 +5,17 @@
 
 mod common;
 
-use common::{bin, is_fuse, mounts_at, Mount, Scratch};
+use common::{
+    bin, daemon_pids, detach, is_fuse, kill_and_reap, kill_daemons, mounts_at, run_timeout,
+    wait_daemons_gone, wait_timeout, Mount, Scratch,
+};
 use std::ffi::CString;
 use std::io::Read;
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
-
-/// Runs a command with a deadline (a refusal must not hang); returns (code, stdout, stderr).
-fn run_timeout(cmd: &mut Command, timeout: Duration) -> (i32, String, String) {
-    let dir = tempfile::tempdir().unwrap();
-    let (out_p, err_p) = (dir.path().join("out"), dir.path().join("err"));
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(std::fs::File::create(&out_p).unwrap())
-        .stderr(std::fs::File::create(&err_p).unwrap())
-        .spawn()
-        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "{cmd:?} still running after {timeout:?}; stderr so far: {}",
-                std::fs::read_to_string(&err_p).unwrap_or_default()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    (
-        status.code().unwrap_or(-1),
-        std::fs::read_to_string(&out_p).unwrap_or_default(),
-        std::fs::read_to_string(&err_p).unwrap_or_default(),
-    )
-}
+use std::time::Duration;
 
 fn icfs(args: &[&std::ffi::OsStr]) -> (i32, String, String) {
     run_timeout(Command::new(bin()).args(args), Duration::from_secs(20))
@@ -67,43 +38,12 @@ struct DetachAll(PathBuf);
 
 impl Drop for DetachAll {
     fn drop(&mut self) {
-        let c = CString::new(self.0.as_os_str().as_bytes()).unwrap();
         for _ in 0..8 {
             if mounts_at(&self.0).is_empty() {
                 break;
             }
-            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+            detach(&self.0);
         }
-    }
-}
-
-/// Pids of processes whose command line is `imagecachefs mount <dir> ...`.
-fn daemons_of(dir: &Path) -> Vec<i32> {
-    let want = dir.as_os_str().as_bytes();
-    let mut pids = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) else {
-            continue;
-        };
-        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-        let is_ours = args.iter().any(|a| a.ends_with(b"imagecachefs"))
-            && args.contains(&b"mount".as_slice())
-            && args.contains(&want);
-        if is_ours {
-            pids.push(pid);
-        }
-    }
-    pids
-}
-
-fn alive(pid: i32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        // State Z (zombie) is gone for our purposes.
-        Ok(s) => s.rsplit(')').next().map(|r| !r.trim_start().starts_with('Z')).unwrap_or(false),
-        Err(_) => false,
     }
 }
 
@@ -284,14 +224,9 @@ fn background_mount_returns_once_live_and_unmount_stops_it() {
             .arg(&log),
         Duration::from_secs(30),
     );
-    let pids = daemons_of(&s.base);
-    let cleanup = |pids: &[i32]| {
-        for &p in pids {
-            unsafe { libc::kill(p, libc::SIGKILL) };
-        }
-    };
+    let pids = daemon_pids(&s.base);
     if code != 0 || !is_fuse(&s.base) {
-        cleanup(&pids);
+        kill_daemons(&s.base);
         panic!(
             "mount --background: exit {code}, live={}\nstdout: {out}\nstderr: {err}\nlog: {}",
             is_fuse(&s.base),
@@ -306,13 +241,9 @@ fn background_mount_returns_once_live_and_unmount_stops_it() {
     assert_eq!(code, 0, "unmount\nstdout: {out}\nstderr: {err}");
     assert!(!is_fuse(&s.base), "unmount detaches at once");
     assert!(mounts_at(&s.base).is_empty());
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while pids.iter().any(|p| alive(*p)) {
-        if Instant::now() > deadline {
-            cleanup(&pids);
-            panic!("the background daemon did not exit after unmount");
-        }
-        std::thread::sleep(Duration::from_millis(20));
+    if !wait_daemons_gone(&s.base, Duration::from_secs(15)) {
+        kill_daemons(&s.base);
+        panic!("the background daemon did not exit after unmount");
     }
     assert_eq!(std::fs::read(s.base.join("through")).unwrap(), b"through the mount");
 }
@@ -331,19 +262,10 @@ fn background_mount_does_not_hold_the_callers_output_open() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("mount --background did not return");
-        }
-        std::thread::sleep(Duration::from_millis(10));
+    let Some(status) = wait_timeout(&mut child, Duration::from_secs(30)) else {
+        kill_and_reap(&mut child);
+        panic!("mount --background did not return");
     };
-    let pids = daemons_of(&s.base);
     let mut stderr = child.stderr.take().unwrap();
     let stdout = child.stdout.take().unwrap();
     // Both pipes must reach EOF soon after the command returned.
@@ -358,14 +280,8 @@ fn background_mount_does_not_hold_the_callers_output_open() {
         let _ = stderr.read_to_string(&mut err);
     }
     let (code, _, uerr) = icfs(&["unmount".as_ref(), s.base.as_os_str()]);
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while pids.iter().any(|p| alive(*p)) && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    for &p in &pids {
-        if alive(p) {
-            unsafe { libc::kill(p, libc::SIGKILL) };
-        }
+    if !wait_daemons_gone(&s.base, Duration::from_secs(15)) {
+        kill_daemons(&s.base);
     }
     assert!(status.success(), "mount --background: {status}\nstderr: {err}");
     assert!(err_eof, "the background daemon keeps the caller's stderr open");

@@ -3,6 +3,8 @@
 //! directly instead of sleeping. Thresholds per kind, pins, guards, Nova's lock,
 //! `--no-evict`, disk-pressure order and the state file's survival across restarts.
 
+mod common;
+
 use std::ffi::{CString, OsStr};
 use std::fs;
 use std::os::fd::{FromRawFd, OwnedFd};
@@ -18,6 +20,8 @@ use imagecachefs::config::MinFree;
 use imagecachefs::procfs::ProcRoot;
 use imagecachefs::state::{Policy, RefEffect};
 use imagecachefs::{checksums, evict};
+
+use common::{require_tool, Proc, LOCKER};
 
 const ORIG: &str = "0d5e6b61602d758984b3bf038267614d6016eb2a";
 const RESIZED: &str = "0d5e6b61602d758984b3bf038267614d6016eb2a_10";
@@ -179,11 +183,6 @@ fn an_opening_race_wins_or_sees_the_file_gone() {
     );
 }
 
-fn require_tool(name: &str) {
-    let ok = Command::new(name).arg("--version").output().is_ok();
-    assert!(ok, "this test needs `{name}` (Debian package qemu-utils)");
-}
-
 #[test]
 fn instance_disks_and_nova_lock_guard_files() {
     require_tool("qemu-img");
@@ -223,25 +222,12 @@ fn a_held_nova_lock_defers_eviction() {
     let locks = w.instances().join("locks");
     fs::create_dir_all(&locks).unwrap();
     let lock = locks.join(format!("nova-{RESIZED}"));
-    let mut holder = Command::new("python3")
-        .arg("-c")
-        .arg("import fcntl,sys,time; f=open(sys.argv[1],'a'); fcntl.lockf(f, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)")
-        .arg(&lock)
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("python3 is needed for this test");
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(holder.stdout.take().unwrap()),
-        &mut line,
-    )
-    .unwrap();
-    assert_eq!(line.trim(), "locked");
+    let mut holder = Proc::python(LOCKER, &[&lock]);
+    holder.wait_line("locked");
     w.advance(100);
     evict::run_once(&c);
     let still = w.exists(RESIZED);
-    holder.kill().unwrap();
-    holder.wait().unwrap();
+    holder.kill();
     assert!(still, "not evicted while Nova holds its lock");
     assert!(events(&c).contains("locked by nova"));
     w.advance(1);

@@ -21,10 +21,10 @@ use std::fs::{self, File};
 use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, SystemTime};
 
-use common::{bin, run, wait_until, BindMount, Mount, Scratch};
+use common::{bin, run, run_ok, wait_until, BindMount, Mount, Proc, Scratch};
 
 /// Where the examples of STATUS.md were captured; replaced by the scratch root here.
 const DOC_ROOT: &str = "/tmp/example";
@@ -400,39 +400,11 @@ fn check_config(doc: &str, live: &str) {
 // The situation of the examples.
 
 /// A `qemu-io` reading commands from a pipe nobody writes to: it keeps its image open until
-/// it is killed (on drop).
-struct QemuIo {
-    child: Child,
-    _stdin: ChildStdin,
-}
-
-impl QemuIo {
-    fn start(args: &[&str], file: &Path) -> Self {
-        common::require_tool("qemu-io");
-        let mut child = Command::new("qemu-io")
-            .args(args)
-            .arg(file)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn qemu-io");
-        let stdin = child.stdin.take().unwrap();
-        let q = QemuIo { child, _stdin: stdin };
-        let pid = q.child.id();
-        wait_until(POLL, &format!("qemu-io to open {file:?}"), || {
-            let fds = fs::read_dir(format!("/proc/{pid}/fd")).ok()?;
-            fds.flatten().any(|fd| fs::read_link(fd.path()).is_ok_and(|t| t == file)).then_some(())
-        });
-        q
-    }
-}
-
-impl Drop for QemuIo {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// it is ended (on drop). Its output goes to `log`.
+fn qemu_io(args: &[&str], file: &Path, log: PathBuf) -> Proc {
+    let mut q = Proc::spawn_stdin_open(common::tool("qemu-io").args(args).arg(file), log);
+    q.wait_open(file, POLL);
+    q
 }
 
 fn random_file(path: &Path, len: u64, mtime: Option<SystemTime>) {
@@ -559,17 +531,17 @@ fn status_md_examples_match_a_live_mount() {
         .arg("1G"));
     assert_eq!(rc, 0, "qemu-img create: {out}{err}");
     let _covered = BindMount::new(&base, &root.join("covered"));
-    let _before_mount = QemuIo::start(&["-r", "-f", "raw"], &base.join(IN_USE));
+    let _before_mount = qemu_io(&["-r", "-f", "raw"], &base.join(IN_USE), s.path("io-0.log"));
 
     let m = Mount::new(&base, &[]);
     let live = Live { root: root.clone(), base: base.clone(), path_env };
-    let _reader = QemuIo::start(&["-r", "-f", "raw"], &base.join(IN_USE));
-    let corrupt_reader = QemuIo::start(&["-r", "-f", "raw"], &base.join(CORRUPT));
+    let _reader = qemu_io(&["-r", "-f", "raw"], &base.join(IN_USE), s.path("io-1.log"));
+    let corrupt_reader = qemu_io(&["-r", "-f", "raw"], &base.join(CORRUPT), s.path("io-2.log"));
     random_file(&base.join(WRITING), 1 << 20, None);
     for name in [IN_USE, REFERENCED, CORRUPT, PINNED, IDLE, WRITING] {
         live.wait_field(name, "sha1", "a SHA-1 recorded", |v| v != "pending");
     }
-    let _writer = QemuIo::start(&["-f", "raw"], &base.join(WRITING));
+    let _writer = qemu_io(&["-f", "raw"], &base.join(WRITING), s.path("io-3.log"));
     live.wait_field(WRITING, "state", "state writing", |v| v == "writing");
     live.wait_field(IN_USE, "refs", "two references", |v| v == "2");
     live.wait_field(CORRUPT, "refs", "one reference", |v| v == "1");
@@ -679,9 +651,7 @@ fn flags(text: &str) -> BTreeSet<String> {
 }
 
 fn help(args: &[&str]) -> String {
-    let (code, out, err) = run(Command::new(bin()).args(args));
-    assert_eq!(code, 0, "imagecachefs {args:?}: {err}");
-    out
+    run_ok(Command::new(bin()).args(args))
 }
 
 #[test]

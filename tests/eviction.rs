@@ -21,7 +21,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{run_ok, wait_until};
+use common::{
+    convert_to_raw, overlay, run_ok, splitmix64, tool, wait_until, Proc, LOCKER, READER, WRITER,
+};
 use nova::*;
 
 // ---------------------------------------------------------------------------------------------
@@ -47,12 +49,7 @@ fn qemu_holder_keeps_the_base_and_it_goes_one_threshold_after_the_holder_stops()
     let part = n.at(&format!("{H1}.part"));
     let converted = n.at(&format!("{H1}.converted"));
     write_file(&part, &fs::read(&qcow2).unwrap());
-    run_ok(
-        tool("qemu-img")
-            .args(["convert", "-t", "none", "-O", "raw", "-f", "qcow2"])
-            .arg(&part)
-            .arg(&converted),
-    );
+    convert_to_raw(&part, &converted);
     fs::remove_file(&part).unwrap();
     fs::rename(&converted, n.at(H1)).unwrap();
     assert!(fs::read(n.real(H1)).unwrap() == raw_bytes, "converted base differs from the source");

@@ -4,7 +4,7 @@
 //! Each test mounts over its own scratch `_base`, drives `qemu-img`, `qemu-io`, `qemu-nbd` or
 //! `qemu-storage-daemon` against files inside the mount, checks the results against a source
 //! image made outside the mount, and finally stops the daemon (exit 0, no mount left behind).
-//! Every background process is owned by a [`Holder`], which kills it on drop, panics included.
+//! Every background process is owned by a [`Proc`], which ends it on drop, panics included.
 
 mod common;
 
@@ -12,12 +12,12 @@ use std::fs::{self, File};
 use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{run, run_ok, BindMount, Mount, Scratch};
+use common::{
+    convert_to_raw, overlay, run, run_ok, splitmix64, tool, BindMount, Mount, Proc, Scratch,
+};
 
 const MIB: u64 = 1 << 20;
 const SRC_SIZE: u64 = 64 * MIB;
@@ -33,14 +33,6 @@ const DATA_REGIONS: &[(u64, u64)] = &[
 ];
 /// A cache file name as Nova makes it: the SHA-1 of the Glance image id.
 const HASH: &str = "0d5e6b61602d758984b3bf038267614d6016eb2a";
-
-/// A `Command` for a QEMU tool, failing (never skipping) when the tool is missing.
-fn qemu(tool: &str) -> Command {
-    common::require_tool(tool);
-    let mut c = Command::new(tool);
-    c.env("LC_ALL", "C").env("LANG", "C").stdin(Stdio::null());
-    c
-}
 
 /// A source image made outside the mount: a sparse raw file with pseudo-random data in
 /// [`DATA_REGIONS`], and the same content converted to qcow2 (what Glance would serve).
@@ -69,18 +61,10 @@ impl SourceImage {
         f.sync_all().unwrap();
         let qcow2 = dir.join("src.qcow2");
         run_ok(
-            qemu("qemu-img").args(["convert", "-f", "raw", "-O", "qcow2"]).arg(&raw).arg(&qcow2),
+            tool("qemu-img").args(["convert", "-f", "raw", "-O", "qcow2"]).arg(&raw).arg(&qcow2),
         );
         SourceImage { raw, qcow2, bytes }
     }
-}
-
-fn splitmix64(state: &mut u64) -> u64 {
-    *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
 }
 
 /// Reads `path` and compares it byte for byte with `expected`, naming the first difference.
@@ -112,7 +96,7 @@ fn info_field(json: &str, key: &str) -> Option<String> {
 }
 
 fn img_info(path: &Path) -> String {
-    run_ok(qemu("qemu-img").args(["info", "--force-share", "--output=json"]).arg(path))
+    run_ok(tool("qemu-img").args(["info", "--force-share", "--output=json"]).arg(path))
 }
 
 /// One extent of `qemu-img map --output=json`.
@@ -183,87 +167,6 @@ fn seek_data_extents(path: &Path) -> Vec<(u64, u64)> {
     out
 }
 
-/// A background QEMU process owned by the test: SIGTERM on drop (then SIGKILL), so that no
-/// holder outlives a failing test.
-struct Holder {
-    what: String,
-    log: PathBuf,
-    child: Option<Child>,
-}
-
-impl Holder {
-    fn spawn(cmd: &mut Command, log: PathBuf) -> Self {
-        let what = format!("{cmd:?}");
-        let logf = File::create(&log).unwrap();
-        let child = cmd
-            .stdout(logf.try_clone().unwrap())
-            .stderr(logf)
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {what}: {e}"));
-        Holder { what, log, child: Some(child) }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.as_ref().unwrap().id()
-    }
-
-    fn log_text(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Panics with the holder's output if it has exited.
-    fn assert_alive(&mut self) {
-        if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
-            panic!("{} exited early with {st}:\n{}", self.what, self.log_text());
-        }
-    }
-
-    /// Waits until the holder accepts connections on the unix socket `sock`.
-    fn wait_for_socket(&mut self, sock: &Path) {
-        common::wait_until(Duration::from_secs(15), &format!("{sock:?} to accept"), || {
-            self.assert_alive();
-            UnixStream::connect(sock).ok().map(drop)
-        });
-    }
-
-    /// Whether the holder has `path` open (as seen in `/proc/PID/fd`).
-    fn has_open(&self, path: &Path) -> bool {
-        let Ok(fds) = fs::read_dir(format!("/proc/{}/fd", self.pid())) else {
-            return false;
-        };
-        fds.flatten().any(|fd| fs::read_link(fd.path()).map(|l| l == path).unwrap_or(false))
-    }
-
-    /// SIGTERM, then waits (up to 15 s, then SIGKILL) and returns the exit status.
-    fn stop(mut self) -> ExitStatus {
-        let st = self.stop_inner().unwrap();
-        assert!(st.success(), "{} exited with {st} after SIGTERM:\n{}", self.what, self.log_text());
-        st
-    }
-
-    fn stop_inner(&mut self) -> Option<ExitStatus> {
-        let mut c = self.child.take()?;
-        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            if let Some(st) = c.try_wait().unwrap() {
-                return Some(st);
-            }
-            if Instant::now() > deadline {
-                let _ = c.kill();
-                return Some(c.wait().unwrap());
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-}
-
-impl Drop for Holder {
-    fn drop(&mut self) {
-        self.stop_inner();
-    }
-}
-
 /// Stops the daemon: it must exit 0 and leave no mount behind.
 fn unmount_clean(m: Mount) {
     let dir = m.dir.clone();
@@ -282,7 +185,7 @@ fn unmount_clean(m: Mount) {
 
 /// Runs `qemu-io` with `args` on `target`; every command must succeed (pattern checks too).
 fn qemu_io_ok(args: &[&str], target: &Path) -> String {
-    let (code, out, err) = run(qemu("qemu-io").args(args).arg(target));
+    let (code, out, err) = run(tool("qemu-io").args(args).arg(target));
     assert!(
         code == 0 && !out.contains("verification failed") && !err.contains("verification failed"),
         "qemu-io {args:?} {target:?} failed ({code}):\nstdout: {out}\nstderr: {err}"
@@ -321,12 +224,7 @@ fn nova_download_flow_converts_and_renames_inside_the_mount() {
     assert_eq!(info_field(&info, "format").as_deref(), Some("qcow2"), "{info}");
     assert_eq!(info_field(&info, "backing-filename"), None, "{info}");
 
-    run_ok(
-        qemu("qemu-img")
-            .args(["convert", "-t", "none", "-O", "raw", "-f", "qcow2"])
-            .arg(&part)
-            .arg(&converted),
-    );
+    convert_to_raw(&part, &converted);
     fs::remove_file(&part).unwrap();
     let info = img_info(&converted);
     assert_eq!(info_field(&info, "format").as_deref(), Some("raw"), "{info}");
@@ -337,7 +235,7 @@ fn nova_download_flow_converts_and_renames_inside_the_mount() {
     assert_eq!(info_field(&info, "format").as_deref(), Some("raw"), "{info}");
     assert_eq!(info_field(&info, "virtual-size"), Some(SRC_SIZE.to_string()), "{info}");
     let out = run_ok(
-        qemu("qemu-img").args(["compare", "-f", "qcow2", "-F", "raw"]).arg(&src.qcow2).arg(&fin),
+        tool("qemu-img").args(["compare", "-f", "qcow2", "-F", "raw"]).arg(&src.qcow2).arg(&fin),
     );
     assert!(out.contains("Images are identical"), "{out}");
     assert_same_bytes(&fin, &src.bytes);
@@ -354,7 +252,7 @@ fn qcow2_overlay_outside_reads_its_base_through_the_mount() {
     let s = Scratch::new();
     let m = Mount::new(&s.base, &[]);
     let base = s.base.join(HASH);
-    run_ok(qemu("qemu-img").args(["create", "-f", "raw"]).arg(&base).arg("16M"));
+    run_ok(tool("qemu-img").args(["create", "-f", "raw"]).arg(&base).arg("16M"));
     // Patterns written into the base through the mount, with O_DIRECT and through the cache.
     qemu_io_ok(
         &["-f", "raw", "-n", "-c", "write -P 0xab 0 1M", "-c", "write -P 0xcd 4M 1M"],
@@ -363,10 +261,7 @@ fn qcow2_overlay_outside_reads_its_base_through_the_mount() {
     qemu_io_ok(&["-f", "raw", "-c", "write -P 0x5a 15M 1M"], &base);
 
     let disk = s.path("instances/6c1e0c1a-4b5e-4c57-9a43-1d1a0b5e9f10/disk");
-    fs::create_dir_all(disk.parent().unwrap()).unwrap();
-    run_ok(
-        qemu("qemu-img").args(["create", "-f", "qcow2", "-F", "raw", "-b"]).arg(&base).arg(&disk),
-    );
+    overlay(&disk, &base);
     let info = img_info(&disk);
     assert_eq!(
         info_field(&info, "backing-filename"),
@@ -394,7 +289,7 @@ fn qcow2_overlay_outside_reads_its_base_through_the_mount() {
         let mut bad = vec!["-f", "qcow2", "-r"];
         bad.extend_from_slice(cache);
         bad.extend_from_slice(&["-c", "read -P 0xcd 0 1M"]);
-        let (code, out, err) = run(qemu("qemu-io").args(&bad).arg(&disk));
+        let (code, out, err) = run(tool("qemu-io").args(&bad).arg(&disk));
         assert!(
             code != 0
                 && (out.contains("Pattern verification failed")
@@ -426,23 +321,14 @@ fn nbd_holders_keep_the_chain_open_while_the_disk_is_compared() {
     let src = SourceImage::create(&s.path("src"));
     let m = Mount::new(&s.base, &[]);
     let base = s.base.join(HASH);
-    run_ok(
-        qemu("qemu-img")
-            .args(["convert", "-t", "none", "-f", "qcow2", "-O", "raw"])
-            .arg(&src.qcow2)
-            .arg(&base),
-    );
+    convert_to_raw(&src.qcow2, &base);
     let disk1 = s.path("instances/one/disk");
     let disk2 = s.path("instances/two/disk");
-    fs::create_dir_all(disk1.parent().unwrap()).unwrap();
-    fs::create_dir_all(disk2.parent().unwrap()).unwrap();
-    run_ok(
-        qemu("qemu-img").args(["create", "-f", "qcow2", "-F", "raw", "-b"]).arg(&base).arg(&disk1),
-    );
+    overlay(&disk1, &base);
 
     let sock1 = s.path("nbd.sock");
-    let mut nbd = Holder::spawn(
-        qemu("qemu-nbd")
+    let mut nbd = Proc::spawn_logged(
+        tool("qemu-nbd")
             .args([
                 "--read-only",
                 "--persistent",
@@ -457,18 +343,14 @@ fn nbd_holders_keep_the_chain_open_while_the_disk_is_compared() {
         s.path("qemu-nbd.log"),
     );
     nbd.wait_for_socket(&sock1);
-    common::wait_until(Duration::from_secs(5), "qemu-nbd to hold the base open", || {
-        nbd.has_open(&base).then_some(())
-    });
+    nbd.wait_open(&base, Duration::from_secs(5));
     let uri1 = format!("nbd+unix:///?socket={}", sock1.display());
 
     // Nova spawns a second instance from the same base while the first one runs.
-    run_ok(
-        qemu("qemu-img").args(["create", "-f", "qcow2", "-F", "raw", "-b"]).arg(&base).arg(&disk2),
-    );
+    overlay(&disk2, &base);
     let sock2 = s.path("qsd.sock");
-    let mut qsd = Holder::spawn(
-        qemu("qemu-storage-daemon")
+    let mut qsd = Proc::spawn_logged(
+        tool("qemu-storage-daemon")
             .arg("--blockdev")
             .arg(format!(
                 "driver=qcow2,node-name=disk0,read-only=on,file.driver=file,file.filename={}",
@@ -484,17 +366,17 @@ fn nbd_holders_keep_the_chain_open_while_the_disk_is_compared() {
     let uri2 = format!("nbd+unix:///disk0?socket={}", sock2.display());
 
     let out = run_ok(
-        qemu("qemu-img").args(["compare", "-f", "raw", "-F", "raw"]).arg(&src.raw).arg(&uri1),
+        tool("qemu-img").args(["compare", "-f", "raw", "-F", "raw"]).arg(&src.raw).arg(&uri1),
     );
     assert!(out.contains("Images are identical"), "{out}");
     let copy = s.path("copy.raw");
-    run_ok(qemu("qemu-img").args(["convert", "-f", "raw", "-O", "raw"]).arg(&uri2).arg(&copy));
+    run_ok(tool("qemu-img").args(["convert", "-f", "raw", "-O", "raw"]).arg(&uri2).arg(&copy));
     assert_same_bytes(&copy, &src.bytes);
 
     // Short opens of the held base: a plain read, and qemu-img info without --force-share
     // (the holders only read, so the shared "write" lock is granted).
     assert_same_bytes(&base, &src.bytes);
-    let info = run_ok(qemu("qemu-img").args(["info", "--output=json"]).arg(&base));
+    let info = run_ok(tool("qemu-img").args(["info", "--output=json"]).arg(&base));
     assert_eq!(info_field(&info, "virtual-size"), Some(SRC_SIZE.to_string()), "{info}");
 
     // One holder goes away; the other still holds the base and still reads it correctly.
@@ -502,7 +384,7 @@ fn nbd_holders_keep_the_chain_open_while_the_disk_is_compared() {
     nbd.assert_alive();
     assert!(nbd.has_open(&base), "qemu-nbd no longer holds {base:?}");
     let out = run_ok(
-        qemu("qemu-img").args(["compare", "-f", "raw", "-F", "raw"]).arg(&src.raw).arg(&uri1),
+        tool("qemu-img").args(["compare", "-f", "raw", "-F", "raw"]).arg(&src.raw).arg(&uri1),
     );
     assert!(out.contains("Images are identical"), "{out}");
     qemu_io_ok(
@@ -525,11 +407,11 @@ fn qemu_image_locking_works_through_the_mount() {
     let s = Scratch::new();
     let m = Mount::new(&s.base, &[]);
     let y = s.base.join("ephemeral_1_0706d66");
-    run_ok(qemu("qemu-img").args(["create", "-f", "qcow2"]).arg(&y).arg("16M"));
+    run_ok(tool("qemu-img").args(["create", "-f", "qcow2"]).arg(&y).arg("16M"));
 
     let sock = s.path("qsd.sock");
-    let mut holder = Holder::spawn(
-        qemu("qemu-storage-daemon")
+    let mut holder = Proc::spawn_logged(
+        tool("qemu-storage-daemon")
             .arg("--blockdev")
             .arg(format!("driver=file,node-name=file0,filename={},cache.direct=on", y.display()))
             .args(["--blockdev", "driver=qcow2,node-name=disk0,file=file0"])
@@ -545,12 +427,12 @@ fn qemu_image_locking_works_through_the_mount() {
     qemu_io_ok(&["-f", "raw", "-c", "write -P 0x77 0 64k"], Path::new(&uri));
 
     let (code, out, err) =
-        run(qemu("qemu-io").args(["-f", "qcow2", "-c", "write -P 0x11 0 64k"]).arg(&y));
+        run(tool("qemu-io").args(["-f", "qcow2", "-c", "write -P 0x11 0 64k"]).arg(&y));
     assert!(
         code != 0 && err.contains("Failed to get \"write\" lock"),
         "a second writer must be refused with qemu's lock error ({code}):\nstdout: {out}\nstderr: {err}"
     );
-    let (code, out, err) = run(qemu("qemu-img").arg("info").arg(&y));
+    let (code, out, err) = run(tool("qemu-img").arg("info").arg(&y));
     assert!(
         code != 0 && err.contains("Failed to get shared \"write\" lock"),
         "qemu-img info without -U must be refused while a writer holds the image ({code}):\n\
@@ -575,8 +457,8 @@ fn qemu_image_locking_works_through_the_mount() {
         ],
         &y,
     );
-    run_ok(qemu("qemu-img").arg("info").arg(&y));
-    run_ok(qemu("qemu-img").arg("check").arg(&y));
+    run_ok(tool("qemu-img").arg("info").arg(&y));
+    run_ok(tool("qemu-img").arg("check").arg(&y));
     unmount_clean(m);
 }
 
@@ -592,15 +474,10 @@ fn qemu_img_map_sees_the_same_holes_as_the_covered_file() {
     let m = Mount::new(&s.base, &[]);
     let x = s.base.join(HASH);
     let covered = covered_dir.join(HASH);
-    run_ok(
-        qemu("qemu-img")
-            .args(["convert", "-t", "none", "-f", "qcow2", "-O", "raw"])
-            .arg(&src.qcow2)
-            .arg(&x),
-    );
+    convert_to_raw(&src.qcow2, &x);
 
     let map = |p: &Path| {
-        parse_map(&run_ok(qemu("qemu-img").args(["map", "--output=json", "-f", "raw"]).arg(p)))
+        parse_map(&run_ok(tool("qemu-img").args(["map", "--output=json", "-f", "raw"]).arg(p)))
     };
     let on_covered = map(&covered);
     let through = map(&x);
@@ -618,7 +495,7 @@ fn qemu_img_map_sees_the_same_holes_as_the_covered_file() {
     );
     // Strict compare also checks allocation status extent by extent.
     let out = run_ok(
-        qemu("qemu-img").args(["compare", "-s", "-f", "raw", "-F", "raw"]).arg(&src.raw).arg(&x),
+        tool("qemu-img").args(["compare", "-s", "-f", "raw", "-F", "raw"]).arg(&src.raw).arg(&x),
     );
     assert!(out.contains("Images are identical"), "{out}");
 

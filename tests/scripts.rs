@@ -10,12 +10,13 @@
 
 mod common;
 
-use common::{bin, mounts_at, run, Mount, Scratch};
-use std::ffi::CString;
+use common::{
+    bin, daemon_pids, detach, kill_daemons, mounts_at, on_path, run, run_timeout,
+    wait_daemons_gone, Mount, Scratch,
+};
 use std::fs;
-use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 const FSTYPE: &str = "fuse.imagecachefs";
@@ -30,83 +31,16 @@ fn script(name: &str) -> PathBuf {
     scripts_dir().join(name)
 }
 
-/// Runs a command with a deadline, stdin closed; returns (code, stdout, stderr).
-fn run_timeout(cmd: &mut Command, timeout: Duration) -> (i32, String, String) {
-    let dir = tempfile::tempdir().unwrap();
-    let (out_p, err_p) = (dir.path().join("out"), dir.path().join("err"));
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(fs::File::create(&out_p).unwrap())
-        .stderr(fs::File::create(&err_p).unwrap())
-        .spawn()
-        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st;
-        }
-        if Instant::now() > deadline {
-            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-            std::thread::sleep(Duration::from_secs(3));
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "{cmd:?} still running after {timeout:?}\nstdout: {}\nstderr: {}",
-                fs::read_to_string(&out_p).unwrap_or_default(),
-                fs::read_to_string(&err_p).unwrap_or_default()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    (
-        status.code().unwrap_or(-1),
-        fs::read_to_string(&out_p).unwrap_or_default(),
-        fs::read_to_string(&err_p).unwrap_or_default(),
-    )
-}
-
 /// Fails (never skips) when `name` is not on PATH, saying how to get it.
 fn require(name: &str, package: &str) {
-    let found = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|d| d.join(name).is_file()))
-        .unwrap_or(false);
-    assert!(found, "this test needs `{name}` on PATH: apt-get install -y {package} (see .ci/run)");
+    assert!(
+        on_path(name),
+        "this test needs `{name}` on PATH: apt-get install -y {package} (see .ci/run)"
+    );
 }
 
 fn is_our_mount(dir: &Path) -> bool {
     mounts_at(dir).last().map(String::as_str) == Some(FSTYPE)
-}
-
-/// Pids of `imagecachefs mount DIR` daemons (started with `--background`, so not our children).
-fn daemon_pids(dir: &Path) -> Vec<i32> {
-    let want = dir.as_os_str().as_bytes();
-    let mut pids = Vec::new();
-    for entry in fs::read_dir("/proc").unwrap().flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
-            continue;
-        };
-        let Ok(cmdline) = fs::read(entry.path().join("cmdline")) else { continue };
-        let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
-        if args.len() > 2
-            && args[0].ends_with(b"imagecachefs")
-            && args[1] == b"mount"
-            && args.contains(&want)
-        {
-            pids.push(pid);
-        }
-    }
-    pids
-}
-
-fn wait_daemons_gone(dir: &Path, timeout: Duration) -> bool {
-    let deadline = Instant::now() + timeout;
-    while !daemon_pids(dir).is_empty() {
-        if Instant::now() > deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    true
 }
 
 /// A mount made by the helper (a background daemon): detached on drop, its daemon waited for
@@ -131,16 +65,9 @@ impl HelperMount {
 
 impl Drop for HelperMount {
     fn drop(&mut self) {
-        while is_our_mount(&self.dir) {
-            let t = CString::new(self.dir.as_os_str().as_bytes()).unwrap();
-            if unsafe { libc::umount2(t.as_ptr(), libc::MNT_DETACH) } != 0 {
-                break;
-            }
-        }
+        while is_our_mount(&self.dir) && detach(&self.dir) {}
         if !wait_daemons_gone(&self.dir, Duration::from_secs(10)) {
-            for pid in daemon_pids(&self.dir) {
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-            }
+            kill_daemons(&self.dir);
         }
     }
 }

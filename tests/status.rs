@@ -15,12 +15,11 @@ use std::collections::BTreeSet;
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::{bin, run, run_ok, BindMount, Mount, Scratch};
+use common::{bin, run, run_ok, tool, BindMount, Mount, Proc, Scratch};
 
 /// Cache file names as Nova makes them: the SHA-1 of a Glance image id.
 const HASH: &str = "0d5e6b61602d758984b3bf038267614d6016eb2a";
@@ -64,14 +63,6 @@ impl Layout {
 /// `DIR/.imagecache/REL`.
 fn sfile(dir: &Path, rel: &str) -> PathBuf {
     dir.join(".imagecache").join(rel)
-}
-
-/// A command for an external tool, failing (never skipping) when it is missing.
-fn tool(name: &str) -> Command {
-    common::require_tool(name);
-    let mut c = Command::new(name);
-    c.env("LC_ALL", "C").env("LANG", "C").stdin(Stdio::null());
-    c
 }
 
 fn icfs() -> Command {
@@ -194,93 +185,12 @@ fn wait_sha1(m: &Mount, name: &str) -> Image {
     wait_image(m, name, "sha1 computed", |i| i.field("sha1").is_some_and(|s| s != "pending"))
 }
 
-/// A background process owned by the test: SIGTERM on `stop`, SIGKILL on `kill` and on drop.
-struct Proc {
-    what: String,
-    log: PathBuf,
-    child: Option<Child>,
-}
-
-impl Proc {
-    fn spawn(cmd: &mut Command, log: PathBuf) -> Self {
-        let what = format!("{cmd:?}");
-        let logf = File::create(&log).unwrap();
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(logf.try_clone().unwrap())
-            .stderr(logf)
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {what}: {e}"));
-        Proc { what, log, child: Some(child) }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.as_ref().unwrap().id()
-    }
-
-    fn assert_alive(&mut self) {
-        if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
-            let log = fs::read_to_string(&self.log).unwrap_or_default();
-            panic!("{} exited early with {st}:\n{log}", self.what);
-        }
-    }
-
-    fn wait_for_socket(&mut self, sock: &Path) {
-        common::wait_until(Duration::from_secs(15), &format!("{sock:?} to accept"), || {
-            self.assert_alive();
-            UnixStream::connect(sock).ok().map(drop)
-        });
-    }
-
-    /// Waits until the process has exec'd `program` and holds `path` open on `fd`.
-    fn wait_for_exec_holding(&mut self, program: &str, fd: u32, path: &Path) {
-        let pid = self.pid();
-        common::wait_until(Duration::from_secs(10), &format!("{program} holding {path:?}"), || {
-            self.assert_alive();
-            let comm = fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
-            let link = fs::read_link(format!("/proc/{pid}/fd/{fd}")).ok()?;
-            (comm.trim_end() == program && link == path).then_some(())
-        });
-    }
-
-    fn signal_and_wait(&mut self, sig: i32) -> Option<ExitStatus> {
-        let mut c = self.child.take()?;
-        unsafe { libc::kill(c.id() as i32, sig) };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(st) = c.try_wait().unwrap() {
-                return Some(st);
-            }
-            if Instant::now() > deadline {
-                let _ = c.kill();
-                return Some(c.wait().unwrap());
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    /// SIGTERM, then waits; the process must exit cleanly.
-    fn stop(mut self) {
-        let st = self.signal_and_wait(libc::SIGTERM).unwrap();
-        let log = fs::read_to_string(&self.log).unwrap_or_default();
-        assert!(st.success(), "{} exited with {st} after SIGTERM:\n{log}", self.what);
-    }
-
-    fn kill(mut self) {
-        self.signal_and_wait(libc::SIGKILL);
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.signal_and_wait(libc::SIGKILL);
-    }
-}
-
 /// `sh -c 'exec 3<FILE; exec sleep 60'`: holds FILE open on fd 3 as program `sleep`.
 fn sleeper(file: &Path, log: PathBuf) -> Proc {
-    let mut p =
-        Proc::spawn(tool("sh").args(["-c", r#"exec 3<"$1"; exec sleep 60"#, "sh"]).arg(file), log);
+    let mut p = Proc::spawn_logged(
+        tool("sh").args(["-c", r#"exec 3<"$1"; exec sleep 60"#, "sh"]).arg(file),
+        log,
+    );
     p.wait_for_exec_holding("sleep", 3, file);
     p
 }
@@ -288,10 +198,7 @@ fn sleeper(file: &Path, log: PathBuf) -> Proc {
 /// `qemu-img create -f qcow2 -F raw -b BASE DISK`, DISK in its own instance directory.
 fn overlay(l: &Layout, instance: &str, base: &Path) -> PathBuf {
     let disk = l.instances.join(instance).join("disk");
-    fs::create_dir_all(disk.parent().unwrap()).unwrap();
-    run_ok(
-        tool("qemu-img").args(["create", "-f", "qcow2", "-F", "raw", "-b"]).arg(base).arg(&disk),
-    );
+    common::overlay(&disk, base);
     disk
 }
 
@@ -364,7 +271,7 @@ fn qemu_holders_of_a_backing_file_are_counted_named_and_released() {
     wait_image(&m, HASH, "refs 0 once qemu-img is done", |i| i.is("refs", "0"));
 
     let sock1 = l.s.path("qsd.sock");
-    let mut qsd = Proc::spawn(
+    let mut qsd = Proc::spawn_logged(
         tool("qemu-storage-daemon")
             .arg("--blockdev")
             .arg(format!(
@@ -385,7 +292,7 @@ fn qemu_holders_of_a_backing_file_are_counted_named_and_released() {
     assert_eq!(img.get("evicts_at"), "-", "an in-use file is not evictable:\n{}", img.text);
 
     let sock2 = l.s.path("nbd.sock");
-    let mut nbd = Proc::spawn(
+    let mut nbd = Proc::spawn_logged(
         tool("qemu-nbd")
             .args(["--read-only", "--persistent", "--shared=4", "-f", "qcow2", "-k"])
             .arg(&sock2)

@@ -1,15 +1,19 @@
 //! Shared harness for the real-mount tests: a scratch directory, an `imagecachefs` daemon
 //! mounted over it (a child process, foreground mode, log to a file), a bind mount of the
-//! covered directory made before the overlay, and polling with a deadline.
+//! covered directory made before the overlay, polling with a deadline, running commands (with
+//! or without a deadline), and [`Proc`], a background process owned by the test.
 //!
 //! Nothing here skips: a missing `/dev/fuse`, tool or permission fails the test and says so.
 #![allow(dead_code)]
 
 use std::ffi::CString;
-use std::fs::File;
+use std::fs::{self, File};
+use std::io::{BufRead, BufReader};
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 pub const FUSE_SUPER_MAGIC: i64 = 0x6573_5546;
@@ -28,12 +32,25 @@ pub fn require_fuse() {
     assert_eq!(unsafe { libc::geteuid() }, 0, "real-mount tests need root");
 }
 
+/// Whether `name` is a file in one of the directories of `PATH`.
+pub fn on_path(name: &str) -> bool {
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(name).is_file()))
+        .unwrap_or(false)
+}
+
 /// Fails with a clear message when an external tool is missing.
 pub fn require_tool(name: &str) {
-    let found = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|d| d.join(name).is_file()))
-        .unwrap_or(false);
-    assert!(found, "this test needs `{name}` on PATH (install it: see .ci/run)");
+    assert!(on_path(name), "this test needs `{name}` on PATH (install it: see .ci/run)");
+}
+
+/// A `Command` for an external tool (C locale, stdin closed), failing (never skipping) when it
+/// is missing.
+pub fn tool(name: &str) -> Command {
+    require_tool(name);
+    let mut c = Command::new(name);
+    c.env("LC_ALL", "C").env("LANG", "C").stdin(Stdio::null());
+    c
 }
 
 /// Polls `f` until it returns `Some` or the deadline passes; panics with `what` on timeout.
@@ -82,6 +99,12 @@ impl Scratch {
     }
 }
 
+/// `umount2(dir, MNT_DETACH)`: detaches the top mount at `dir`; false when nothing was.
+pub fn detach(dir: &Path) -> bool {
+    let t = CString::new(dir.as_os_str().as_bytes()).unwrap();
+    unsafe { libc::umount2(t.as_ptr(), libc::MNT_DETACH) == 0 }
+}
+
 /// A bind mount, detached on drop.
 pub struct BindMount {
     pub target: PathBuf,
@@ -114,8 +137,7 @@ impl BindMount {
 
 impl Drop for BindMount {
     fn drop(&mut self) {
-        let t = CString::new(self.target.as_os_str().as_bytes()).unwrap();
-        unsafe { libc::umount2(t.as_ptr(), libc::MNT_DETACH) };
+        detach(&self.target);
         let _ = std::fs::remove_dir(&self.target);
     }
 }
@@ -173,12 +195,8 @@ impl Mount {
 
     /// Kills the daemon with SIGKILL (no cleanup) and detaches the dead mount.
     pub fn kill9(mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        let t = CString::new(self.dir.as_os_str().as_bytes()).unwrap();
-        unsafe { libc::umount2(t.as_ptr(), libc::MNT_DETACH) };
+        self.kill_child();
+        detach(&self.dir);
     }
 
     /// Sends SIGTERM without waiting: the daemon detaches and may keep serving open handles.
@@ -209,47 +227,30 @@ impl Mount {
     /// status, or `None` after killing it when it did not exit in time.
     pub fn wait_exit(mut self, timeout: Duration) -> Option<ExitStatus> {
         let mut c = self.child.take()?;
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(st) = c.try_wait().unwrap() {
-                return Some(st);
-            }
-            if Instant::now() > deadline {
-                let _ = c.kill();
-                let _ = c.wait();
-                let t = CString::new(self.dir.as_os_str().as_bytes()).unwrap();
-                unsafe { libc::umount2(t.as_ptr(), libc::MNT_DETACH) };
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(10));
+        let st = wait_timeout(&mut c, timeout);
+        if st.is_none() {
+            kill_and_reap(&mut c);
+            detach(&self.dir);
         }
+        st
     }
 
     /// Kills the daemon with SIGKILL and leaves its dead (stale) mount in place; the returned
     /// guard detaches it on drop.
     pub fn kill9_leave_stale(mut self) -> StaleMount {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.kill_child();
         StaleMount { dir: self.dir.clone() }
+    }
+
+    fn kill_child(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            kill_and_reap(&mut c);
+        }
     }
 
     fn stop_inner(&mut self) -> Option<ExitStatus> {
         let mut c = self.child.take()?;
-        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(st) = c.try_wait().unwrap() {
-                return Some(st);
-            }
-            if Instant::now() > deadline {
-                let _ = c.kill();
-                let _ = c.wait();
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        terminate(&mut c, Duration::from_secs(30)).ok()
     }
 }
 
@@ -257,8 +258,7 @@ impl Drop for Mount {
     fn drop(&mut self) {
         if self.child.is_some() && self.stop_inner().is_none() {
             // Daemon hung: make sure no mount is left behind.
-            let t = CString::new(self.dir.as_os_str().as_bytes()).unwrap();
-            unsafe { libc::umount2(t.as_ptr(), libc::MNT_DETACH) };
+            detach(&self.dir);
         }
     }
 }
@@ -270,8 +270,7 @@ pub struct StaleMount {
 
 impl Drop for StaleMount {
     fn drop(&mut self) {
-        let t = CString::new(self.dir.as_os_str().as_bytes()).unwrap();
-        unsafe { libc::umount2(t.as_ptr(), libc::MNT_DETACH) };
+        detach(&self.dir);
     }
 }
 
@@ -286,6 +285,39 @@ pub fn mounts_at(dir: &Path) -> Vec<String> {
             (f.len() > 2 && f[1] == want).then(|| f[2].to_string())
         })
         .collect()
+}
+
+/// Polls `child` until it exits or `timeout` passes; `None` while it is still running.
+pub fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            return Some(st);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// SIGKILL and reap (the process may be gone already).
+pub fn kill_and_reap(child: &mut Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// SIGTERM, then waits up to `grace`: `Ok(status)` when the process exited in time, else
+/// `Err(status)` after a SIGKILL.
+pub fn terminate(child: &mut Child, grace: Duration) -> Result<ExitStatus, ExitStatus> {
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    match wait_timeout(child, grace) {
+        Some(st) => Ok(st),
+        None => {
+            let _ = child.kill();
+            Err(child.wait().unwrap())
+        }
+    }
 }
 
 /// Runs a command, returning (exit code, stdout, stderr).
@@ -304,3 +336,275 @@ pub fn run_ok(cmd: &mut Command) -> String {
     assert_eq!(code, 0, "{cmd:?} failed ({code}):\nstdout: {out}\nstderr: {err}");
     out
 }
+
+/// A Nova-style qcow2 overlay `disk` whose backing file is `base` (absolute, raw).
+pub fn overlay(disk: &Path, base: &Path) {
+    fs::create_dir_all(disk.parent().unwrap()).unwrap();
+    run_ok(
+        tool("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+            .arg(base)
+            .arg(disk),
+    );
+}
+
+/// Nova's conversion of a downloaded qcow2 to a raw base: `qemu-img convert -t none` (an
+/// O_DIRECT target).
+pub fn convert_to_raw(qcow2: &Path, raw: &Path) {
+    run_ok(
+        tool("qemu-img")
+            .args(["convert", "-t", "none", "-O", "raw", "-f", "qcow2"])
+            .arg(qcow2)
+            .arg(raw),
+    );
+}
+
+/// Runs a command with a deadline (a refusal must not hang), stdin closed and its output in
+/// files (a daemon it leaves behind cannot hold a pipe open); returns (code, stdout, stderr).
+/// Past the deadline: SIGTERM, SIGKILL 3 s later, and a panic with the output so far.
+pub fn run_timeout(cmd: &mut Command, timeout: Duration) -> (i32, String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let (out_p, err_p) = (dir.path().join("out"), dir.path().join("err"));
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(File::create(&out_p).unwrap())
+        .stderr(File::create(&err_p).unwrap())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    let read = |p: &Path| fs::read_to_string(p).unwrap_or_default();
+    let Some(status) = wait_timeout(&mut child, timeout) else {
+        let _ = terminate(&mut child, Duration::from_secs(3));
+        panic!(
+            "{cmd:?} still running after {timeout:?}\nstdout: {}\nstderr: {}",
+            read(&out_p),
+            read(&err_p)
+        );
+    };
+    (status.code().unwrap_or(-1), read(&out_p), read(&err_p))
+}
+
+/// Pids of `imagecachefs mount DIR` daemons (those started with `--background` are not our
+/// children).
+pub fn daemon_pids(dir: &Path) -> Vec<i32> {
+    let want = dir.as_os_str().as_bytes();
+    let mut pids = Vec::new();
+    for entry in fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Ok(cmdline) = fs::read(entry.path().join("cmdline")) else { continue };
+        let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+        if args.len() > 2
+            && args[0].ends_with(b"imagecachefs")
+            && args[1] == b"mount"
+            && args.contains(&want)
+        {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// Waits up to `timeout` until no `imagecachefs mount DIR` daemon is left; false if one is.
+pub fn wait_daemons_gone(dir: &Path, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while !daemon_pids(dir).is_empty() {
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    true
+}
+
+/// SIGKILLs every `imagecachefs mount DIR` daemon (no waiting).
+pub fn kill_daemons(dir: &Path) {
+    for pid in daemon_pids(dir) {
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+}
+
+/// The SplitMix64 step: a fast, reproducible pseudo-random sequence from a seed.
+pub fn splitmix64(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// A background process owned by the test, so that none outlives it (a failing test
+/// included): dropping it sends SIGTERM, then SIGKILL after 15 s. Its stdout is either
+/// collected as lines (for [`Proc::wait_line`]) or, with its stderr, written to a log file
+/// that the panics about it show.
+pub struct Proc {
+    pub what: String,
+    log: Option<PathBuf>,
+    child: Option<Child>,
+    lines: Option<mpsc::Receiver<String>>,
+    /// With [`Proc::spawn_stdin_open`]: the write end of its stdin, kept open and empty.
+    _stdin: Option<ChildStdin>,
+}
+
+impl Proc {
+    /// How long SIGTERM has before SIGKILL.
+    const GRACE: Duration = Duration::from_secs(15);
+
+    /// Stdin closed, stdout collected for [`Proc::wait_line`], stderr the test's.
+    pub fn spawn(cmd: &mut Command) -> Self {
+        let mut p = Proc::start(cmd.stdin(Stdio::null()).stdout(Stdio::piped()), None);
+        let out = p.child.as_mut().unwrap().stdout.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for l in BufReader::new(out).lines() {
+                let Ok(l) = l else { break };
+                if tx.send(l).is_err() {
+                    break;
+                }
+            }
+        });
+        p.lines = Some(lines);
+        p
+    }
+
+    /// Stdin closed, stdout and stderr written to `log`.
+    pub fn spawn_logged(cmd: &mut Command, log: PathBuf) -> Self {
+        Proc::logged(cmd.stdin(Stdio::null()), log)
+    }
+
+    /// As [`Proc::spawn_logged`], but stdin is a pipe that stays open and empty: a tool that
+    /// reads commands from it (`qemu-io`) waits, its image open, until it is ended.
+    pub fn spawn_stdin_open(cmd: &mut Command, log: PathBuf) -> Self {
+        let mut p = Proc::logged(cmd.stdin(Stdio::piped()), log);
+        p._stdin = p.child.as_mut().unwrap().stdin.take();
+        p
+    }
+
+    /// A python3 one-liner run with `args`, as [`Proc::spawn`].
+    pub fn python(script: &str, args: &[&Path]) -> Self {
+        Proc::spawn(tool("python3").arg("-c").arg(script).args(args))
+    }
+
+    fn logged(cmd: &mut Command, log: PathBuf) -> Self {
+        let logf = File::create(&log).unwrap_or_else(|e| panic!("create {log:?}: {e}"));
+        Proc::start(cmd.stdout(logf.try_clone().unwrap()).stderr(logf), Some(log))
+    }
+
+    fn start(cmd: &mut Command, log: Option<PathBuf>) -> Self {
+        let what = format!("{cmd:?}");
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {what}: {e}"));
+        Proc { what, log, child: Some(child), lines: None, _stdin: None }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// What the process wrote to its log (empty without one).
+    pub fn log_text(&self) -> String {
+        self.log.as_ref().and_then(|l| fs::read_to_string(l).ok()).unwrap_or_default()
+    }
+
+    /// Panics (with the log) if the process has exited.
+    pub fn assert_alive(&mut self) {
+        if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
+            panic!("{} exited early with {st}:\n{}", self.what, self.log_text());
+        }
+    }
+
+    /// Waits (15 s at most) for the process to print `want` on a line of its own.
+    pub fn wait_line(&mut self, want: &str) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let got = self
+                .lines
+                .as_ref()
+                .expect("wait_line needs Proc::spawn")
+                .recv_timeout(Duration::from_millis(50));
+            match got {
+                Ok(l) if l.trim() == want => return,
+                Ok(_) => {}
+                Err(_) => self.assert_alive(),
+            }
+            assert!(Instant::now() < deadline, "{} did not print {want:?}", self.what);
+        }
+    }
+
+    /// Waits until the process accepts connections on the unix socket `sock`.
+    pub fn wait_for_socket(&mut self, sock: &Path) {
+        wait_until(Duration::from_secs(15), &format!("{sock:?} to accept"), || {
+            self.assert_alive();
+            UnixStream::connect(sock).ok().map(drop)
+        });
+    }
+
+    /// Whether the process has `path` open (as seen in `/proc/PID/fd`).
+    pub fn has_open(&self, path: &Path) -> bool {
+        let Ok(fds) = fs::read_dir(format!("/proc/{}/fd", self.pid())) else {
+            return false;
+        };
+        fds.flatten().any(|fd| fs::read_link(fd.path()).is_ok_and(|l| l == path))
+    }
+
+    /// Waits (up to `timeout`) until the process has `path` open.
+    pub fn wait_open(&mut self, path: &Path, timeout: Duration) {
+        let what = format!("{} to open {path:?}", self.what);
+        wait_until(timeout, &what, || {
+            self.assert_alive();
+            self.has_open(path).then_some(())
+        });
+    }
+
+    /// Waits until the process has exec'd `program` and holds `path` open on `fd`.
+    pub fn wait_for_exec_holding(&mut self, program: &str, fd: u32, path: &Path) {
+        let pid = self.pid();
+        wait_until(Duration::from_secs(10), &format!("{program} holding {path:?}"), || {
+            self.assert_alive();
+            let comm = fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+            let link = fs::read_link(format!("/proc/{pid}/fd/{fd}")).ok()?;
+            (comm.trim_end() == program && link == path).then_some(())
+        });
+    }
+
+    /// SIGTERM, then waits for the exit (SIGKILL and a panic after 15 s); returns its status.
+    pub fn terminate(mut self) -> ExitStatus {
+        self.terminate_inner()
+    }
+
+    /// As [`Proc::terminate`], and the process must exit successfully.
+    pub fn stop(mut self) -> ExitStatus {
+        let st = self.terminate_inner();
+        assert!(st.success(), "{} exited with {st} after SIGTERM:\n{}", self.what, self.log_text());
+        st
+    }
+
+    /// SIGKILL and reap.
+    pub fn kill(mut self) {
+        if let Some(mut c) = self.child.take() {
+            kill_and_reap(&mut c);
+        }
+    }
+
+    fn terminate_inner(&mut self) -> ExitStatus {
+        let mut c = self.child.take().unwrap();
+        terminate(&mut c, Self::GRACE).unwrap_or_else(|_| {
+            panic!("{} ignored SIGTERM for {:?}:\n{}", self.what, Self::GRACE, self.log_text())
+        })
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = terminate(&mut c, Self::GRACE);
+        }
+    }
+}
+
+/// For [`Proc::python`]: holds a file open for reading until ended.
+pub const READER: &str = "import sys,time\nf=open(sys.argv[1],'rb')\nf.read(1)\nprint('ready',flush=True)\ntime.sleep(120)";
+/// For [`Proc::python`]: holds a file open for writing (after writing to it) until ended.
+pub const WRITER: &str = "import sys,time\nf=open(sys.argv[1],'ab')\nf.write(b'x'*65536)\nf.flush()\nprint('ready',flush=True)\ntime.sleep(120)";
+/// For [`Proc::python`]: Nova's lock, `lockf(LOCK_EX)` on `locks/nova-<name>`, held until
+/// ended.
+pub const LOCKER: &str = "import fcntl,sys,time\nf=open(sys.argv[1],'a')\nfcntl.lockf(f, fcntl.LOCK_EX)\nprint('locked',flush=True)\ntime.sleep(120)";

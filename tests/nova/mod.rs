@@ -1,18 +1,17 @@
 //! Shared by `tests/eviction.rs` and `tests/checksums.rs`: a Nova-shaped scratch tree
 //! (`<tmp>/instances/_base` mounted, `<tmp>/instances/locks`, a bind mount of the covered files
 //! at `<tmp>/covered` made before the overlay, `<tmp>/elsewhere` outside the instances
-//! directory), readers of the status tree, and [`Proc`], a background process killed on drop.
+//! directory), readers of the status tree, and test data. Background processes are
+//! `common::Proc`s.
 #![allow(dead_code)]
 
 use std::fs::{self, File};
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::common::{self, run, run_ok, wait_until, BindMount, Mount, Scratch};
+use crate::common::{self, run, splitmix64, wait_until, BindMount, Mount, Scratch};
 
 /// Cache file names as Nova makes them (40 hex characters: originals).
 pub const H1: &str = "0d5e6b61602d758984b3bf038267614d6016eb2a";
@@ -191,14 +190,6 @@ pub fn icfs(args: &[&str], dir: &Path, name: &str) -> (i32, String, String) {
     run(Command::new(common::bin()).args(args).arg(dir).arg(name))
 }
 
-pub fn splitmix64(state: &mut u64) -> u64 {
-    *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
-
 /// `len` pseudo-random bytes (a multiple of 8) from `seed`.
 pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
     let mut state = seed;
@@ -208,131 +199,6 @@ pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
     }
     out
 }
-
-/// A `Command` for an external tool, failing (never skipping) when it is missing.
-pub fn tool(name: &str) -> Command {
-    common::require_tool(name);
-    let mut c = Command::new(name);
-    c.env("LC_ALL", "C").stdin(Stdio::null());
-    c
-}
-
-/// A Nova-style qcow2 overlay `disk` whose backing file is `base` (absolute, raw).
-pub fn overlay(disk: &Path, base: &Path) {
-    fs::create_dir_all(disk.parent().unwrap()).unwrap();
-    run_ok(
-        tool("qemu-img")
-            .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
-            .arg(base)
-            .arg(disk),
-    );
-}
-
-/// A background process owned by the test: SIGKILL on drop, so none outlives a failing test.
-/// Its stdout lines are collected for [`Proc::wait_line`].
-pub struct Proc {
-    pub what: String,
-    child: Option<Child>,
-    lines: mpsc::Receiver<String>,
-}
-
-impl Proc {
-    pub fn spawn(cmd: &mut Command) -> Self {
-        let what = format!("{cmd:?}");
-        let mut child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {what}: {e}"));
-        let out = child.stdout.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for l in BufReader::new(out).lines() {
-                let Ok(l) = l else { break };
-                if tx.send(l).is_err() {
-                    break;
-                }
-            }
-        });
-        Proc { what, child: Some(child), lines }
-    }
-
-    /// A python3 one-liner run with `args`.
-    pub fn python(script: &str, args: &[&Path]) -> Self {
-        Proc::spawn(tool("python3").arg("-c").arg(script).args(args))
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.as_ref().unwrap().id()
-    }
-
-    pub fn assert_alive(&mut self) {
-        if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
-            panic!("{} exited early with {st}", self.what);
-        }
-    }
-
-    /// Waits (15 s at most) for the process to print `want` on a line of its own.
-    pub fn wait_line(&mut self, want: &str) {
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            match self.lines.recv_timeout(Duration::from_millis(50)) {
-                Ok(l) if l.trim() == want => return,
-                Ok(_) => {}
-                Err(_) => self.assert_alive(),
-            }
-            assert!(Instant::now() < deadline, "{} did not print {want:?}", self.what);
-        }
-    }
-
-    /// Waits until the process accepts connections on the unix socket `sock`.
-    pub fn wait_for_socket(&mut self, sock: &Path) {
-        wait_until(Duration::from_secs(15), &format!("{sock:?} to accept"), || {
-            self.assert_alive();
-            UnixStream::connect(sock).ok().map(drop)
-        });
-    }
-
-    /// SIGTERM, waits for the exit (SIGKILL after 15 s).
-    pub fn terminate(mut self) {
-        let Some(mut c) = self.child.take() else { return };
-        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while c.try_wait().unwrap().is_none() {
-            if Instant::now() > deadline {
-                let _ = c.kill();
-                let _ = c.wait();
-                panic!("{} ignored SIGTERM for 15 s", self.what);
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    /// SIGKILL and reap.
-    pub fn kill(mut self) {
-        self.kill_inner();
-    }
-
-    fn kill_inner(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill_inner();
-    }
-}
-
-/// Holds a file open for reading until killed.
-pub const READER: &str = "import sys,time\nf=open(sys.argv[1],'rb')\nf.read(1)\nprint('ready',flush=True)\ntime.sleep(120)";
-/// Holds a file open for writing (after writing to it) until killed.
-pub const WRITER: &str = "import sys,time\nf=open(sys.argv[1],'ab')\nf.write(b'x'*65536)\nf.flush()\nprint('ready',flush=True)\ntime.sleep(120)";
-/// Nova's lock: `lockf(LOCK_EX)` on `locks/nova-<name>`, held until killed.
-pub const LOCKER: &str = "import fcntl,sys,time\nf=open(sys.argv[1],'a')\nfcntl.lockf(f, fcntl.LOCK_EX)\nprint('locked',flush=True)\ntime.sleep(120)";
 
 /// Writes `bytes` to `path` (through the mount) the way Glance's download does: create,
 /// chunked writes, fsync, close.
