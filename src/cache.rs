@@ -569,11 +569,11 @@ impl Cache {
         let mut saved = self.saved.lock();
         let (version, text) = {
             let s = self.state.lock();
+            if s.version == *saved {
+                return;
+            }
             (s.version, s.persist_text())
         };
-        if version == *saved {
-            return;
-        }
         match backing::replace_file_at(
             self.root.as_fd(),
             OsStr::new(STATE_TMP),
@@ -602,6 +602,12 @@ impl Cache {
                 c.persist();
             })
             .expect("spawn persister");
+    }
+
+    /// Something worth persisting changed: the persister writes it shortly (coalescing bursts;
+    /// a status render writes it at once before showing it).
+    pub fn changed(&self) {
+        self.dirty.notify_one();
     }
 
     /// Runs a control command.

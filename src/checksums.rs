@@ -111,7 +111,7 @@ pub fn check_one(cache: &Cache, ino: u64) -> bool {
             None => return false,
         }
     }
-    cache.persist();
+    cache.changed();
     // An interval of 0 turns periodic re-verification off (on demand still works).
     if cache.settings.verify_interval > 0 {
         cache.verify_at(ino, now + Duration::from_secs(cache.settings.verify_interval));

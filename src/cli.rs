@@ -67,7 +67,7 @@ pub struct MountArgs {
     pub background: bool,
 
     /// FUSE worker threads (only metadata reaches the daemon; data is the kernel's).
-    #[arg(long, value_name = "N", default_value_t = 4, help_heading = "Process",
+    #[arg(long, value_name = "N", default_value_t = 2, help_heading = "Process",
           value_parser = clap::value_parser!(u16).range(1..=64))]
     pub threads: u16,
 
@@ -182,7 +182,7 @@ mod tests {
         let c = m.into_config().unwrap();
         assert_eq!(c.dir, PathBuf::from("/x"));
         assert!(!c.background);
-        assert_eq!(c.threads, 4);
+        assert_eq!(c.threads, 2);
         assert_eq!(c.policy, Policy::default());
         assert_eq!(c.verify_rate_mib, 64);
     }

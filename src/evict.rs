@@ -153,7 +153,7 @@ pub fn try_evict(
     if let Some(inval) = cache.invalidator() {
         inval.deleted(ino, &name);
     }
-    cache.persist();
+    cache.changed();
     Ok(size)
 }
 

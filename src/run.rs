@@ -196,6 +196,9 @@ fn serve(cfg: &MountConfig, on_ready: impl FnOnce()) -> Result<(), Refusal> {
     let signals = block_signals();
     // Modes of new files come from the callers (already masked by the kernel).
     unsafe { libc::umask(0) };
+    // Few threads and small allocations: one malloc arena per worker thread only holds on
+    // to memory (measured: RSS 47 MiB instead of 21 MiB after rendering 10 000 rows).
+    unsafe { libc::mallopt(libc::M_ARENA_MAX, 2) };
     raise_fd_limit();
     let fs_type = mount::covered_fs_type(&prepared);
     let instances_dir = cfg
