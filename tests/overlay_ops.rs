@@ -2129,17 +2129,19 @@ fn deep_path_beyond_path_max_via_openat() {
 // The mount and the covered directory are the same files.
 
 /// A mount over `scratch.base` with a bind mount of the covered directory made first.
-fn covered_env() -> (Mount, BindMount, Scratch) {
+/// Bound in this order, the locals drop mount first, then the bind mount, then the scratch
+/// directory (removing it while mounted would walk through the mounts).
+fn covered_env() -> (Scratch, BindMount, Mount) {
     let scratch = Scratch::new();
     let bind = BindMount::new(&scratch.base, &scratch.path("bind"));
     let mount = Mount::new(&scratch.base, &[]);
     assert!(!is_fuse(&bind.target), "the bind mount must show the covered directory");
-    (mount, bind, scratch)
+    (scratch, bind, mount)
 }
 
 #[test]
 fn written_through_the_mount_reads_back_through_the_covered_dir() {
-    let (mount, bind, s) = covered_env();
+    let (s, bind, mount) = covered_env();
     let data = pattern(3 << 20, 15);
     put(&s.base.join("img"), &data).unwrap();
     assert_eq!(stat(&bind.target.join("img")).unwrap().size, data.len() as i64);
@@ -2166,7 +2168,7 @@ fn written_through_the_mount_reads_back_through_the_covered_dir() {
 
 #[test]
 fn written_through_the_covered_dir_reads_back_through_the_mount() {
-    let (mount, bind, s) = covered_env();
+    let (s, bind, mount) = covered_env();
     let data = pattern(3 << 20, 16);
     put(&bind.target.join("img"), &data).unwrap();
     mkdir(&bind.target.join("sub"), 0o750).unwrap();
@@ -2191,7 +2193,7 @@ fn written_through_the_covered_dir_reads_back_through_the_mount() {
 
 #[test]
 fn stat_shows_the_covered_files_identity() {
-    let (mount, bind, s) = covered_env();
+    let (s, bind, mount) = covered_env();
     let b = &bind.target;
     put(&b.join("plain"), &pattern(12345, 17)).unwrap();
     put(&b.join("owned"), b"o").unwrap();
@@ -2246,7 +2248,7 @@ fn stat_shows_the_covered_files_identity() {
 /// covered directory at once, the open fd keeps working (reads, writes, and requests that
 /// reach the daemon), the daemon stays up until the fd is closed and then exits 0.
 fn stop_with_open_file(stop: impl FnOnce(&Mount)) {
-    let (mount, bind, s) = covered_env();
+    let (s, bind, mount) = covered_env();
     let data = pattern(1 << 20, 18);
     put(&s.base.join("held"), &data).unwrap();
     let fd = open(&s.base.join("held"), libc::O_RDWR, 0).unwrap();
