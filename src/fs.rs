@@ -238,11 +238,6 @@ impl OverlayFs {
         self.handles.read().len() + self.dirs.read().len() + self.status.read().len()
     }
 
-    /// Nodes the kernel holds lookups on (the root included).
-    pub fn known_nodes(&self) -> usize {
-        self.nodes.read().len()
-    }
-
     fn node(&self, id: u64) -> Result<Arc<Node>> {
         if is_virtual(id) {
             // Nothing but reading (and the control file) happens in the status tree.

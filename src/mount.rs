@@ -11,7 +11,6 @@ use std::fs::OpenOptions;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use crate::backing;
@@ -210,11 +209,6 @@ pub fn mount(p: &Prepared) -> Result<(), Refusal> {
         )),
         _ => refuse(format!("mounting {}: {e}", p.dir.display())),
     }
-}
-
-/// The device number (`st_dev`) the mount shows, to recognise it later.
-pub fn mounted_dev(dir: &Path) -> io::Result<u64> {
-    Ok(std::fs::metadata(dir)?.dev())
 }
 
 /// Lazily detaches the mount at `dir`: new path lookups reach the covered directory at once,
