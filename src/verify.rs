@@ -475,29 +475,52 @@ mod tests {
         (f, before)
     }
 
+    /// Runs `attempt` (which returns the residency before and after a verification) until
+    /// both match, up to three times. The kernel may drop a clean page by itself under memory
+    /// pressure from whatever else runs on the machine; a verifier that evicts or leaves pages
+    /// changes the residency every time.
+    fn residency_unchanged(mut attempt: impl FnMut() -> (Vec<Range>, Vec<Range>)) {
+        let mut last = None;
+        for _ in 0..3 {
+            let (before, after) = attempt();
+            if before == after {
+                return;
+            }
+            last = Some((before, after));
+        }
+        let (before, after) = last.expect("three attempts");
+        assert_eq!(after, before, "residency changed by verification, three times in a row");
+    }
+
+    type Range = std::ops::Range<u64>;
+
     #[test]
     fn page_cache_left_as_found() {
         let data = pseudo_random(64 * MIB + 1000, 7);
-        let (f, before) = partly_cached_file(&data);
-        let verifier = File::open(f.path()).unwrap();
-        let hashed = sha1_file(&verifier, Rate(None), &never).unwrap();
-        assert_eq!(done(hashed), sha1_of(&data[..]).unwrap());
-        assert_eq!(resident_runs(f.as_file()), before, "residency changed by verification");
+        residency_unchanged(|| {
+            let (f, before) = partly_cached_file(&data);
+            let verifier = File::open(f.path()).unwrap();
+            let hashed = sha1_file(&verifier, Rate(None), &never).unwrap();
+            assert_eq!(done(hashed), sha1_of(&data[..]).unwrap());
+            (before, resident_runs(f.as_file()))
+        });
     }
 
     #[test]
     fn page_cache_left_as_found_after_cancel() {
         let data = pseudo_random(64 * MIB + 1000, 8);
-        let (f, before) = partly_cached_file(&data);
-        let verifier = File::open(f.path()).unwrap();
-        // Polled once per chunk when unpaced: three chunks are read, then it is cancelled.
-        let polls = std::cell::Cell::new(0);
-        let cancel = || {
-            polls.set(polls.get() + 1);
-            polls.get() > 3
-        };
-        assert_eq!(sha1_file(&verifier, Rate(None), &cancel).unwrap(), Hashed::Cancelled);
-        assert_eq!(polls.get(), 4);
-        assert_eq!(resident_runs(f.as_file()), before, "residency changed by verification");
+        residency_unchanged(|| {
+            let (f, before) = partly_cached_file(&data);
+            let verifier = File::open(f.path()).unwrap();
+            // Polled once per chunk when unpaced: three chunks are read, then it is cancelled.
+            let polls = std::cell::Cell::new(0);
+            let cancel = || {
+                polls.set(polls.get() + 1);
+                polls.get() > 3
+            };
+            assert_eq!(sha1_file(&verifier, Rate(None), &cancel).unwrap(), Hashed::Cancelled);
+            assert_eq!(polls.get(), 4);
+            (before, resident_runs(f.as_file()))
+        });
     }
 }
