@@ -8,7 +8,8 @@
 //! blocked. Then the name is unlinked, the entry dropped, and the kernel's caches invalidated
 //! from this thread (never from a request handler), so `stat` says `ENOENT` at once.
 
-use std::ffi::OsStr;
+use std::collections::BTreeSet;
+use std::ffi::{OsStr, OsString};
 use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -89,6 +90,20 @@ impl Refused {
     }
 }
 
+/// What the guards outside the bookkeeping say, read once per eviction pass: holders from
+/// before the mount re-checked in /proc, and the backing-file names of every instance disk
+/// (`None`: not all of them could be read, so no file may go).
+pub struct Guards {
+    referenced: Option<BTreeSet<OsString>>,
+}
+
+impl Guards {
+    pub fn read(cache: &Cache) -> Self {
+        cache.recheck_early();
+        Guards { referenced: cache.referenced().ok() }
+    }
+}
+
 /// Tries to evict one file now. `floor`: evict below its threshold if idle at least this
 /// long (pressure and operators); `None` keeps the threshold.
 pub fn try_evict(
@@ -96,12 +111,12 @@ pub fn try_evict(
     ino: u64,
     reason: Reason,
     floor: Option<u64>,
+    guards: &Guards,
 ) -> Result<u64, Refused> {
     let Some(name) = cache.state.lock().image(ino).and_then(|i| i.name.clone()) else {
         return Err(Refused::Vanished);
     };
-    cache.recheck_early();
-    let referenced = cache.referenced().map_err(|_| Refused::GuardError)?.contains(&name);
+    let referenced = guards.referenced.as_ref().ok_or(Refused::GuardError)?.contains(&name);
     let _lock = match guard::try_nova_lock(&cache.settings.instances_dir, &name) {
         Ok(LockResult::Taken(l)) => l,
         Ok(LockResult::Busy) => return Err(Refused::NovaLock),
@@ -177,6 +192,7 @@ pub fn run_once(cache: &Cache) -> usize {
         let _ = reply.send(result);
     }
     let now = cache.now();
+    let mut guards = None;
     for ino in cache.take_due(now).into_iter().filter(|&ino| ino != 0) {
         let (deadline, reason) = {
             let state = cache.state.lock();
@@ -192,7 +208,8 @@ pub fn run_once(cache: &Cache) -> usize {
             }
             Some(_) => {}
         }
-        match try_evict(cache, ino, reason, None) {
+        let guards = guards.get_or_insert_with(|| Guards::read(cache));
+        match try_evict(cache, ino, reason, None, guards) {
             Ok(_) => evicted += 1,
             // A release or an unpin schedules the file again; nothing to retry.
             Err(Refused::Blocked(Blocker::InUse | Blocker::Writing | Blocker::Pinned)) => {}
@@ -233,14 +250,14 @@ pub fn relieve_pressure(cache: &Cache) -> usize {
             .collect()
     };
     candidates.sort();
+    let guards = Guards::read(cache);
     let mut evicted = 0;
     for (_, ino) in candidates {
         if free >= target {
             break;
         }
-        if let Ok(size) =
-            try_evict(cache, ino, Reason::Pressure, Some(cache.settings.pressure_min_age))
-        {
+        let floor = Some(cache.settings.pressure_min_age);
+        if let Ok(size) = try_evict(cache, ino, Reason::Pressure, floor, &guards) {
             evicted += 1;
             free += size;
         }
@@ -254,7 +271,7 @@ pub fn relieve_pressure(cache: &Cache) -> usize {
 /// `evict NAME`: now, below its threshold, unless something needs it.
 pub fn evict_named(cache: &Cache, name: &OsStr) -> Result<(), ControlError> {
     let ino = cache.ino_of(name).ok_or(ControlError::NoSuchFile)?;
-    match try_evict(cache, ino, Reason::Operator, Some(0)) {
+    match try_evict(cache, ino, Reason::Operator, Some(0), &Guards::read(cache)) {
         Ok(_) => Ok(()),
         Err(why) => {
             record_refusal(cache, ino, why);
