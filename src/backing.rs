@@ -164,6 +164,13 @@ pub fn create_at(dir: BorrowedFd<'_>, name: &OsStr, flags: i32, mode: u32) -> io
     .map(File::from)
 }
 
+/// Opens the existing `name` in `dir` (never creating it, never following a final symlink).
+pub fn open_at(dir: BorrowedFd<'_>, name: &OsStr, flags: i32) -> io::Result<File> {
+    let c = cstr(name)?;
+    let flags = (flags & !(libc::O_CREAT | libc::O_EXCL)) | libc::O_CLOEXEC | libc::O_NOFOLLOW;
+    owned(unsafe { libc::openat(dir.as_raw_fd(), c.as_ptr(), flags) }).map(File::from)
+}
+
 pub fn mkdir_at(dir: BorrowedFd<'_>, name: &OsStr, mode: u32) -> io::Result<()> {
     let c = cstr(name)?;
     cvt(unsafe { libc::mkdirat(dir.as_raw_fd(), c.as_ptr(), mode as libc::mode_t) }).map(drop)

@@ -25,7 +25,7 @@ use crate::checksums::next_check;
 use crate::clock::Clock;
 use crate::config::MinFree;
 use crate::evict::Invalidate;
-use crate::procfs::{Holder, ProcRoot, Wanted};
+use crate::procfs::{Holder, Incomplete, ProcRoot, Wanted};
 use crate::state::{CacheState, Policy, RefChange, RefEffect, Verified};
 use crate::status::{self, Counters, View};
 use crate::sync::{Condvar, Mutex};
@@ -70,6 +70,8 @@ pub enum ControlError {
     NoSuchFile,
     /// `evict` of a file that must stay (`EBUSY`), with the reason.
     Refused(&'static str),
+    /// This daemon's mount was detached: it decides nothing any more (`EROFS`).
+    Detached,
 }
 
 impl ControlError {
@@ -78,6 +80,7 @@ impl ControlError {
             ControlError::BadCommand(_) | ControlError::BadName => libc::EINVAL,
             ControlError::NoSuchFile => libc::ENOENT,
             ControlError::Refused(_) => libc::EBUSY,
+            ControlError::Detached => libc::EROFS,
         }
     }
 }
@@ -126,7 +129,6 @@ pub struct Cache {
     pub settings: Settings,
     config: Vec<(String, String)>,
     root: OwnedFd,
-    dev: u64,
     /// Version of the state last written to disk, and a signal for the persister.
     saved: Mutex<u64>,
     dirty: Condvar,
@@ -137,22 +139,28 @@ pub struct Cache {
     /// Checksum jobs (birth or re-verification), earliest first, and their thread's wake-up.
     jobs: Mutex<Queue>,
     job_due: Condvar,
-    /// `evict NAME` requests waiting for the eviction thread.
-    operator: Mutex<Vec<(OsString, OperatorReply)>>,
     /// Whether the kernel granted passthrough (known after the FUSE handshake).
     passthrough: std::sync::atomic::AtomicBool,
     /// Holders by request thread id, with that thread's start time: a thread that opens
     /// again costs one small /proc read instead of five.
     holders: Mutex<HashMap<u32, (u64, Holder)>>,
-    /// Our mount's id (0 before the mount).
-    mount_id: std::sync::atomic::AtomicU64,
+    /// The covered filesystem's device as mountinfo shows it, and our own mount's (0 before
+    /// the mount), for `/proc` walks.
+    mount_dev: u64,
+    own_dev: std::sync::atomic::AtomicU64,
+    /// When holders outside the mount were last re-derived for a status file.
+    outside_seen: Mutex<Option<std::time::Instant>>,
+    /// Set once this daemon no longer owns its mount (detached by a signal, `unmount`, or
+    /// anyone): from then on it evicts nothing, records no checksum verdict and writes no
+    /// state; it only serves the handles still open.
+    detached: std::sync::atomic::AtomicBool,
 }
 
 /// Entries kept in the holder cache before it starts over.
 const HOLDER_CACHE: usize = 4096;
 
-/// Where the eviction thread answers an `evict NAME`.
-pub type OperatorReply = std::sync::mpsc::Sender<Result<(), ControlError>>;
+/// Status files re-derive holders outside the mount at most this often (a walk of /proc).
+const OUTSIDE_REFRESH: Duration = Duration::from_secs(5);
 
 impl Cache {
     /// Builds the service over the covered root (an `O_PATH` fd), restoring saved state and
@@ -166,6 +174,8 @@ impl Cache {
         config: Vec<(String, String)>,
     ) -> std::io::Result<Arc<Self>> {
         let dev = backing::stat(root.as_fd())?.dev;
+        let mount_dev =
+            proc.mount_dev_of(std::os::fd::AsRawFd::as_raw_fd(&root.as_fd())).unwrap_or(dev);
         let mut state = CacheState::new();
         match backing::read_file_at(root.as_fd(), OsStr::new(STATE_FILE)) {
             Ok(Some(text)) => {
@@ -186,7 +196,6 @@ impl Cache {
             settings,
             config,
             root,
-            dev,
             saved: Mutex::new(0),
             dirty: Condvar::new(),
             queue: Mutex::new(Queue::new()),
@@ -194,10 +203,12 @@ impl Cache {
             invalidate: OnceLock::new(),
             jobs: Mutex::new(Queue::new()),
             job_due: Condvar::new(),
-            operator: Mutex::new(Vec::new()),
             passthrough: Default::default(),
             holders: Mutex::new(HashMap::new()),
-            mount_id: Default::default(),
+            mount_dev,
+            own_dev: Default::default(),
+            outside_seen: Mutex::new(None),
+            detached: Default::default(),
         });
         cache.scan()?;
         let now = cache.now();
@@ -290,20 +301,6 @@ impl Cache {
         self.schedule_at(0, SystemTime::UNIX_EPOCH);
     }
 
-    /// Hands `evict NAME` to the eviction thread (which alone removes files and notifies the
-    /// kernel) and waits for its answer.
-    pub fn evict_by_operator(&self, name: &OsStr) -> Result<(), ControlError> {
-        let (tx, rx) = std::sync::mpsc::channel();
-        self.operator.lock().push((name.to_os_string(), tx));
-        self.wake_evictor();
-        rx.recv().unwrap_or(Err(ControlError::Refused("the eviction thread is gone")))
-    }
-
-    /// Pending `evict NAME` requests.
-    pub fn take_operator_jobs(&self) -> Vec<(OsString, OperatorReply)> {
-        std::mem::take(&mut *self.operator.lock())
-    }
-
     /// Pops every eviction deadline due at `now` (each inode once).
     pub fn take_due(&self, now: SystemTime) -> Vec<u64> {
         take_due(&mut self.queue.lock(), now)
@@ -317,45 +314,147 @@ impl Cache {
     /// Registers the regular files of the root and finds processes holding them open.
     fn scan(&self) -> std::io::Result<()> {
         for e in backing::read_dir(self.root.as_fd())? {
-            if e.kind != libc::S_IFREG || is_own_file(&e.name) {
+            if e.kind != libc::S_IFREG {
+                continue;
+            }
+            if is_evicting_name(&e.name) {
+                self.finish_interrupted_eviction(&e.name);
+                continue;
+            }
+            if is_own_file(&e.name) {
                 continue;
             }
             let Ok(fd) = backing::open_path_at(self.root.as_fd(), &e.name) else { continue };
             let Ok(st) = backing::stat(fd.as_fd()) else { continue };
             self.observe(&e.name, &st);
         }
-        let files = self.files();
-        let want = self.wanted(&files);
-        let early = self.proc.holders_of(&want);
-        let mut state = self.state.lock();
-        for held in early {
-            let Some(ino) = state.by_name(&held.name).map(|i| i.ino) else { continue };
-            info!(
-                "pid {} ({}) held {} open{} before the mount",
-                held.holder.pid,
-                held.holder.program,
-                held.name.to_string_lossy(),
-                if held.write { " for writing" } else { "" }
-            );
-            state.add_early_holder(ino, held.holder, held.write);
+        match self.refresh_outside(None) {
+            Ok(()) => {
+                let state = self.state.lock();
+                for img in state.images() {
+                    for (h, write) in &img.early {
+                        info!(
+                            "pid {} ({}) holds {} open{} outside the mount",
+                            h.pid,
+                            h.program,
+                            img.name.as_deref().unwrap_or_default().to_string_lossy(),
+                            if *write { " for writing" } else { "" }
+                        );
+                    }
+                }
+            }
+            Err(e) => warn!(
+                "looking for processes that hold cache files open: {e}; each eviction looks again"
+            ),
         }
         Ok(())
     }
 
-    /// Cache files by `(st_dev, st_ino)`, for the /proc walk.
-    fn files(&self) -> HashMap<(u64, u64), OsString> {
-        let state = self.state.lock();
-        state.images().filter_map(|i| Some(((self.dev, i.ino), i.name.clone()?))).collect()
+    /// A file left under its eviction name by a daemon that stopped between the two steps of
+    /// an eviction: the name it had is put back if it is free (the eviction is decided again),
+    /// otherwise it stays hidden and an error says where.
+    fn finish_interrupted_eviction(&self, private: &OsStr) {
+        let original = evicting_original(private);
+        let shown = private.to_string_lossy();
+        let restored = original.as_ref().is_some_and(|name| {
+            backing::rename_at(self.root(), private, self.root(), name, libc::RENAME_NOREPLACE)
+                .is_ok()
+        });
+        match (restored, original) {
+            (true, Some(name)) => {
+                warn!(
+                    "an interrupted eviction left {shown}: restored as {}",
+                    name.to_string_lossy()
+                )
+            }
+            _ => log::error!(
+                "an interrupted eviction left {} in the cache directory and its name is taken: \
+                 remove or rename it by hand",
+                self.settings.cache_dir.join(private).display()
+            ),
+        }
     }
 
-    fn wanted<'a>(&'a self, files: &'a HashMap<(u64, u64), OsString>) -> Wanted<'a> {
-        let mnt = self.mount_id.load(std::sync::atomic::Ordering::Relaxed);
-        Wanted { dev: self.dev, files, skip_mnt: (mnt != 0).then_some(mnt) }
+    /// Re-derives, from `/proc`, which processes hold cache files open outside the mount:
+    /// the files `inos` (all cache files for `None`). Never under the state lock; the walk
+    /// touches no filesystem.
+    pub fn refresh_outside(&self, inos: Option<&[u64]>) -> Result<(), Incomplete> {
+        let files: HashMap<u64, OsString> = {
+            let state = self.state.lock();
+            match inos {
+                None => state.images().filter_map(|i| Some((i.ino, i.name.clone()?))).collect(),
+                Some(inos) => inos
+                    .iter()
+                    .filter_map(|&ino| Some((ino, state.image(ino)?.name.clone()?)))
+                    .collect(),
+            }
+        };
+        if files.is_empty() {
+            return Ok(());
+        }
+        let own = self.own_dev.load(std::sync::atomic::Ordering::Relaxed);
+        let want =
+            Wanted { dev: self.mount_dev, files: &files, own_dev: (own != 0).then_some(own) };
+        let found = self.proc.holders_of(&want)?;
+        let now = self.now();
+        let effects: Vec<RefEffect> = {
+            let mut state = self.state.lock();
+            files
+                .keys()
+                .map(|&ino| {
+                    let held = found
+                        .iter()
+                        .filter(|h| h.ino == ino)
+                        .map(|h| (h.holder.clone(), h.write))
+                        .collect();
+                    state.set_outside(ino, held, now)
+                })
+                .collect()
+        };
+        for effect in effects {
+            self.after(effect, now);
+        }
+        Ok(())
     }
 
-    /// Our own mount's id, once mounted: its descriptors are never looked at through /proc.
-    pub fn set_mount_id(&self, id: u64) {
-        self.mount_id.store(id, std::sync::atomic::Ordering::Relaxed);
+    /// Schedules what a reference change asks for.
+    fn after(&self, effect: RefEffect, now: SystemTime) {
+        match effect {
+            RefEffect::Unreferenced { ino } => self.schedule(ino),
+            RefEffect::WritingDone { ino, .. } => {
+                self.schedule(ino);
+                self.verify_at(ino, now);
+                // The file grew the cache: let the eviction thread check free space.
+                self.wake_evictor();
+            }
+            RefEffect::None | RefEffect::Gone => {}
+        }
+    }
+
+    /// Our own mount's device (mountinfo's), once mounted: descriptors on it, in any mount
+    /// namespace, are never holders outside the mount.
+    pub fn set_own_dev(&self, dev: u64) {
+        self.own_dev.store(dev, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether this daemon still owns its mount (see `detached`).
+    pub fn owns_mount(&self) -> bool {
+        !self.detached.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// The mount is no longer this daemon's: stop deciding, once and for good.
+    pub fn lose_mount(&self, why: &str) {
+        if !self.detached.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            warn!(
+                "{}: {why}; this daemon now only serves its open files: no eviction, no checksum \
+                 verdict, no state write",
+                self.settings.cache_dir.display()
+            );
+            // Wake the background threads so that they see it.
+            self.wake_evictor();
+            self.dirty.notify_one();
+            self.job_due.notify_one();
+        }
     }
 
     pub fn now(&self) -> std::time::SystemTime {
@@ -435,16 +534,7 @@ impl Cache {
             state.reference(RefChange::Release { fh }, now)
         };
         self.dirty.notify_one();
-        match effect {
-            RefEffect::Unreferenced { ino } => self.schedule(ino),
-            RefEffect::WritingDone { ino, .. } => {
-                self.schedule(ino);
-                self.verify_at(ino, now);
-                // The file grew the cache: let the eviction thread check free space.
-                self.wake_evictor();
-            }
-            RefEffect::None | RefEffect::Gone => {}
-        }
+        self.after(effect, now);
         effect
     }
 
@@ -480,27 +570,22 @@ impl Cache {
             })
     }
 
-    /// Drops holders from before the mount that have closed the file or exited.
-    pub fn recheck_early(&self) {
-        let any = self.state.lock().images().any(|i| !i.early.is_empty());
-        if !any {
+    /// For a status file: re-derives holders outside the mount, if there are any, at most
+    /// every few seconds (a /proc walk costs, and any user may open status files in a loop).
+    fn refresh_outside_for_status(&self) {
+        let inos = self.state.lock().held_outside();
+        if inos.is_empty() {
             return;
         }
-        let now = self.now();
-        let files = self.files();
-        let want = self.wanted(&files);
-        let proc = &self.proc;
-        let effects =
-            self.state.lock().recheck_early(now, |h, name| proc.still_holds(h, &want, name));
-        for effect in effects {
-            match effect {
-                RefEffect::WritingDone { ino, .. } => {
-                    self.schedule(ino);
-                    self.verify_at(ino, now);
-                }
-                RefEffect::Unreferenced { ino } => self.schedule(ino),
-                RefEffect::None | RefEffect::Gone => {}
+        {
+            let mut seen = self.outside_seen.lock();
+            if seen.is_some_and(|t| t.elapsed() < OUTSIDE_REFRESH) {
+                return;
             }
+            *seen = Some(std::time::Instant::now());
+        }
+        if let Err(e) = self.refresh_outside(Some(&inos)) {
+            log::debug!("status: holders outside the mount not re-checked: {e}");
         }
     }
 
@@ -525,7 +610,7 @@ impl Cache {
 
     /// Renders a status file. Whatever it shows is persisted first.
     pub fn render(&self, file: VFile) -> Vec<u8> {
-        self.recheck_early();
+        self.refresh_outside_for_status();
         self.refresh_sizes();
         let referenced = match file {
             VFile::Events | VFile::Config | VFile::Control => BTreeSet::new(),
@@ -566,6 +651,9 @@ impl Cache {
 
     /// Writes the state file if anything changed since the last write.
     pub fn persist(&self) {
+        if !self.owns_mount() {
+            return;
+        }
         let mut saved = self.saved.lock();
         let (version, text) = {
             let s = self.state.lock();
@@ -612,6 +700,9 @@ impl Cache {
 
     /// Runs a control command.
     pub fn control(&self, cmd: Command) -> Result<(), ControlError> {
+        if !self.owns_mount() {
+            return Err(ControlError::Detached);
+        }
         let now = self.now();
         let result = match &cmd {
             Command::Pin(n) | Command::Unpin(n) => {
@@ -626,7 +717,7 @@ impl Cache {
                     Err(ControlError::NoSuchFile)
                 }
             }
-            Command::Evict(n) => self.evict_by_operator(n),
+            Command::Evict(n) => crate::evict::evict_named(self, n),
             Command::Verify(n) => {
                 let ino = self.ino_of(n).ok_or(ControlError::NoSuchFile)?;
                 self.request_verify(ino);
@@ -666,7 +757,32 @@ fn wait_due(q: &Mutex<Queue>, wake: &Condvar, clock: &dyn Clock) {
 
 /// imagecachefs's own files in the covered directory.
 pub fn is_own_file(name: &OsStr) -> bool {
-    name == STATE_FILE || name == STATE_TMP
+    name == STATE_FILE || name == STATE_TMP || is_evicting_name(name)
+}
+
+/// A file being evicted is first renamed to `EVICTING` + its name in hex (so that a rename
+/// onto its name between the last check and the unlink cannot make the daemon delete another
+/// file); a name too long for that is checked and unlinked in place.
+pub const EVICTING: &str = ".imagecachefs.evicting.";
+
+pub fn is_evicting_name(name: &OsStr) -> bool {
+    name.as_bytes().starts_with(EVICTING.as_bytes())
+}
+
+/// The private name an eviction renames `name` to, if it fits in a name.
+pub fn evicting_name(name: &OsStr) -> Option<OsString> {
+    let hex = crate::verify::hex(name.as_bytes());
+    (EVICTING.len() + hex.len() <= 255).then(|| OsString::from(format!("{EVICTING}{hex}")))
+}
+
+fn evicting_original(private: &OsStr) -> Option<OsString> {
+    use std::os::unix::ffi::OsStringExt;
+    let hex = private.as_bytes().strip_prefix(EVICTING.as_bytes())?;
+    let bytes: Option<Vec<u8>> = hex
+        .chunks(2)
+        .map(|c| std::str::from_utf8(c).ok().and_then(|h| u8::from_str_radix(h, 16).ok()))
+        .collect();
+    bytes.filter(|b| !b.is_empty()).map(OsString::from_vec)
 }
 
 #[cfg(test)]

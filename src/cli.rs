@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::{MinFree, MountConfig};
+use crate::config::{MinFree, MountConfig, StorageChoice};
 use crate::state::Policy;
 
 #[derive(Parser, Debug)]
@@ -121,6 +121,21 @@ pub struct MountArgs {
     /// Read rate limit of the checksum thread (0: unlimited).
     #[arg(long, value_name = "MiB/s", default_value_t = 64, help_heading = "Checksums")]
     pub verify_rate: u64,
+
+    /// Whether other hosts share the cache directory [default: detected from the filesystem
+    /// type: NFS, CephFS, GlusterFS, GPFS, Lustre, OCFS2, GFS2, CIFS, 9p, virtiofs and FUSE
+    /// filesystems are shared]. On shared storage nothing is evicted.
+    #[arg(long, value_name = "KIND", value_enum, help_heading = "Eviction")]
+    pub storage: Option<Storage>,
+}
+
+/// `--storage`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Storage {
+    /// Only this host uses the cache directory: evict as configured.
+    Local,
+    /// Other hosts may use the files: evict nothing.
+    Shared,
 }
 
 impl MountArgs {
@@ -150,6 +165,8 @@ impl MountArgs {
             // Not nova.conf's remove_unused_base_images: operators set it to False so that
             // Nova's own scanner stops deleting, which must not switch off ours.
             evict: !self.no_evict,
+            // Decided at mount, once the filesystem is known.
+            shared: None,
         };
         Ok(MountConfig {
             dir: self.dir,
@@ -162,6 +179,11 @@ impl MountArgs {
             min_free: self.min_free,
             pressure_min_age: self.pressure_min_age,
             verify_interval: self.verify_interval.or(nova.checksum_interval).unwrap_or(86_400),
+            storage: match self.storage {
+                None => StorageChoice::Detect,
+                Some(Storage::Local) => StorageChoice::Local,
+                Some(Storage::Shared) => StorageChoice::Shared,
+            },
             nova_subdirectory: nova.subdirectory_name,
             nova_scanner_on: self.nova_conf.is_some()
                 && nova.remove_unused_base_images != Some(false),

@@ -47,6 +47,18 @@ impl MinFree {
     }
 }
 
+/// Whether the cache directory is on storage other hosts share (`--storage`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum StorageChoice {
+    /// Decided at mount from the filesystem type.
+    #[default]
+    Detect,
+    /// Only this host uses the directory: evict as configured.
+    Local,
+    /// Other hosts may use the files: evict nothing.
+    Shared,
+}
+
 /// Options of `imagecachefs mount`, resolved (flags over nova.conf over defaults).
 #[derive(Clone, Debug)]
 pub struct MountConfig {
@@ -79,6 +91,8 @@ pub struct MountConfig {
     /// nova.conf leaves Nova's own cache manager deleting files (`remove_unused_base_images`
     /// is not `False`).
     pub nova_scanner_on: bool,
+    /// Local or shared storage, or detect it.
+    pub storage: StorageChoice,
 }
 
 impl MountConfig {
@@ -107,6 +121,13 @@ impl MountConfig {
             ("verify_interval".into(), self.verify_interval.to_string()),
             ("verify_rate_mib".into(), self.verify_rate_mib.to_string()),
             ("threads".into(), self.threads.to_string()),
+            (
+                "storage".into(),
+                match &p.shared {
+                    Some(kind) => format!("shared ({kind}): nothing is evicted"),
+                    None => "local".into(),
+                },
+            ),
         ]
     }
 }

@@ -1,15 +1,19 @@
 //! Lazy eviction: one thread sleeps until the earliest deadline (a heap of `(when, inode)`),
 //! re-checks that file, and evicts it — no directory walks, no polling, nothing to do while
-//! nothing is due.
+//! nothing is due. Operator `evict NAME` runs the same [`try_evict`] on the FUSE worker that
+//! received it: it waits for no other thread.
 //!
-//! An eviction is atomic against opens: under Nova's own lock file (`locks/nova-<name>`,
-//! `lockf`, non-blocking), the state lock marks the file `evicting` only if nothing blocks it;
-//! from then on an open of it gets `ENOENT`, and an open that came first has already made it
-//! blocked. Then the name is unlinked, the entry dropped, and the kernel's caches invalidated
-//! from this thread (never from a request handler), so `stat` says `ENOENT` at once.
+//! An eviction is atomic against opens and decided on fresh facts, in this order: Nova's own
+//! lock file (`locks/nova-<name>`, `lockf`, non-blocking) is taken first; then, under it, the
+//! instance disks' backing files are read and `/proc` is walked for holders outside the mount;
+//! then the state lock marks the file `evicting` only if nothing blocks it — from then on an
+//! open of it gets `ENOENT`, and an open that came first has already made it blocked; then the
+//! file is renamed to a private name, checked to be the same single-link inode, and unlinked;
+//! then the lock is released. The kernel's caches are invalidated by the notifier thread
+//! (never from a request handler, never waited for), so `stat` says `ENOENT` at once.
+//! A daemon that no longer owns its mount decides nothing.
 
-use std::collections::BTreeSet;
-use std::ffi::{OsStr, OsString};
+use std::ffi::OsStr;
 use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -61,6 +65,13 @@ pub enum Refused {
     Vanished,
     /// The instance disks could not all be read: the file may be someone's base.
     GuardError,
+    /// The /proc walk for holders outside the mount did not finish.
+    HoldersUnknown,
+    /// The file has another name (a hard link): removing this one frees nothing, and the
+    /// other name must keep working.
+    Linked,
+    /// This daemon's mount was detached: it no longer decides.
+    Detached,
 }
 
 impl Refused {
@@ -71,6 +82,9 @@ impl Refused {
             Refused::LockError => "nova lock file unavailable",
             Refused::Vanished => "changed during eviction",
             Refused::GuardError => "instance disks unreadable",
+            Refused::HoldersUnknown => "processes holding it could not all be checked",
+            Refused::Linked => "it has another name (hard link)",
+            Refused::Detached => "this daemon no longer owns the mount",
         }
     }
 
@@ -81,26 +95,16 @@ impl Refused {
             Refused::Blocked(Blocker::HeldBeforeMount) => "held_before_mount",
             Refused::Blocked(Blocker::Pinned) => "pinned",
             Refused::Blocked(Blocker::Referenced) => "referenced",
+            Refused::Blocked(Blocker::SharedStorage) => "shared_storage",
             Refused::Blocked(Blocker::NotDue) => "not_due",
             Refused::NovaLock => "nova_lock",
             Refused::LockError => "lock_error",
             Refused::Vanished => "vanished",
             Refused::GuardError => "guard_error",
+            Refused::HoldersUnknown => "holders_unknown",
+            Refused::Linked => "linked",
+            Refused::Detached => "detached",
         }
-    }
-}
-
-/// What the guards outside the bookkeeping say, read once per eviction pass: holders from
-/// before the mount re-checked in /proc, and the backing-file names of every instance disk
-/// (`None`: not all of them could be read, so no file may go).
-pub struct Guards {
-    referenced: Option<BTreeSet<OsString>>,
-}
-
-impl Guards {
-    pub fn read(cache: &Cache) -> Self {
-        cache.recheck_early();
-        Guards { referenced: cache.referenced().ok() }
     }
 }
 
@@ -111,12 +115,18 @@ pub fn try_evict(
     ino: u64,
     reason: Reason,
     floor: Option<u64>,
-    guards: &Guards,
 ) -> Result<u64, Refused> {
     let Some(name) = cache.state.lock().image(ino).and_then(|i| i.name.clone()) else {
         return Err(Refused::Vanished);
     };
-    let referenced = guards.referenced.as_ref().ok_or(Refused::GuardError)?.contains(&name);
+    if !cache.owns_mount() {
+        return Err(Refused::Detached);
+    }
+    if cache.policy.shared.is_some() {
+        return Err(Refused::Blocked(Blocker::SharedStorage));
+    }
+    // Nova's lock first: whatever Nova does to this file (or to overlays on it) under the
+    // lock is finished, and cannot start, while the facts below are read and acted on.
     let _lock = match guard::try_nova_lock(&cache.settings.instances_dir, &name) {
         Ok(LockResult::Taken(l)) => l,
         Ok(LockResult::Busy) => return Err(Refused::NovaLock),
@@ -125,28 +135,20 @@ pub fn try_evict(
             return Err(Refused::LockError);
         }
     };
+    let referenced = cache.referenced().map_err(|_| Refused::GuardError)?.contains(&name);
+    cache.refresh_outside(Some(&[ino])).map_err(|e| {
+        warn!("evicting {}: {e}", name.to_string_lossy());
+        Refused::HoldersUnknown
+    })?;
     let now = cache.now();
     let size = {
         let mut state = cache.state.lock();
         state.begin_evict(ino, &cache.policy, referenced, now, floor).map_err(Refused::Blocked)?;
         state.image(ino).map(|i| i.size).unwrap_or(0)
     };
-    // The name must still be this inode: never remove a file that replaced it.
-    let same = backing::open_path_at(cache.root(), &name)
-        .and_then(|fd| backing::stat(fd.as_fd()))
-        .is_ok_and(|st| st.ino == ino);
-    let removed = same && {
-        match backing::unlink_at(cache.root(), &name, false) {
-            Ok(()) => true,
-            Err(e) => {
-                error!("evicting {}: unlink: {e}", name.to_string_lossy());
-                false
-            }
-        }
-    };
-    if !removed {
+    if let Err(why) = remove(cache, &name, ino) {
         cache.state.lock().evict_failed(ino);
-        return Err(Refused::Vanished);
+        return Err(why);
     }
     let shown = name.to_string_lossy().into_owned();
     {
@@ -172,6 +174,48 @@ pub fn try_evict(
     Ok(size)
 }
 
+/// Removes `name` if it is still inode `ino` with a single link. It is first renamed to a
+/// private name and checked there, so that a file renamed onto `name` meanwhile is never the
+/// one deleted (it is put back).
+fn remove(cache: &Cache, name: &OsStr, ino: u64) -> Result<(), Refused> {
+    let root = cache.root();
+    let check =
+        |n: &OsStr| match backing::open_path_at(root, n).and_then(|fd| backing::stat(fd.as_fd())) {
+            Ok(st) if st.ino != ino => Err(Refused::Vanished),
+            Ok(st) if st.nlink > 1 => Err(Refused::Linked),
+            Ok(_) => Ok(()),
+            Err(_) => Err(Refused::Vanished),
+        };
+    check(name)?;
+    let unlink = |n: &OsStr| {
+        backing::unlink_at(root, n, false).map_err(|e| {
+            error!("evicting {}: unlink: {e}", name.to_string_lossy());
+            Refused::Vanished
+        })
+    };
+    let Some(private) = crate::cache::evicting_name(name) else {
+        return unlink(name);
+    };
+    if let Err(e) = backing::rename_at(root, name, root, &private, libc::RENAME_NOREPLACE) {
+        error!("evicting {}: rename to {}: {e}", name.to_string_lossy(), private.to_string_lossy());
+        return Err(Refused::Vanished);
+    }
+    match check(&private) {
+        Ok(()) => unlink(&private),
+        Err(why) => {
+            // Not ours (or linked meanwhile): it goes back under its name.
+            if let Err(e) = backing::rename_at(root, &private, root, name, libc::RENAME_NOREPLACE) {
+                error!(
+                    "evicting {}: putting back a file renamed onto it meanwhile: {e}; it is at {}",
+                    name.to_string_lossy(),
+                    cache.settings.cache_dir.join(&private).display()
+                );
+            }
+            Err(why)
+        }
+    }
+}
+
 fn record_refusal(cache: &Cache, ino: u64, why: Refused) {
     let now = cache.now();
     *cache.counters.lock().refusals.entry(why.metric()).or_default() += 1;
@@ -185,14 +229,11 @@ fn record_refusal(cache: &Cache, ino: u64, why: Refused) {
 /// Evaluates every due entry of the deadline queue at the cache's `now`. Returns how many
 /// files were evicted. Tests call this directly instead of sleeping.
 pub fn run_once(cache: &Cache) -> usize {
-    let mut evicted = 0;
-    for (name, reply) in cache.take_operator_jobs() {
-        let result = evict_named(cache, &name);
-        evicted += usize::from(result.is_ok());
-        let _ = reply.send(result);
+    if !cache.owns_mount() {
+        return 0;
     }
+    let mut evicted = 0;
     let now = cache.now();
-    let mut guards = None;
     for ino in cache.take_due(now).into_iter().filter(|&ino| ino != 0) {
         let (deadline, reason) = {
             let state = cache.state.lock();
@@ -208,17 +249,17 @@ pub fn run_once(cache: &Cache) -> usize {
             }
             Some(_) => {}
         }
-        let guards = guards.get_or_insert_with(|| Guards::read(cache));
-        match try_evict(cache, ino, reason, None, guards) {
+        match try_evict(cache, ino, reason, None) {
             Ok(_) => evicted += 1,
             // A release or an unpin schedules the file again; nothing to retry.
             Err(Refused::Blocked(Blocker::InUse | Blocker::Writing | Blocker::Pinned)) => {}
             Err(Refused::Blocked(Blocker::NotDue)) => cache.schedule(ino),
-            Err(Refused::Vanished) => {}
+            Err(Refused::Vanished | Refused::Detached) => {}
             Err(why) => {
                 record_refusal(cache, ino, why);
-                // Nothing announces that a lock was dropped or an instance deleted: look again
-                // after a pause that grows with the threshold.
+                // Nothing announces that a lock was dropped, an instance deleted or a process
+                // from before the mount gone: look again after a pause that grows with the
+                // threshold.
                 let retry = match why {
                     Refused::NovaLock => 1,
                     _ => cache.policy.min_age(crate::kind::Kind::Other).clamp(1, 600),
@@ -250,14 +291,13 @@ pub fn relieve_pressure(cache: &Cache) -> usize {
             .collect()
     };
     candidates.sort();
-    let guards = Guards::read(cache);
     let mut evicted = 0;
     for (_, ino) in candidates {
         if free >= target {
             break;
         }
         let floor = Some(cache.settings.pressure_min_age);
-        if let Ok(size) = try_evict(cache, ino, Reason::Pressure, floor, &guards) {
+        if let Ok(size) = try_evict(cache, ino, Reason::Pressure, floor) {
             evicted += 1;
             free += size;
         }
@@ -271,7 +311,7 @@ pub fn relieve_pressure(cache: &Cache) -> usize {
 /// `evict NAME`: now, below its threshold, unless something needs it.
 pub fn evict_named(cache: &Cache, name: &OsStr) -> Result<(), ControlError> {
     let ino = cache.ino_of(name).ok_or(ControlError::NoSuchFile)?;
-    match try_evict(cache, ino, Reason::Operator, Some(0), &Guards::read(cache)) {
+    match try_evict(cache, ino, Reason::Operator, Some(0)) {
         Ok(_) => Ok(()),
         Err(why) => {
             record_refusal(cache, ino, why);
@@ -284,9 +324,11 @@ pub fn evict_named(cache: &Cache, name: &OsStr) -> Result<(), ControlError> {
 pub fn spawn(cache: Arc<Cache>) {
     std::thread::Builder::new()
         .name("evict".into())
-        .spawn(move || loop {
-            cache.wait_for_due();
-            run_once(&cache);
+        .spawn(move || {
+            while cache.owns_mount() {
+                cache.wait_for_due();
+                run_once(&cache);
+            }
         })
         .expect("spawn eviction thread");
 }

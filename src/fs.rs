@@ -290,6 +290,15 @@ impl OverlayFs {
             warn!("refusing inode {} on device {:#x}: not on the cache filesystem", st.ino, st.dev);
             return Err(Error::NotSupported);
         }
+        if is_virtual(st.ino) {
+            // Node ids with the top bit set are the status tree's (NFS and overlayfs with
+            // `xino` can hand out such numbers): refused rather than confused with it.
+            warn!(
+                "refusing inode {:#x}: inode numbers with the top bit set are not supported",
+                st.ino
+            );
+            return Err(Error::NotSupported);
+        }
         let mut nodes = self.nodes.write();
         let node = nodes.entry(st.ino).or_insert_with(|| {
             Arc::new(Node {
@@ -447,12 +456,17 @@ impl OverlayFs {
         Ok(backing::chown(fd, Some(caller.uid), gid)?)
     }
 
-    /// Finishes a mkdir/mknod/symlink: ownership, then the entry for the kernel.
+    /// Finishes a mkdir/mknod/symlink: ownership, then the entry for the kernel (and, in the
+    /// root, for the cache: a regular file made by `mknod` is a cache file like any other).
     fn created(&self, parent: &Node, name: &OsStr, caller: Caller) -> Result<Stat> {
         let fd = backing::open_path_at(parent.fd(), name)?;
         self.give_to_caller(fd.as_fd(), parent, caller)?;
         let st = backing::stat(fd.as_fd())?;
-        self.remember(fd, st)
+        let st = self.remember(fd, st)?;
+        if parent.id == ROOT {
+            self.cache.observe(name, &st);
+        }
+        Ok(st)
     }
 
     pub fn mknod(
@@ -617,10 +631,7 @@ impl OverlayFs {
     ) -> Result<(Stat, Opened)> {
         self.check_name(parent, name)?;
         let p = self.node(parent)?;
-        let keep = libc::O_EXCL | libc::O_TRUNC;
-        let file =
-            backing::create_at(p.fd(), name, Self::data_flags(flags) | (flags & keep), mode)?;
-        self.give_to_caller(file.as_fd(), &p, caller)?;
+        let file = self.create_or_open(&p, name, mode, flags, caller)?;
         let fd = backing::path_fd_of(file.as_fd())?;
         let st = self.remember(fd, backing::stat(file.as_fd())?)?;
         let node = self.node(st.ino)?;
@@ -628,6 +639,45 @@ impl OverlayFs {
             self.cache.observe(name, &st);
         }
         Ok((st, self.attach(node, Some(file), flags, caller)?))
+    }
+
+    /// The file a `create` names: made with `O_EXCL` (and given to the caller) whatever the
+    /// caller asked, so that a file that appeared behind the mount since the kernel's lookup
+    /// is never handed over as the caller's new file. Without `O_EXCL`, such a file is opened
+    /// as an existing one, after the permission check the kernel would have made.
+    fn create_or_open(
+        &self,
+        p: &Node,
+        name: &OsStr,
+        mode: u32,
+        flags: i32,
+        caller: Caller,
+    ) -> Result<File> {
+        let new_flags = Self::data_flags(flags) | libc::O_EXCL | (flags & libc::O_TRUNC);
+        for _ in 0..3 {
+            match backing::create_at(p.fd(), name, new_flags, mode) {
+                Ok(file) => {
+                    self.give_to_caller(file.as_fd(), p, caller)?;
+                    return Ok(file);
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EEXIST) && flags & libc::O_EXCL == 0 => {}
+                Err(e) => return Err(e.into()),
+            }
+            let open_flags = Self::data_flags(flags) | (flags & libc::O_TRUNC);
+            match backing::open_at(p.fd(), name, open_flags) {
+                Ok(file) => {
+                    let st = backing::stat(file.as_fd())?;
+                    if !may_open(&st, caller, flags, &self.cache.proc) {
+                        return Err(Error::AccessDenied);
+                    }
+                    return Ok(file);
+                }
+                // Removed again meanwhile: try to create it once more.
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(Error::Io(std::io::Error::from_raw_os_error(libc::EAGAIN)))
     }
 
     /// Registers a new handle (a reference, if the file is a cache file); the first open of
@@ -641,11 +691,12 @@ impl OverlayFs {
     ) -> Result<Opened> {
         let fh = self.new_fh();
         let write = flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0;
-        if !self.cache.opened(node.id, fh, caller.pid, write) {
+        let regular = node.file_type == libc::S_IFREG;
+        if regular && !self.cache.opened(node.id, fh, caller.pid, write) {
             // An eviction won the race for this file: it is gone.
             return Err(Error::Io(std::io::Error::from_raw_os_error(libc::ENOENT)));
         }
-        let backing = if node.file_type == libc::S_IFREG { self.start_io(&node) } else { None };
+        let backing = if regular { self.start_io(&node) } else { None };
         let h = Handle {
             node,
             file: file.map(OnceLock::from).unwrap_or_default(),
@@ -928,6 +979,30 @@ impl OverlayFs {
     pub fn removexattr(&self, id: u64, name: &OsStr) -> Result<()> {
         Ok(backing::removexattr(self.node(id)?.fd(), name)?)
     }
+}
+
+/// Whether `caller` may open an existing file with `flags`, by its mode bits (owner, group
+/// with the caller's supplementary groups, others), as the kernel's `default_permissions`
+/// checks it.
+fn may_open(st: &Stat, caller: Caller, flags: i32, proc: &crate::procfs::ProcRoot) -> bool {
+    if caller.uid == 0 {
+        return true;
+    }
+    let mut want = 0;
+    if flags & libc::O_ACCMODE != libc::O_WRONLY {
+        want |= 4;
+    }
+    if flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0 {
+        want |= 2;
+    }
+    let bits = if st.uid == caller.uid {
+        st.mode >> 6
+    } else if st.gid == caller.gid || proc.groups(caller.pid).contains(&st.gid) {
+        st.mode >> 3
+    } else {
+        st.mode
+    };
+    bits & want == want
 }
 
 fn xattr_reply(size: u32, call: impl Fn(&mut [u8]) -> std::io::Result<usize>) -> Result<Xattr> {

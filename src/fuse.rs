@@ -662,16 +662,35 @@ impl Filesystem for FuseAdapter {
 
 /// Kernel cache invalidation after the daemon itself removed a name (eviction). Sent from
 /// the eviction thread, never from a request handler.
-pub struct KernelNotifier(pub fuser::Notifier);
+/// Sends the kernel its cache invalidations from a thread of its own. A notification waits
+/// for the directory's lock in the kernel, which a lookup may hold while it waits for a free
+/// FUSE worker: so no worker, and no thread a worker waits on, ever sends one or waits for
+/// one to be sent.
+pub struct KernelNotifier(std::sync::Mutex<std::sync::mpsc::Sender<(u64, std::ffi::OsString)>>);
+
+impl KernelNotifier {
+    pub fn spawn(notifier: fuser::Notifier) -> Self {
+        let (tx, rx) = std::sync::mpsc::channel::<(u64, std::ffi::OsString)>();
+        std::thread::Builder::new()
+            .name("notify".into())
+            .spawn(move || {
+                let root = INodeNo(crate::fs::ROOT);
+                for (ino, name) in rx {
+                    if let Err(e) = notifier.delete(root, INodeNo(ino), &name) {
+                        debug!("notify delete {name:?}: {e}; invalidating the entry instead");
+                        if let Err(e) = notifier.inval_entry(root, &name) {
+                            debug!("notify inval_entry {name:?}: {e}");
+                        }
+                    }
+                }
+            })
+            .expect("spawn notifier thread");
+        KernelNotifier(std::sync::Mutex::new(tx))
+    }
+}
 
 impl crate::evict::Invalidate for KernelNotifier {
     fn deleted(&self, ino: u64, name: &OsStr) {
-        let root = INodeNo(crate::fs::ROOT);
-        if let Err(e) = self.0.delete(root, INodeNo(ino), name) {
-            debug!("notify delete {name:?}: {e}; invalidating the entry instead");
-            if let Err(e) = self.0.inval_entry(root, name) {
-                debug!("notify inval_entry {name:?}: {e}");
-            }
-        }
+        let _ = self.0.lock().map(|tx| tx.send((ino, name.to_os_string())));
     }
 }

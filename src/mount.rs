@@ -234,6 +234,60 @@ pub fn unmount(dir: &Path) -> Result<(), Refusal> {
     }
 }
 
+/// The mount the covered directory lives on (read before our mount covers it).
+pub fn covered_mount(p: &Prepared) -> Option<MountInfo> {
+    use std::os::fd::AsRawFd;
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", p.dir_fd.as_raw_fd()));
+    let id = crate::procfs::parse_fdinfo(&info.ok()?).mnt?;
+    let text = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    parse_mountinfo(&text).into_iter().find(|m| m.id == id)
+}
+
+/// Filesystem types whose files other hosts may see and change (network and cluster
+/// filesystems; FUSE filesystems in general, except the local `fuseblk`).
+const SHARED_TYPES: [&str; 14] = [
+    "nfs",
+    "nfs4",
+    "ceph",
+    "cifs",
+    "smb3",
+    "smbfs",
+    "9p",
+    "virtiofs",
+    "gpfs",
+    "lustre",
+    "ocfs2",
+    "gfs2",
+    "glusterfs",
+    "afs",
+];
+const SHARED_MAGICS: [i64; 9] = [
+    0x6969,      // NFS
+    0x00c3_6400, // Ceph
+    0xff53_4d42, // CIFS
+    0xfe53_4d42, // SMB2/3
+    0x0102_1997, // 9p
+    0x4750_4653, // GPFS
+    0x0bd0_0bd0, // Lustre
+    0x7461_636f, // OCFS2
+    0x0116_1970, // GFS2
+];
+const FUSE_MAGIC: i64 = 0x6573_5546;
+
+/// Whether a filesystem of this mount type and `statfs` magic may be shared between hosts:
+/// `Some(type)` names it.
+pub fn shared_kind(fstype: &str, magic: i64) -> Option<String> {
+    let base = fstype.split('.').next().unwrap_or(fstype);
+    let fuse_subtype = base == "fuse" && fstype != "fuseblk";
+    if SHARED_TYPES.contains(&base) || SHARED_TYPES.contains(&fstype) || fuse_subtype {
+        return Some(fstype.to_string());
+    }
+    if SHARED_MAGICS.contains(&magic) || (magic == FUSE_MAGIC && fstype != "fuseblk") {
+        return Some(if fstype.is_empty() { format!("magic {magic:#x}") } else { fstype.into() });
+    }
+    None
+}
+
 /// Keeps the directory fd's filesystem type for the passthrough stacking decision.
 pub fn covered_fs_type(p: &Prepared) -> i64 {
     backing::statfs_type(p.dir_fd.as_fd()).unwrap_or(0)
@@ -255,5 +309,21 @@ mod tests {
         assert_eq!((m[0].id, m[1].id), (36, 40));
         assert_eq!(m[1].fstype, FSTYPE);
         assert_eq!(m[1].mount_point, PathBuf::from("/var/lib/nova/instances/_base"));
+    }
+
+    #[test]
+    fn shared_storage_is_recognised_by_type_or_magic() {
+        for t in ["nfs", "nfs4", "ceph", "fuse.glusterfs", "fuse.ceph-fuse", "gpfs", "lustre"] {
+            assert_eq!(shared_kind(t, 0).as_deref(), Some(t), "{t}");
+        }
+        for t in ["ocfs2", "gfs2", "cifs", "smb3", "9p", "virtiofs", "fuse.sshfs", "fuse"] {
+            assert!(shared_kind(t, 0).is_some(), "{t}");
+        }
+        assert!(shared_kind("", 0x6969).is_some(), "NFS by magic alone");
+        assert!(shared_kind("", FUSE_MAGIC).is_some(), "FUSE by magic alone");
+        for t in ["ext4", "xfs", "btrfs", "tmpfs", "overlay", "zfs", "fuseblk"] {
+            let magic = if t == "fuseblk" { FUSE_MAGIC } else { 0xef53 };
+            assert_eq!(shared_kind(t, magic), None, "{t}");
+        }
     }
 }

@@ -2,8 +2,12 @@
 //!
 //! Owns every read of `/proc`: resolving a FUSE request's thread id to its process (program,
 //! VM instance name, start time) and finding processes that hold a cache file open through a
-//! descriptor taken before the mount. `/proc` only enriches status and finds those early
-//! holders; it never drives the reference counts of handles opened through the mount.
+//! descriptor that does not go through our mount (taken before it, inherited from such a
+//! process, or opened where the covered directory is visible). `/proc` only enriches status
+//! and finds those outside holders; it never drives the reference counts of handles opened
+//! through the mount. A walk never touches a filesystem — no `stat` of a descriptor, which
+//! could reach this very daemon from another mount namespace or a stalled NFS server — and it
+//! is bounded in time and descriptors.
 //! Invariants: a [`Holder`] names one process for good, because `(pid, start_time)` survives
 //! pid reuse, and every lookup re-reads the start time after its other reads so that a pid
 //! recycled midway is reported as gone, not as a mix of two processes. A process that vanishes
@@ -11,11 +15,11 @@
 //! (ours and integration tests) can point it at a fake tree.
 
 use std::collections::HashMap;
-use std::ffi::{OsStr, OsString};
+use std::ffi::OsString;
 use std::fs;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 /// The root of a `/proc` tree: `/proc` itself, or a fake tree in tests.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -41,27 +45,78 @@ pub struct Holder {
     pub start_time: u64,
 }
 
-/// A file as `stat` names it: `(st_dev, st_ino)`.
-pub type FileId = (u64, u64);
-
-/// The cache files a `/proc` walk looks for.
+/// The cache files a `/proc` walk looks for, by covered inode number.
 #[derive(Clone, Copy, Debug)]
 pub struct Wanted<'a> {
-    /// The covered filesystem's device.
+    /// The covered filesystem's device, as mountinfo shows it (`makedev(major, minor)`).
     pub dev: u64,
-    /// Cache files by `(st_dev, st_ino)` on the covered filesystem, with their names.
-    pub files: &'a HashMap<FileId, OsString>,
-    /// Our own mount's id (`mnt_id` in fdinfo): its descriptors are counted by file handle.
-    pub skip_mnt: Option<u64>,
+    /// Cache files by inode number on the covered filesystem, with their names.
+    pub files: &'a HashMap<u64, OsString>,
+    /// Our own mount's device (`None` before the mount): descriptors on it, in any mount
+    /// namespace, are counted by file handle, never here.
+    pub own_dev: Option<u64>,
 }
 
 /// A process holding a cache file open, found through `/proc`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Held {
+    pub ino: u64,
     pub name: OsString,
     pub holder: Holder,
     /// One of its descriptors on the file was opened for writing.
     pub write: bool,
+}
+
+/// A `/proc` walk that could not look at everything: what it found cannot be trusted to be
+/// complete, so no file may be evicted on it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Incomplete(pub &'static str);
+
+impl std::fmt::Display for Incomplete {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.0)
+    }
+}
+
+/// The longest a walk may take, and the most descriptors it looks at, before it gives up.
+const WALK_TIME: Duration = Duration::from_secs(5);
+const WALK_FDS: usize = 1 << 20;
+
+/// What the walk knows of a mount id: its device, and whether it is an imagecachefs overlay.
+#[derive(Clone, Copy, Debug)]
+struct MountOf {
+    dev: u64,
+    overlay: bool,
+}
+
+/// Mount ids seen during one walk (they are unique across mount namespaces).
+#[derive(Default)]
+struct Mounts {
+    by_id: HashMap<u64, MountOf>,
+    /// Mount namespaces whose mountinfo was read already.
+    namespaces: std::collections::HashSet<OsString>,
+}
+
+impl Mounts {
+    /// The mount `id` as process `pid` sees it; reads that process's mountinfo once per
+    /// mount namespace. Nothing here reaches a filesystem: mountinfo is the kernel's table.
+    fn get(&mut self, proc_dir: &Path, id: u64) -> Option<MountOf> {
+        if let Some(m) = self.by_id.get(&id) {
+            return Some(*m);
+        }
+        let ns = fs::read_link(proc_dir.join("ns/mnt")).map(|p| p.into_os_string()).ok();
+        if let Some(ns) = ns {
+            if !self.namespaces.insert(ns) {
+                return None;
+            }
+        }
+        let text = fs::read_to_string(proc_dir.join("mountinfo")).ok()?;
+        for m in crate::mount::parse_mountinfo(&text) {
+            let dev = libc::makedev(m.dev.0, m.dev.1);
+            self.by_id.insert(m.id, MountOf { dev, overlay: m.fstype == crate::mount::FSTYPE });
+        }
+        self.by_id.get(&id).copied()
+    }
 }
 
 impl ProcRoot {
@@ -77,29 +132,45 @@ impl ProcRoot {
         self.process(parse_tgid(&status)?)
     }
 
-    /// Every process that holds a wanted file open, with whether any of its descriptors on it
-    /// may write. Skips our own pid and processes or fds that vanish or deny access; one entry
-    /// per process and file, however many descriptors it has on it.
-    pub fn holders_of(&self, want: &Wanted) -> Vec<Held> {
+    /// Every process that holds a wanted file open outside our mount, with whether any of its
+    /// descriptors on it may write; one entry per process and file.
+    ///
+    /// A descriptor is matched without touching any filesystem: `readlink` of
+    /// `/proc/<pid>/fd/<n>` (a path or not), `fdinfo` (`mnt_id`, `ino`, `flags`), and the mount
+    /// table of the holder's mount namespace (`mnt_id` → device). It counts when it is on the
+    /// covered filesystem (any mount of it, in any namespace) with a wanted inode, or on an
+    /// earlier imagecachefs overlay (node ids are covered inode numbers) under the wanted
+    /// name. Skipped: our own process, `O_PATH` descriptors (they cannot read or write: a
+    /// daemon's own node handles), descriptors on our own mount in any namespace. Processes
+    /// and descriptors that vanish midway are skipped; a walk that runs out of time or
+    /// descriptors, or cannot read `/proc`, is `Incomplete`.
+    pub fn holders_of(&self, want: &Wanted) -> Result<Vec<Held>, Incomplete> {
         let mut found = Vec::new();
         if want.files.is_empty() {
-            return found;
+            return Ok(found);
         }
-        let Ok(entries) = fs::read_dir(&self.0) else { return found };
+        let started = Instant::now();
+        let entries = fs::read_dir(&self.0).map_err(|_| Incomplete("/proc is unreadable"))?;
         let me = std::process::id();
+        let mut mounts = Mounts::default();
+        let mut budget = WALK_FDS;
         for entry in entries.flatten() {
+            if started.elapsed() > WALK_TIME {
+                return Err(Incomplete("the /proc walk ran out of time"));
+            }
             let Some(pid) = parse_pid(entry.file_name().as_bytes()) else { continue };
             if pid == me {
                 continue;
             }
             let Some(start_time) = self.start_time(pid) else { continue };
-            let held = self.held_by(pid, want);
+            let held = self.held_by(pid, want, &mut mounts, &mut budget)?;
             if held.is_empty() {
                 continue;
             }
             match self.process(pid) {
                 Some(holder) if holder.start_time == start_time => {
-                    found.extend(held.into_iter().map(|(name, write)| Held {
+                    found.extend(held.into_iter().map(|(ino, name, write)| Held {
+                        ino,
                         name,
                         holder: holder.clone(),
                         write,
@@ -108,42 +179,54 @@ impl ProcRoot {
                 _ => {}
             }
         }
-        found
+        Ok(found)
     }
 
-    /// True if `h` (same pid and start time) still holds the wanted file `name` open.
-    pub fn still_holds(&self, h: &Holder, want: &Wanted, name: &OsStr) -> bool {
-        let same = || self.start_time(h.pid) == Some(h.start_time);
-        same() && self.held_by(h.pid, want).iter().any(|(n, _)| n == name) && same()
-    }
-
-    /// The wanted files `pid` holds, by name, with write access.
-    fn held_by(&self, pid: u32, want: &Wanted) -> Vec<(OsString, bool)> {
+    /// The wanted files `pid` holds, with write access.
+    fn held_by(
+        &self,
+        pid: u32,
+        want: &Wanted,
+        mounts: &mut Mounts,
+        budget: &mut usize,
+    ) -> Result<Vec<(u64, OsString, bool)>, Incomplete> {
         let proc_dir = self.0.join(pid.to_string());
-        let Ok(fds) = fs::read_dir(proc_dir.join("fd")) else { return Vec::new() };
-        let mut out: Vec<(OsString, bool)> = Vec::new();
+        let Ok(fds) = fs::read_dir(proc_dir.join("fd")) else { return Ok(Vec::new()) };
+        let mut out: Vec<(u64, OsString, bool)> = Vec::new();
         for fd in fds.flatten() {
-            let info_path = proc_dir.join("fdinfo").join(fd.file_name());
-            let read_info =
-                || fs::read_to_string(&info_path).map(|t| parse_fdinfo(&t)).unwrap_or_default();
-            let mut info = None;
-            // A descriptor on our own mount is never stat'ed (that would ask this daemon).
-            if let Some(ours) = want.skip_mnt {
-                let i = read_info();
-                if i.mnt == Some(ours) {
-                    continue;
-                }
-                info = Some(i);
+            *budget = budget.checked_sub(1).ok_or(Incomplete("too many descriptors to look at"))?;
+            // Sockets, pipes, anonymous inodes: not a path, never a cache file.
+            let Ok(target) = fs::read_link(fd.path()) else { continue };
+            if !target.as_os_str().as_bytes().starts_with(b"/") {
+                continue;
             }
-            let mut fdinfo = || *info.get_or_insert_with(read_info);
-            let Some(name) = wanted_name(&fd.path(), want, &mut fdinfo) else { continue };
-            let write = fdinfo().flags.is_some_and(|f| f & libc::O_ACCMODE != libc::O_RDONLY);
-            match out.iter_mut().find(|(n, _)| *n == name) {
-                Some(e) => e.1 |= write,
-                None => out.push((name, write)),
+            let info_path = proc_dir.join("fdinfo").join(fd.file_name());
+            let Ok(text) = fs::read_to_string(&info_path) else { continue };
+            let info = parse_fdinfo(&text);
+            let (Some(ino), Some(mnt)) = (info.ino, info.mnt) else { continue };
+            if info.flags.is_some_and(|f| f & libc::O_PATH != 0) {
+                continue;
+            }
+            let Some(name) = want.files.get(&ino) else { continue };
+            let counts = match mounts.get(&proc_dir, mnt) {
+                Some(m) if m.dev == want.dev => true,
+                Some(m) if Some(m.dev) == want.own_dev => false,
+                Some(m) if m.overlay => link_name(&target) == name.as_bytes(),
+                Some(_) => false,
+                // A mount that vanished from the table while the descriptor stays open (a
+                // lazily detached mount): count it if it names the file, to be safe.
+                None => link_name(&target) == name.as_bytes(),
+            };
+            if !counts {
+                continue;
+            }
+            let write = info.flags.is_some_and(|f| f & libc::O_ACCMODE != libc::O_RDONLY);
+            match out.iter_mut().find(|(i, _, _)| *i == ino) {
+                Some(e) => e.2 |= write,
+                None => out.push((ino, name.clone(), write)),
             }
         }
-        out
+        Ok(out)
     }
 
     /// The thread group `pid` itself (not resolved through `status`).
@@ -180,21 +263,36 @@ impl ProcRoot {
         let n = f.read(&mut buf).ok()?;
         parse_start_time(std::str::from_utf8(&buf[..n]).ok()?)
     }
+
+    /// Supplementary groups of a thread (`Groups:` of `/proc/<tid>/status`).
+    pub fn groups(&self, tid: u32) -> Vec<u32> {
+        let Ok(status) = fs::read_to_string(self.0.join(tid.to_string()).join("status")) else {
+            return Vec::new();
+        };
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("Groups:"))
+            .map(|v| v.split_whitespace().filter_map(|g| g.parse().ok()).collect())
+            .unwrap_or_default()
+    }
+
+    /// The mount that `fd` of this process was opened on, as `makedev(major, minor)` of
+    /// mountinfo (for btrfs subvolumes that is not `st_dev`, so the walk compares like with
+    /// like).
+    pub fn mount_dev_of(&self, fd: i32) -> Option<u64> {
+        let me = self.0.join(std::process::id().to_string());
+        let mnt =
+            parse_fdinfo(&fs::read_to_string(me.join("fdinfo").join(fd.to_string())).ok()?).mnt?;
+        Mounts::default().get(&me, mnt).map(|m| m.dev)
+    }
 }
 
-/// Which wanted file a descriptor names: by device and inode on the covered filesystem; or,
-/// for a descriptor that does not reach it (opened through an earlier overlay at the same
-/// path: alive during an upgrade, dead after a crash), by the overlay's inode number — node
-/// ids are the covered inode numbers — and the file's name.
-fn wanted_name(fd: &Path, want: &Wanted, fdinfo: &mut dyn FnMut() -> FdInfo) -> Option<OsString> {
-    if let Ok(m) = fs::metadata(fd) {
-        if m.dev() == want.dev {
-            return want.files.get(&(m.dev(), m.ino())).cloned();
-        }
-    }
-    let ino = fdinfo().ino?;
-    let name = fs::read_link(fd).ok()?.file_name()?.to_os_string();
-    (want.files.get(&(want.dev, ino)) == Some(&name)).then_some(name)
+/// The last component of a descriptor's path, without the " (deleted)" the kernel appends
+/// once the name is gone.
+fn link_name(target: &Path) -> &[u8] {
+    let b = target.as_os_str().as_bytes();
+    let b = b.strip_suffix(b" (deleted)").unwrap_or(b);
+    b.rsplit(|&c| c == b'/').next().unwrap_or(b)
 }
 
 /// What `/proc/<pid>/fdinfo/<fd>` says of a descriptor.
@@ -532,16 +630,34 @@ mod tests {
         assert_eq!(proc.holder(TID), None);
     }
 
+    /// Adds descriptor `fd` of fake process `dir`: its link target and its fdinfo.
+    fn fake_fd(dir: &Path, fd: u32, target: &Path, mnt: u64, ino: u64, flags: &str) {
+        fs::create_dir_all(dir.join("fdinfo")).unwrap();
+        symlink(target, dir.join("fd").join(fd.to_string())).unwrap();
+        fs::write(
+            dir.join("fdinfo").join(fd.to_string()),
+            format!("pos:\t0\nflags:\t{flags}\nmnt_id:\t{mnt}\nino:\t{ino}\n"),
+        )
+        .unwrap();
+    }
+
+    /// Mount 50: the covered filesystem (8:1); 60: our own overlay (0:77); 70: an earlier
+    /// overlay (0:66); 80: some other filesystem (0:99).
+    fn fake_mounts(dir: &Path) {
+        fs::create_dir_all(dir.join("ns")).unwrap();
+        symlink("mnt:[4026531841]", dir.join("ns/mnt")).unwrap();
+        fs::write(
+            dir.join("mountinfo"),
+            "50 1 8:1 / / rw - ext4 /dev/vda rw\n\
+             60 50 0:77 / /c/_base rw - fuse.imagecachefs imagecachefs rw\n\
+             70 50 0:66 / /old/_base rw - fuse.imagecachefs imagecachefs rw\n\
+             80 50 0:99 / /other rw - nfs4 srv:/x rw\n",
+        )
+        .unwrap();
+    }
+
     #[test]
     fn holders_in_a_fake_tree() {
-        let files = tempfile::tempdir().unwrap();
-        let (base, other) = (files.path().join("base"), files.path().join("other"));
-        fs::write(&base, b"base").unwrap();
-        fs::write(&other, b"other").unwrap();
-        let id = |p: &Path| {
-            let m = fs::metadata(p).unwrap();
-            (m.dev(), m.ino())
-        };
         let root = tempfile::tempdir().unwrap();
         let proc = ProcRoot(root.path().to_owned());
         let dir = fake_process(
@@ -553,48 +669,49 @@ mod tests {
             &qemu_cmdline(),
             77,
         );
-        // Two descriptors on the same file count once; a dangling one is skipped.
-        symlink(&base, dir.join("fd/3")).unwrap();
-        symlink(&base, dir.join("fd/4")).unwrap();
-        symlink(&other, dir.join("fd/5")).unwrap();
-        symlink("/nonexistent/socket:[1234]", dir.join("fd/6")).unwrap();
-        fs::create_dir_all(root.path().join("self")).unwrap();
-        fake_process(
-            root.path(),
-            std::process::id(),
-            std::process::id(),
-            Some("/x/me"),
-            "me",
-            b"",
-            1,
-        );
-        symlink(&base, root.path().join(std::process::id().to_string()).join("fd/3")).unwrap();
+        fake_mounts(&dir);
+        let base = Path::new("/c/_base/base");
+        // Two descriptors on the same file count once, a writer makes it a writer.
+        fake_fd(&dir, 3, base, 50, 11, "0100000");
+        fake_fd(&dir, 4, base, 50, 11, "0100002");
+        // On our own mount: counted by handle, not here. O_PATH: a daemon's node handle.
+        fake_fd(&dir, 5, Path::new("/c/_base/other"), 60, 12, "0100000");
+        fake_fd(&dir, 6, Path::new("/c/_base/other"), 50, 12, "012100000");
+        // Same inode number on another filesystem; a socket.
+        fake_fd(&dir, 7, Path::new("/other/base"), 80, 12, "0100000");
+        fake_fd(&dir, 8, Path::new("socket:[1234]"), 80, 12, "02");
+        // Through an earlier overlay: by inode and name.
+        fake_fd(&dir, 9, Path::new("/old/_base/third (deleted)"), 70, 13, "0100000");
+        fake_fd(&dir, 10, Path::new("/old/_base/renamed"), 70, 14, "0100000");
+        // Our own process is never a holder.
+        let me = std::process::id();
+        let mine = fake_process(root.path(), me, me, Some("/x/me"), "me", b"", 1);
+        fake_mounts(&mine);
+        fake_fd(&mine, 3, base, 50, 11, "0100000");
 
-        let files = HashMap::from([(id(&base), OsString::from("base"))]);
-        let want = Wanted { dev: id(&base).0, files: &files, skip_mnt: None };
-        let found = proc.holders_of(&want);
-        assert_eq!(found.len(), 1, "{found:?}");
-        let Held { name, holder, write } = &found[0];
-        assert_eq!(name, "base");
-        assert!(!write, "no fdinfo in the fake tree: not known to write");
-        assert_eq!((holder.pid, holder.program.as_str()), (TGID, "qemu-system-x86_64"));
-        let none = HashMap::new();
-        assert!(proc.holders_of(&Wanted { files: &none, ..want }).is_empty());
-
-        let both = HashMap::from([
-            (id(&base), OsString::from("base")),
-            (id(&other), OsString::from("other")),
+        let files = HashMap::from([
+            (11, OsString::from("base")),
+            (12, OsString::from("other")),
+            (13, OsString::from("third")),
+            (14, OsString::from("fourth")),
         ]);
-        let want = Wanted { files: &both, ..want };
-        assert!(proc.still_holds(holder, &want, OsStr::new("base")));
-        fs::remove_file(dir.join("fd/3")).unwrap();
-        assert!(proc.still_holds(holder, &want, OsStr::new("base")));
-        fs::remove_file(dir.join("fd/4")).unwrap();
-        assert!(!proc.still_holds(holder, &want, OsStr::new("base")));
-        // Same pid, another process (start time differs).
-        assert!(proc.still_holds(holder, &want, OsStr::new("other")));
-        fs::write(dir.join("stat"), stat_line(TGID, "qemu-system-x86", 78)).unwrap();
-        assert!(!proc.still_holds(holder, &want, OsStr::new("other")));
+        let want =
+            Wanted { dev: libc::makedev(8, 1), files: &files, own_dev: Some(libc::makedev(0, 77)) };
+        let mut found = proc.holders_of(&want).unwrap();
+        found.sort_by_key(|h| h.ino);
+        let got: Vec<(u64, &str, bool)> =
+            found.iter().map(|h| (h.ino, h.name.to_str().unwrap(), h.write)).collect();
+        assert_eq!(got, [(11, "base", true), (13, "third", false)], "{found:?}");
+        assert_eq!(found[0].holder.pid, TGID);
+        assert_eq!(found[0].holder.instance.as_deref(), Some("instance-0000002a"));
+        let none = HashMap::new();
+        assert!(proc.holders_of(&Wanted { files: &none, ..want }).unwrap().is_empty());
+        // Before the mount there is no own device: the same descriptor then counts.
+        let found = proc.holders_of(&Wanted { own_dev: None, ..want }).unwrap();
+        assert!(found.iter().any(|h| h.ino == 12), "{found:?}");
+        // No /proc at all: the walk cannot vouch for anything.
+        let gone = ProcRoot(root.path().join("nonexistent"));
+        assert!(gone.holders_of(&want).is_err());
     }
 
     #[test]
@@ -623,8 +740,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("0d5e6b61602d758984b3bf038267614d6016eb2a");
         fs::write(&path, b"image").unwrap();
-        let meta = fs::metadata(&path).unwrap();
-        let (dev, ino) = (meta.dev(), meta.ino());
+        let ino = {
+            use std::os::unix::fs::MetadataExt;
+            fs::metadata(&path).unwrap().ino()
+        };
+        let probe = fs::File::open(dir.path()).unwrap();
+        let proc = ProcRoot::default();
+        let dev = proc
+            .mount_dev_of(std::os::fd::AsRawFd::as_raw_fd(&probe))
+            .expect("our own descriptor's mount");
         let mut child = Reaped(
             Command::new("sh")
                 .args(["-c", r#"exec 3<"$1"; exec sleep 30"#, "sh"])
@@ -633,12 +757,11 @@ mod tests {
                 .expect("spawn sh -c 'exec sleep 30'"),
         );
         let pid = child.0.id();
-        let proc = ProcRoot::default();
         let deadline = Instant::now() + Duration::from_secs(10);
-        let files = HashMap::from([((dev, ino), OsString::from("image"))]);
-        let want = Wanted { dev, files: &files, skip_mnt: None };
+        let files = HashMap::from([(ino, OsString::from("image"))]);
+        let want = Wanted { dev, files: &files, own_dev: None };
         let holder = loop {
-            let found = proc.holders_of(&want);
+            let found = proc.holders_of(&want).unwrap();
             // Until `sh` has exec'd, the holder's program is `sh`.
             if let Some(held) = found.iter().find(|h| h.holder.program == "sleep") {
                 assert_eq!(found.len(), 1, "{found:?}");
@@ -651,17 +774,12 @@ mod tests {
         };
         assert_eq!(holder.pid, pid);
         assert_eq!(holder.instance, None);
-        assert!(proc.still_holds(&holder, &want, OsStr::new("image")));
-        let elsewhere = HashMap::from([((dev, ino.wrapping_add(1)), OsString::from("image"))]);
-        assert!(!proc.still_holds(
-            &holder,
-            &Wanted { files: &elsewhere, ..want },
-            "image".as_ref()
-        ));
+        let elsewhere = HashMap::from([(ino.wrapping_add(1), OsString::from("image"))]);
+        assert!(proc.holders_of(&Wanted { files: &elsewhere, ..want }).unwrap().is_empty());
 
         child.0.kill().unwrap();
         child.0.wait().unwrap();
-        assert!(!proc.still_holds(&holder, &want, OsStr::new("image")));
+        assert!(proc.holders_of(&want).unwrap().iter().all(|h| h.holder.pid != pid));
         // Gone, or (if the pid was recycled already) another process.
         assert_ne!(proc.holder(pid).map(|h| h.start_time), Some(holder.start_time));
     }

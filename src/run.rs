@@ -15,7 +15,7 @@ use log::{error, info};
 use crate::backing;
 use crate::cache::{Cache, Settings};
 use crate::clock::SystemClock;
-use crate::config::MountConfig;
+use crate::config::{MountConfig, StorageChoice};
 use crate::fs::{OverlayFs, STATUS_DIR};
 use crate::fuse::FuseAdapter;
 use crate::mount::{self, Refusal};
@@ -201,6 +201,20 @@ fn serve(cfg: &MountConfig, on_ready: impl FnOnce()) -> Result<(), Refusal> {
     unsafe { libc::mallopt(libc::M_ARENA_MAX, 2) };
     raise_fd_limit();
     let fs_type = mount::covered_fs_type(&prepared);
+    let fstype = mount::covered_mount(&prepared).map(|m| m.fstype).unwrap_or_default();
+    let shared = match cfg.storage {
+        StorageChoice::Detect => mount::shared_kind(&fstype, fs_type),
+        StorageChoice::Local => None,
+        StorageChoice::Shared => Some(mount::shared_kind(&fstype, fs_type).unwrap_or(fstype)),
+    };
+    if let Some(kind) = &shared {
+        log::warn!(
+            "{} is on shared storage ({kind}): other hosts may use its files, so nothing is \
+             evicted (use --storage local if only this host uses it)",
+            dir.display()
+        );
+    }
+    let policy = crate::state::Policy { shared: shared.clone(), ..cfg.policy.clone() };
     let instances_dir = cfg
         .instances_dir
         .clone()
@@ -217,13 +231,15 @@ fn serve(cfg: &MountConfig, on_ready: impl FnOnce()) -> Result<(), Refusal> {
     // Before the mount: finding pre-mount holders stats /proc/*/fd targets, which must not
     // reach this mount before it is served.
     let root = prepared.dir_fd.try_clone().map_err(|e| Refusal(format!("dup: {e}")))?;
+    let mut shown_cfg = MountConfig { instances_dir: Some(instances_dir_shown), ..cfg.clone() };
+    shown_cfg.policy = policy.clone();
     let cache = Cache::open(
         root,
-        cfg.policy.clone(),
+        policy,
         Arc::new(SystemClock),
         crate::procfs::ProcRoot::default(),
         settings,
-        MountConfig { instances_dir: Some(instances_dir_shown), ..cfg.clone() }.pairs(),
+        shown_cfg.pairs(),
     )
     .map_err(|e| Refusal(format!("reading {}: {e}", dir.display())))?;
     mount::mount(&prepared)?;
@@ -247,11 +263,14 @@ fn serve(cfg: &MountConfig, on_ready: impl FnOnce()) -> Result<(), Refusal> {
         .map_err(|e| fail(format!("FUSE handshake on {}: {e}", dir.display())))?;
     let ours = mount::top_mount(&dir);
     let our_dev = ours.as_ref().map(|m| makedev(m.dev));
-    if let Some(m) = &ours {
-        cache.set_mount_id(m.id);
+    if let Some(d) = our_dev {
+        cache.set_own_dev(d);
     }
     cache.set_passthrough(core.passthrough_enabled());
-    cache.set_invalidator(Box::new(crate::fuse::KernelNotifier(session.notifier())));
+    cache.set_invalidator(Box::new(crate::fuse::KernelNotifier::spawn(session.notifier())));
+    if let Some(m) = &ours {
+        spawn_mount_watch(m.id, cache.clone());
+    }
     crate::evict::spawn(cache.clone());
     crate::checksums::spawn(cache.clone());
     info!(
@@ -261,7 +280,7 @@ fn serve(cfg: &MountConfig, on_ready: impl FnOnce()) -> Result<(), Refusal> {
         if core.passthrough_enabled() { "on" } else { "OFF" }
     );
     on_ready();
-    spawn_signal_thread(signals, dir.clone(), our_dev, core.clone());
+    spawn_signal_thread(signals, dir.clone(), our_dev, core.clone(), cache.clone());
     session.run().map_err(|e| Refusal(format!("FUSE session on {}: {e}", dir.display())))?;
     cache.persist();
     info!("session on {} ended; exiting", dir.display());
@@ -275,6 +294,7 @@ fn spawn_signal_thread(
     dir: std::path::PathBuf,
     dev: Option<u64>,
     core: Arc<OverlayFs>,
+    cache: Arc<Cache>,
 ) {
     std::thread::Builder::new()
         .name("signals".into())
@@ -292,9 +312,15 @@ fn spawn_signal_thread(
                 let ours = mount::top_mount(&dir).map(|m| makedev(m.dev));
                 if ours.is_none() || ours != dev {
                     info!("signal {sig}: {} is no longer mounted by this daemon", dir.display());
+                    cache.lose_mount("the mount is no longer this daemon's");
                     continue;
                 }
-                match mount::detach(&dir) {
+                // The last state this daemon may write: after the detach another daemon may
+                // own the directory.
+                cache.persist();
+                let detached = mount::detach(&dir);
+                cache.lose_mount("the mount was detached");
+                match detached {
                     Ok(()) => info!(
                         "signal {sig}: detached {}; serving {} open handle(s) until their last close",
                         dir.display(),
@@ -305,6 +331,45 @@ fn spawn_signal_thread(
             }
         })
         .expect("spawn signal thread");
+}
+
+/// Watches the mount table (`/proc/self/mountinfo` signals every change with `POLLPRI`) and
+/// tells the cache once our mount `id` is gone from it, whoever detached it: a daemon that no
+/// longer owns the mount must not decide anything for the directory. Reads only the kernel's
+/// mount table.
+fn spawn_mount_watch(id: u64, cache: Arc<Cache>) {
+    std::thread::Builder::new()
+        .name("mounts".into())
+        .spawn(move || {
+            let Ok(file) = File::open("/proc/self/mountinfo") else {
+                error!(
+                    "cannot watch /proc/self/mountinfo: a detach by another process goes unseen"
+                );
+                return;
+            };
+            let present = || {
+                std::fs::read_to_string("/proc/self/mountinfo")
+                    .map(|t| mount::parse_mountinfo(&t).iter().any(|m| m.id == id))
+                    .unwrap_or(true)
+            };
+            while cache.owns_mount() {
+                if !present() {
+                    cache.lose_mount("the mount was detached");
+                    return;
+                }
+                let mut pfd = libc::pollfd {
+                    fd: std::os::fd::AsRawFd::as_raw_fd(&file),
+                    events: libc::POLLPRI | libc::POLLERR,
+                    revents: 0,
+                };
+                // A timeout as well, in case a change notification is ever missed.
+                unsafe { libc::poll(&mut pfd, 1, 10_000) };
+                // Re-arm: the next poll waits for the next change.
+                let _ = (&file).read(&mut [0u8; 4096]);
+                let _ = std::io::Seek::seek(&mut (&file), std::io::SeekFrom::Start(0));
+            }
+        })
+        .expect("spawn mount watcher");
 }
 
 /// `imagecachefs unmount`: returns the process exit code.

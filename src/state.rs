@@ -37,6 +37,9 @@ pub struct Policy {
     pub partial_min_age: u64,
     /// `false`: never evict by age (`remove_unused_base_images = False`); corrupt files still go.
     pub evict: bool,
+    /// The cache directory is on storage other hosts share (its filesystem type) and nothing
+    /// coordinates eviction with them: nothing is evicted, for any reason.
+    pub shared: Option<String>,
 }
 
 impl Default for Policy {
@@ -46,6 +49,7 @@ impl Default for Policy {
             resized_min_age: 3_600,
             partial_min_age: 3_600,
             evict: true,
+            shared: None,
         }
     }
 }
@@ -113,6 +117,8 @@ pub enum Blocker {
     HeldBeforeMount,
     Pinned,
     Referenced,
+    /// The cache is on shared storage: another host may need the file.
+    SharedStorage,
     /// Its deadline has not come (or eviction is off).
     NotDue,
 }
@@ -125,6 +131,7 @@ impl Blocker {
             Blocker::HeldBeforeMount => "held open by a process from before the mount",
             Blocker::Pinned => "pinned",
             Blocker::Referenced => "named as a backing file by an instance disk",
+            Blocker::SharedStorage => "on shared storage: another host may use it",
             Blocker::NotDue => "not due",
         }
     }
@@ -151,6 +158,23 @@ pub struct Image {
 }
 
 impl Image {
+    fn unnamed(ino: u64) -> Self {
+        Image {
+            name: None,
+            ino,
+            kind: Kind::Other,
+            size: 0,
+            opens: BTreeMap::new(),
+            early: Vec::new(),
+            pinned: false,
+            last_used: SystemTime::UNIX_EPOCH,
+            checksum: None,
+            verified: Verified::Never,
+            write_gen: 0,
+            evicting: false,
+        }
+    }
+
     /// Handles open for writing, through the mount or from before it.
     pub fn writers(&self) -> usize {
         self.opens.values().filter(|o| o.write).count() + self.early.iter().filter(|e| e.1).count()
@@ -304,20 +328,14 @@ impl CacheState {
         }
         let saved = self.saved.remove(name);
         self.evicted.remove(&ino);
-        let img = self.images.entry(ino).or_insert_with(|| Image {
-            name: None,
-            ino,
-            kind: Kind::of(name),
-            size,
-            opens: BTreeMap::new(),
-            early: Vec::new(),
-            pinned: false,
-            last_used: mtime,
-            checksum: None,
-            verified: Verified::Never,
-            write_gen: 0,
-            evicting: false,
-        });
+        let img = self
+            .images
+            .entry(ino)
+            .or_insert_with(|| Image { last_used: mtime, ..Image::unnamed(ino) });
+        if img.name.is_none() {
+            // An inode that was open elsewhere before it got this name.
+            img.last_used = img.last_used.max(mtime);
+        }
         if let Some(old_name) = img.name.replace(name.to_os_string()) {
             // A second name for the same inode (hard link): the table follows the newest.
             self.names.remove(&old_name);
@@ -384,7 +402,10 @@ impl CacheState {
                 if self.evicted.contains(&ino) {
                     return RefEffect::Gone;
                 }
-                let Some(img) = self.images.get_mut(&ino) else { return RefEffect::None };
+                // Every open of a regular file is a reference from the moment it happens,
+                // wherever the file lives: an inode that is not a cache file (yet) gets an
+                // unnamed entry, which a rename or link into the cache directory names.
+                let img = self.images.entry(ino).or_insert_with(|| Image::unnamed(ino));
                 if img.evicting {
                     return RefEffect::Gone;
                 }
@@ -435,50 +456,55 @@ impl CacheState {
         }
     }
 
-    /// A holder found at start, from before the mount. A writer makes any checksum stale:
-    /// the file's content is only known once it is gone.
-    pub fn add_early_holder(&mut self, ino: u64, h: Holder, write: bool) {
-        if let Some(img) = self.images.get_mut(&ino) {
-            if !img.early.iter().any(|(e, _)| *e == h) {
-                img.early.push((h, write));
+    /// The processes that hold the file open outside the mount (from before it, inherited
+    /// from such a process, or through an earlier overlay), as a `/proc` walk just found them:
+    /// they replace what was known. A new writer makes the checksum stale (the content is only
+    /// known once it is gone); holders that left are a use. Returns what that changed, as
+    /// reference changes do.
+    pub fn set_outside(
+        &mut self,
+        ino: u64,
+        found: Vec<(Holder, bool)>,
+        now: SystemTime,
+    ) -> RefEffect {
+        let Some(img) = self.images.get_mut(&ino) else { return RefEffect::None };
+        let mut found = found;
+        found.sort_by_key(|(h, _)| (h.pid, h.start_time));
+        found.dedup_by(|a, b| {
+            a.0 == b.0 && {
+                b.1 |= a.1;
+                true
             }
-            if write {
-                img.write_gen += 1;
-                img.checksum = None;
-            }
+        });
+        if img.early == found {
+            return RefEffect::None;
         }
+        let (refs, writers) = (img.refs(), img.writers());
+        let new_writer =
+            found.iter().any(|(h, w)| *w && !img.early.iter().any(|(e, ew)| e == h && *ew));
+        let left = img.early.iter().any(|(e, _)| !found.iter().any(|(h, _)| h == e));
+        img.early = found;
+        if new_writer {
+            img.write_gen += 1;
+            img.checksum = None;
+        }
+        if left {
+            img.last_used = img.last_used.max(now);
+        }
+        let effect = if writers > 0 && img.writers() == 0 {
+            RefEffect::WritingDone { ino, write_gen: img.write_gen }
+        } else if refs > 0 && img.refs() == 0 {
+            RefEffect::Unreferenced { ino }
+        } else {
+            RefEffect::None
+        };
+        self.changed();
+        effect
     }
 
-    /// Drops early holders for which `still_holds(holder, name)` says no (checked lazily, when
-    /// asked). Returns what that changed, as reference changes do.
-    pub fn recheck_early(
-        &mut self,
-        now: SystemTime,
-        mut still_holds: impl FnMut(&Holder, &OsStr) -> bool,
-    ) -> Vec<RefEffect> {
-        let mut effects = Vec::new();
-        for img in self.images.values_mut() {
-            let Some(name) = img.name.clone() else { continue };
-            if img.early.is_empty() {
-                continue;
-            }
-            let (ino, refs, writers, before) =
-                (img.ino, img.refs(), img.writers(), img.early.len());
-            img.early.retain(|(h, _)| still_holds(h, &name));
-            if img.early.len() == before {
-                continue;
-            }
-            img.last_used = img.last_used.max(now);
-            if writers > 0 && img.writers() == 0 {
-                effects.push(RefEffect::WritingDone { ino, write_gen: img.write_gen });
-            } else if refs > 0 && img.refs() == 0 {
-                effects.push(RefEffect::Unreferenced { ino });
-            }
-        }
-        if !effects.is_empty() {
-            self.changed();
-        }
-        effects
+    /// Inodes with holders outside the mount.
+    pub fn held_outside(&self) -> Vec<u64> {
+        self.images.values().filter(|i| !i.early.is_empty()).map(|i| i.ino).collect()
     }
 
     pub fn set_pin(&mut self, name: &OsStr, pinned: bool, now: SystemTime) -> bool {
@@ -572,6 +598,9 @@ impl CacheState {
     /// When the file becomes due for eviction by age alone; `None`: never (eviction off and
     /// not corrupt). A corrupt file is due at once.
     pub fn deadline(img: &Image, policy: &Policy) -> Option<SystemTime> {
+        if policy.shared.is_some() {
+            return None;
+        }
         if img.corrupt() {
             return Some(SystemTime::UNIX_EPOCH);
         }
@@ -598,6 +627,8 @@ impl CacheState {
             Some(Blocker::Pinned)
         } else if referenced {
             Some(Blocker::Referenced)
+        } else if policy.shared.is_some() {
+            Some(Blocker::SharedStorage)
         } else if Self::deadline(img, policy).is_none_or(|d| d > now) {
             Some(Blocker::NotDue)
         } else {
@@ -616,6 +647,10 @@ impl CacheState {
         min_age_override: Option<u64>,
     ) -> Result<(), Blocker> {
         let img = self.images.get_mut(&ino).ok_or(Blocker::NotDue)?;
+        if img.evicting || img.name.is_none() {
+            // Another eviction of the same file is under way, or the name is gone.
+            return Err(Blocker::NotDue);
+        }
         let blocker = match Self::blocker(img, policy, referenced, now) {
             // Pressure and operators may go below the threshold (down to their own floor).
             Some(Blocker::NotDue) if min_age_override.is_some_and(|m| img.age(now) >= m) => None,

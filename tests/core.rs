@@ -97,7 +97,12 @@ impl World {
 }
 
 fn policy() -> Policy {
-    Policy { original_min_age: 1_000, resized_min_age: 100, partial_min_age: 50, evict: true }
+    Policy {
+        original_min_age: 1_000,
+        resized_min_age: 100,
+        partial_min_age: 50,
+        ..Policy::default()
+    }
 }
 
 fn ino(c: &Cache, name: &str) -> u64 {

@@ -1,10 +1,13 @@
 //! Model-based test of the reference and eviction bookkeeping (`state::CacheState`): random
-//! sequences of opens, releases, renames, unlinks, pins, touches, backing-file references
-//! and clock advances, checked against a plain reference model after every step.
+//! sequences of opens, releases, renames, unlinks, pins, touches, backing-file references,
+//! opens of files outside the cache directory's root that are then moved or linked into it,
+//! `mknod`, holders outside the mount that fork and exit, and clock advances, checked against
+//! a plain reference model after every step.
 //!
-//! Invariants: reference counts equal the model's; a file with an open handle, a writer, a
-//! pin or a backing-file reference is never evicted; every other file is evicted exactly
-//! when its deadline (last use + its kind's threshold) has passed.
+//! Invariants: reference counts equal the model's, wherever the file was opened; a file with
+//! an open handle, a holder outside the mount, a writer, a pin or a backing-file reference is
+//! never evicted; every other file is evicted exactly when its deadline (last use + its
+//! kind's threshold) has passed.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsString;
@@ -23,16 +26,64 @@ const NAMES: [&str; 4] = [
 
 #[derive(Clone, Debug)]
 enum Op {
-    Open { file: usize, write: bool },
-    Release { pick: usize },
+    Open {
+        file: usize,
+        write: bool,
+    },
+    Release {
+        pick: usize,
+    },
     ReleaseUnknown,
-    Pin { file: usize, pinned: bool },
-    Touch { file: usize },
-    Reference { file: usize, on: bool },
-    Rename { from: usize, to: usize },
-    Unlink { file: usize },
-    Create { file: usize },
-    Advance { secs: u64 },
+    Pin {
+        file: usize,
+        pinned: bool,
+    },
+    Touch {
+        file: usize,
+    },
+    Reference {
+        file: usize,
+        on: bool,
+    },
+    Rename {
+        from: usize,
+        to: usize,
+    },
+    Unlink {
+        file: usize,
+    },
+    /// A new regular file under the name (`create`, or `mknod` of a regular file).
+    Create {
+        file: usize,
+    },
+    /// An open of a file that lives in a subdirectory (not a cache file).
+    OpenElsewhere {
+        sub: usize,
+        write: bool,
+    },
+    /// That file renamed (or hard-linked) into the cache directory.
+    MoveIn {
+        sub: usize,
+        to: usize,
+    },
+    /// A hard link to a cache file under another cache name.
+    Link {
+        from: usize,
+        to: usize,
+    },
+    /// A process outside the mount holding the file forks: the child inherits the descriptor.
+    Fork {
+        file: usize,
+        write: bool,
+    },
+    /// One of the processes outside the mount holding the file exits.
+    HolderExits {
+        file: usize,
+        pick: usize,
+    },
+    Advance {
+        secs: u64,
+    },
     EvictTick,
 }
 
@@ -47,6 +98,11 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0..4usize, 0..4usize).prop_map(|(from, to)| Op::Rename { from, to }),
         1 => (0..4usize).prop_map(|file| Op::Unlink { file }),
         2 => (0..4usize).prop_map(|file| Op::Create { file }),
+        2 => (0..3usize, any::<bool>()).prop_map(|(sub, write)| Op::OpenElsewhere { sub, write }),
+        1 => (0..3usize, 0..4usize).prop_map(|(sub, to)| Op::MoveIn { sub, to }),
+        1 => (0..4usize, 0..4usize).prop_map(|(from, to)| Op::Link { from, to }),
+        1 => (0..4usize, any::<bool>()).prop_map(|(file, write)| Op::Fork { file, write }),
+        1 => (0..4usize, 0..4usize).prop_map(|(file, pick)| Op::HolderExits { file, pick }),
         3 => (0..5_000u64).prop_map(|secs| Op::Advance { secs }),
         3 => Just(Op::EvictTick),
     ]
@@ -57,6 +113,8 @@ fn op() -> impl Strategy<Value = Op> {
 struct MFile {
     name: Option<String>,
     opens: BTreeMap<u64, bool>,
+    /// Processes outside the mount holding it (pid → may write).
+    outside: BTreeMap<u32, bool>,
     pinned: bool,
     last_used: u64,
 }
@@ -69,6 +127,9 @@ struct World {
     referenced: BTreeSet<String>,
     next_ino: u64,
     next_fh: u64,
+    next_pid: u32,
+    /// Inodes of files in a subdirectory, by slot.
+    subs: BTreeMap<usize, u64>,
 }
 
 fn t(secs: u64) -> SystemTime {
@@ -86,6 +147,7 @@ impl World {
             resized_min_age: 1_000,
             partial_min_age: 500,
             evict: true,
+            shared: None,
         };
         World {
             state: CacheState::new(),
@@ -95,6 +157,8 @@ impl World {
             referenced: BTreeSet::new(),
             next_ino: 100,
             next_fh: 1,
+            next_pid: 1000,
+            subs: BTreeMap::new(),
         }
     }
 
@@ -110,6 +174,18 @@ impl World {
                 self.files.remove(&ino);
             }
         }
+    }
+
+    /// Tells the state what a /proc walk would find outside the mount for `ino`.
+    fn walk(&mut self, ino: u64) {
+        let found = self.files[&ino]
+            .outside
+            .iter()
+            .map(|(&pid, &w)| {
+                (Holder { pid, program: "qemu-nbd".into(), instance: None, start_time: 9 }, w)
+            })
+            .collect();
+        self.state.set_outside(ino, found, t(self.now));
     }
 
     fn min_age(&self, name: &str) -> u64 {
@@ -159,6 +235,54 @@ impl World {
                 if f.name.is_none() && f.opens.is_empty() {
                     self.files.remove(&ino);
                 }
+            }
+            Op::OpenElsewhere { sub, write } => {
+                let ino = *self.subs.entry(sub).or_insert_with(|| {
+                    self.next_ino += 1;
+                    self.next_ino - 1
+                });
+                let fh = self.next_fh;
+                self.next_fh += 1;
+                let change = RefChange::Open { fh, ino, holder: holder(), write };
+                self.state.reference(change, now);
+                self.files.entry(ino).or_default().opens.insert(fh, write);
+            }
+            Op::MoveIn { sub, to } => {
+                let Some(ino) = self.subs.remove(&sub) else { return };
+                let name = NAMES[to];
+                self.state.observe(name.as_ref(), ino, 1, now);
+                self.drop_name(name);
+                let f = self.files.entry(ino).or_default();
+                f.name = Some(name.into());
+                f.last_used = f.last_used.max(self.now);
+            }
+            Op::Link { from, to } => {
+                let (a, b) = (NAMES[from], NAMES[to]);
+                let Some(ino) = self.ino_named(a) else { return };
+                if a == b {
+                    return;
+                }
+                self.state.observe(b.as_ref(), ino, 1, now);
+                self.drop_name(b);
+                // The table follows the newest name of an inode.
+                self.files.get_mut(&ino).unwrap().name = Some(b.into());
+            }
+            Op::Fork { file, write } => {
+                let Some(ino) = self.ino_named(NAMES[file]) else { return };
+                self.next_pid += 1;
+                let pid = self.next_pid;
+                self.files.get_mut(&ino).unwrap().outside.insert(pid, write);
+                self.walk(ino);
+            }
+            Op::HolderExits { file, pick } => {
+                let Some(ino) = self.ino_named(NAMES[file]) else { return };
+                let f = self.files.get_mut(&ino).unwrap();
+                let Some(&pid) = f.outside.keys().nth(pick % f.outside.len().max(1)) else {
+                    return;
+                };
+                f.outside.remove(&pid);
+                f.last_used = f.last_used.max(self.now);
+                self.walk(ino);
             }
             Op::ReleaseUnknown => {
                 self.state.reference(RefChange::Release { fh: 999_999 }, now);
@@ -212,6 +336,7 @@ impl World {
             let Some(name) = f.name.clone() else { continue };
             let referenced = self.referenced.contains(&name);
             let expect = f.opens.is_empty()
+                && f.outside.is_empty()
                 && !f.pinned
                 && !referenced
                 && self.now >= f.last_used + self.min_age(&name);
@@ -234,15 +359,17 @@ impl World {
             self.state.images().map(|i| (i.name.clone().unwrap(), i.ino)).collect();
         assert_eq!(got, names, "named files");
         for (ino, f) in &self.files {
+            let img = self.state.image(*ino).expect("model file in state");
+            let refs = f.opens.len() + f.outside.len();
+            assert_eq!(img.refs(), refs, "refs of {ino}");
+            let writers = f.opens.values().chain(f.outside.values()).filter(|w| **w).count();
+            assert_eq!(img.writers(), writers, "writers of {ino}");
             if f.name.is_none() {
                 continue;
             }
-            let img = self.state.image(*ino).expect("model file in state");
-            assert_eq!(img.refs(), f.opens.len(), "refs of {ino}");
-            assert_eq!(img.writers(), f.opens.values().filter(|w| **w).count());
             assert_eq!(img.pinned, f.pinned);
             assert_eq!(img.last_used, t(f.last_used), "last_used of {ino}");
-            let age = if f.opens.is_empty() { self.now - f.last_used } else { 0 };
+            let age = if refs == 0 { self.now - f.last_used } else { 0 };
             assert_eq!(img.age(t(self.now)), age);
         }
     }
@@ -288,6 +415,35 @@ fn regression_open_file_survives_unlink_and_goes_at_release() {
         Op::Advance { secs: 5_000 },
         Op::EvictTick,
         Op::Release { pick: 0 },
+        Op::EvictTick,
+    ]);
+}
+
+#[test]
+fn regression_file_opened_in_a_subdirectory_is_held_once_moved_in() {
+    run(&[
+        Op::Create { file: 2 },
+        Op::OpenElsewhere { sub: 0, write: false },
+        Op::MoveIn { sub: 0, to: 2 },
+        Op::Advance { secs: 10_000 },
+        Op::EvictTick,
+        Op::Release { pick: 0 },
+        Op::Advance { secs: 3_000 },
+        Op::EvictTick,
+    ]);
+}
+
+#[test]
+fn regression_child_that_inherited_a_descriptor_keeps_the_file() {
+    run(&[
+        Op::Create { file: 1 },
+        Op::Fork { file: 1, write: false },
+        Op::Fork { file: 1, write: false },
+        Op::HolderExits { file: 1, pick: 0 },
+        Op::Advance { secs: 10_000 },
+        Op::EvictTick,
+        Op::HolderExits { file: 1, pick: 0 },
+        Op::Advance { secs: 1_000 },
         Op::EvictTick,
     ]);
 }
