@@ -33,15 +33,24 @@ fn refuse<T>(msg: String) -> Result<T, Refusal> {
     Err(Refusal(msg))
 }
 
-/// The absolute path of `dir` without touching `dir` itself (it may be a dead mount):
-/// the parent is canonicalised and the last component kept.
+/// The absolute path of `dir` without looking inside `dir` itself (it may be a dead mount):
+/// the parent is canonicalised and the last component kept — unless that component is a
+/// symlink (never a mount point itself), which is followed, since a mount lands where the
+/// link leads and the mount table names that place.
 pub fn absolute(dir: &Path) -> io::Result<PathBuf> {
     let abs =
         if dir.is_absolute() { dir.to_path_buf() } else { std::env::current_dir()?.join(dir) };
-    match (abs.parent(), abs.file_name()) {
-        (Some(parent), Some(name)) => Ok(parent.canonicalize()?.join(name)),
-        _ => Ok(abs), // "/"
+    let abs = match (abs.parent(), abs.file_name()) {
+        (Some(parent), Some(name)) => parent.canonicalize()?.join(name),
+        _ => abs, // "/"
+    };
+    let is_link = std::fs::symlink_metadata(&abs).is_ok_and(|m| m.file_type().is_symlink());
+    if is_link {
+        if let Ok(target) = abs.canonicalize() {
+            return Ok(target);
+        }
     }
+    Ok(abs)
 }
 
 /// One line of `/proc/self/mountinfo`.

@@ -12,7 +12,7 @@ use std::time::SystemTime;
 
 use crate::clock::rfc3339;
 use crate::kind::Kind;
-use crate::state::{CacheState, Image, Policy, Use, Verified};
+use crate::state::{Blocker, CacheState, Image, Policy, Use, Verified};
 use crate::verify::hex;
 
 /// Monotonic counters for `metrics`.
@@ -61,7 +61,7 @@ impl View<'_> {
         let referenced = self.referenced.contains(name);
         let state = CacheState::use_of(img, referenced);
         let evictable = CacheState::blocker(img, self.policy, referenced, SystemTime::UNIX_EPOCH)
-            .is_none_or(|b| b == crate::state::Blocker::NotDue);
+            .is_none_or(|b| matches!(b, Blocker::NotDue | Blocker::SharedStorage));
         let evicts_at = match CacheState::deadline(img, self.policy) {
             _ if !evictable => "-".to_string(),
             None => "never".to_string(),
