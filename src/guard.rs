@@ -285,9 +285,11 @@ fn scan_instance(
             Ok(Some(backing)) => names.extend(cache.file_named(dir, &backing)),
             Ok(None) => {}
             Err(e) if vanished(&e) => log::debug!("backing scan: skipping {}: {e}", path.display()),
-            Err(e) if unparsable(&e) => {
-                report_once(&path, &e.to_string(), "ignoring its header (being written?)")
-            }
+            Err(e) if unparsable(&e) => report_once(
+                &path,
+                &e.to_string(),
+                "ignoring its header (a disk being written, or bytes its guest wrote)",
+            ),
             Err(e) => return Err(fatal(&path, e)),
         }
     }
