@@ -11,6 +11,7 @@
 //!   first open under the node's lock and closed when the last handle is released; or, where
 //!   the kernel refused passthrough, daemon I/O for every open until the last one closes.
 
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
@@ -474,19 +475,27 @@ impl OverlayFs {
         parent: u64,
         name: &OsStr,
         mode: u32,
+        umask: u32,
         rdev: u64,
         c: Caller,
     ) -> Result<Stat> {
         self.check_name(parent, name)?;
         let p = self.node(parent)?;
-        backing::mknod_at(p.fd(), name, mode, rdev)?;
+        with_caller_umask(mode, umask, |mode| backing::mknod_at(p.fd(), name, mode, rdev))?;
         self.created(&p, name, c)
     }
 
-    pub fn mkdir(&self, parent: u64, name: &OsStr, mode: u32, c: Caller) -> Result<Stat> {
+    pub fn mkdir(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        c: Caller,
+    ) -> Result<Stat> {
         self.check_name(parent, name)?;
         let p = self.node(parent)?;
-        backing::mkdir_at(p.fd(), name, mode)?;
+        with_caller_umask(mode, umask, |mode| backing::mkdir_at(p.fd(), name, mode))?;
         self.created(&p, name, c)
     }
 
@@ -626,12 +635,13 @@ impl OverlayFs {
         parent: u64,
         name: &OsStr,
         mode: u32,
+        umask: u32,
         flags: i32,
         caller: Caller,
     ) -> Result<(Stat, Opened)> {
         self.check_name(parent, name)?;
         let p = self.node(parent)?;
-        let file = self.create_or_open(&p, name, mode, flags, caller)?;
+        let file = self.create_or_open(&p, name, mode, umask, flags, caller)?;
         let fd = backing::path_fd_of(file.as_fd())?;
         let st = self.remember(fd, backing::stat(file.as_fd())?)?;
         let node = self.node(st.ino)?;
@@ -650,12 +660,16 @@ impl OverlayFs {
         p: &Node,
         name: &OsStr,
         mode: u32,
+        umask: u32,
         flags: i32,
         caller: Caller,
     ) -> Result<File> {
         let new_flags = Self::data_flags(flags) | libc::O_EXCL | (flags & libc::O_TRUNC);
         for _ in 0..3 {
-            match backing::create_at(p.fd(), name, new_flags, mode) {
+            let made = with_caller_umask(mode, umask, |mode| {
+                backing::create_at(p.fd(), name, new_flags, mode)
+            });
+            match made {
                 Ok(file) => {
                     self.give_to_caller(file.as_fd(), p, caller)?;
                     return Ok(file);
@@ -1003,6 +1017,46 @@ fn may_open(st: &Stat, caller: Caller, flags: i32, proc: &crate::procfs::ProcRoo
         st.mode
     };
     bits & want == want
+}
+
+/// Runs `make` (a create, mkdir or mknod in the covered directory, given the mode to use) with
+/// the caller's umask as this thread's, so that the covered filesystem applies it exactly
+/// where it would for the caller: only when the parent directory has no default ACL. With
+/// `FUSE_POSIX_ACL` and `FUSE_DONT_MASK` the kernel leaves the umask to the daemon; without
+/// them the mode arrives masked already, and masking it again changes nothing.
+///
+/// A thread gets its own umask (and its own copy of cwd and root, which the daemon never uses
+/// for the covered files) by `unshare(CLONE_FS)`, once; the process umask stays 0. Where that
+/// fails, the mode is masked here, as before ACLs were enforced.
+fn with_caller_umask<T>(mode: u32, umask: u32, make: impl FnOnce(u32) -> T) -> T {
+    thread_local! {
+        static OWN_UMASK: Cell<Option<bool>> = const { Cell::new(None) };
+    }
+    let own = OWN_UMASK.with(|own| {
+        if let Some(own) = own.get() {
+            return own;
+        }
+        // SAFETY: a plain syscall; it only detaches this thread's filesystem context.
+        let unshared = unsafe { libc::unshare(libc::CLONE_FS) } == 0;
+        if !unshared {
+            let e = std::io::Error::last_os_error();
+            warn!(
+                "cannot give a worker thread its own umask ({e}): files it creates get the \
+                 caller's umask even under a default ACL"
+            );
+        }
+        own.set(Some(unshared));
+        unshared
+    });
+    let umask = umask & 0o777;
+    if !own {
+        return make(mode & !umask);
+    }
+    // SAFETY: plain syscalls; the mask is this thread's alone after the unshare.
+    let previous = unsafe { libc::umask(umask as libc::mode_t) };
+    let made = make(mode);
+    unsafe { libc::umask(previous) };
+    made
 }
 
 fn xattr_reply(size: u32, call: impl Fn(&mut [u8]) -> std::io::Result<usize>) -> Result<Xattr> {

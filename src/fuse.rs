@@ -144,6 +144,16 @@ impl Filesystem for FuseAdapter {
                 debug!("kernel lacks {missing:?}");
             }
         }
+        // The kernel enforces POSIX ACLs (read through getxattr, as the covered filesystem
+        // stores them) and leaves the umask of new files to the daemon (fs::with_caller_umask):
+        // the covered filesystem skips it under a default ACL, as it would for the caller.
+        match config.add_capabilities(InitFlags::FUSE_POSIX_ACL | InitFlags::FUSE_DONT_MASK) {
+            Ok(()) => debug!("POSIX ACLs enforced by the kernel"),
+            Err(missing) => warn!(
+                "kernel lacks {missing:?}: POSIX ACLs of the covered files are not enforced \
+                 through the mount (only their modes are)"
+            ),
+        }
         // Backing files on a stacked filesystem need depth 2; otherwise keep 1 so that this
         // mount itself may still sit under an overlayfs.
         let depth = match self.covered_fs_type {
@@ -224,11 +234,11 @@ impl Filesystem for FuseAdapter {
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
-        _umask: u32,
+        umask: u32,
         rdev: u32,
         reply: ReplyEntry,
     ) {
-        match self.core.mknod(parent.0, name, mode, rdev as u64, caller(req)) {
+        match self.core.mknod(parent.0, name, mode, umask, rdev as u64, caller(req)) {
             Ok(st) => reply.entry(&TTL, &attr(&st), Generation(0)),
             Err(e) => reply.error(fail("mknod", e)),
         }
@@ -240,10 +250,10 @@ impl Filesystem for FuseAdapter {
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
-        _umask: u32,
+        umask: u32,
         reply: ReplyEntry,
     ) {
-        match self.core.mkdir(parent.0, name, mode, caller(req)) {
+        match self.core.mkdir(parent.0, name, mode, umask, caller(req)) {
             Ok(st) => reply.entry(&TTL, &attr(&st), Generation(0)),
             Err(e) => reply.error(fail("mkdir", e)),
         }
@@ -555,11 +565,11 @@ impl Filesystem for FuseAdapter {
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
-        _umask: u32,
+        umask: u32,
         flags: i32,
         reply: ReplyCreate,
     ) {
-        match self.core.create(parent.0, name, mode, flags, caller(req)) {
+        match self.core.create(parent.0, name, mode, umask, flags, caller(req)) {
             Ok((st, o)) => match o.backing {
                 Some(id) => {
                     let b = unsafe { reply.wrap_backing(id) };

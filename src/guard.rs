@@ -5,12 +5,13 @@
 //! open file but still needs its base), and is Nova's external lock on the file free
 //! ([`try_nova_lock`], the same POSIX `lockf` that oslo.concurrency/fasteners take on
 //! `<instances>/locks/nova-<name>`). Invariants: nothing here lists, stats or opens anything
-//! inside the cache directory (its path is the mount; the daemon would wait on itself); a read
+//! inside the cache directory (its path is the mount; the daemon would wait on itself); a disk
+//! Nova records as other than qcow2 is never read (its first sector is its guest's); a read
 //! error that could hide a reference is returned, never skipped; lock files and the `locks`
 //! directory are created with the owner Nova needs to open them, and are never deleted; this
 //! process holds at most one [`NovaLock`] per lock file (POSIX record locks are per process).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::ffi::{OsStr, OsString};
 use std::fs::{self, File};
 use std::io::{self, Read, Seek, SeekFrom};
@@ -29,6 +30,15 @@ const BACKING_NAME_MAX: u32 = 1023;
 const NOT_INSTANCES: [&[u8]; 2] = [b"locks", b"snapshots"];
 /// Tries at a lock file whose name is unlinked or recreated while we open and lock it.
 const LOCK_ATTEMPTS: usize = 3;
+/// Nova's record of the format of each disk of an instance, in the instance directory.
+const DISK_INFO: &str = "disk.info";
+/// A larger `disk.info` is not Nova's (it holds one short line per disk).
+const DISK_INFO_MAX: u64 = 1 << 20;
+/// QEMU refuses a backing file name that starts past the first cluster, and clusters are at
+/// most 2 MiB (`cluster_bits` 21).
+const BACKING_OFFSET_MAX: u64 = 2 << 20;
+/// Distinct (path, reason) pairs [`report_once`] remembers; past that it logs at debug only.
+const REPORTED_MAX: usize = 1024;
 
 /// The backing-file name recorded in a qcow2 header (version 2 or 3): magic "QFI\xfb", big-endian
 /// backing_file_offset (u64 at byte 8) and backing_file_size (u32 at byte 16); read at most a few
@@ -37,7 +47,8 @@ const LOCK_ATTEMPTS: usize = 3;
 /// Reads from the start of `file` whatever its position. The original qcow (version 1) keeps
 /// the two fields at the same offsets and is read too. The name ends at its first NUL, as in
 /// QEMU. `InvalidData` for a header QEMU would refuse to open (another version, a name longer
-/// than 1023 bytes) and for a name lying past the end of the file (a disk being written).
+/// than 1023 bytes or starting past 2 MiB) and for a name lying past the end of the file (a
+/// disk being written): whatever the header says, only reading the file can give another error.
 pub fn qcow2_backing_file(file: &mut (impl Read + Seek)) -> io::Result<Option<OsString>> {
     file.seek(SeekFrom::Start(0))?;
     let mut header = [0u8; HEADER_MAX];
@@ -64,6 +75,9 @@ pub fn qcow2_backing_file(file: &mut (impl Read + Seek)) -> io::Result<Option<Os
     if size > BACKING_NAME_MAX {
         return Err(invalid_data(format!("qcow2 backing file name of {size} bytes")));
     }
+    if offset > BACKING_OFFSET_MAX {
+        return Err(invalid_data(format!("qcow2 backing file name at offset {offset}")));
+    }
     file.seek(SeekFrom::Start(offset))?;
     let mut name = vec![0u8; size as usize];
     if read_up_to(file, &mut name)? < name.len() {
@@ -89,12 +103,22 @@ pub fn qcow2_backing_file(file: &mut (impl Read + Seek)) -> io::Result<Option<Os
 /// (`realpath`, never through the mount) to the same directory: a symlinked `instances_path` and
 /// relative names like `../_base/<hash>` match. A `file:` prefix (QEMU's protocol) is ignored.
 ///
-/// Errors: an unreadable `instances_dir` is an `Err`. Disks and instance directories that vanish,
-/// and headers not readable yet because a disk is being written (`InvalidData`, `UnexpectedEof`;
-/// Nova writes them under the `nova-<name>` lock eviction takes), are logged at debug and
-/// skipped. Any other error on a single disk or instance directory (`EACCES`, `EIO`, ...) is an
-/// `Err` too, with its errno, after a `warn` naming the path: skipping that disk could let its
-/// base be evicted.
+/// Which disks are read: an instance directory's `disk.info` (Nova's JSON map of each disk's
+/// path to its format, written by the libvirt driver's image backend) decides. A disk it lists
+/// as `qcow2` is read; a disk it lists as anything else (`raw`, `ploop`, ...) is never opened:
+/// with raw disks the guest owns the first sector, and a header it forged must neither protect
+/// a base nor stop the scan. Entries match disks by file name (a `<uuid>_resize` directory
+/// keeps the `<uuid>/disk` paths); a name listed twice is read if either entry says `qcow2`.
+/// A disk `disk.info` does not list, and every disk of an instance whose `disk.info` is missing,
+/// unreadable or malformed (logged once), is read as before Nova recorded formats.
+///
+/// Errors: an unreadable `instances_dir` is an `Err`. Disks and instance directories that vanish
+/// are logged at debug and skipped. A disk whose header is not one QEMU would open
+/// (`InvalidData`, `UnexpectedEof`: a disk being written, which Nova does under the
+/// `nova-<name>` lock eviction takes, or bytes a guest wrote) is logged once per disk and
+/// reason and skipped: it names nothing, and the other disks still count. Any other error on a
+/// single disk or instance directory (`EACCES`, `EIO`, ...) is an `Err` too, with its errno,
+/// after a `warn` naming the path: skipping that disk could let its base be evicted.
 pub fn backing_names(instances_dir: &Path, cache_dir: &Path) -> io::Result<BTreeSet<OsString>> {
     let mut cache =
         CacheDir { path: cache_dir, name: cache_dir.file_name(), canonical_parent: None };
@@ -245,22 +269,87 @@ fn scan_instance(
         }
         Err(e) => return Err(fatal(dir, e)),
     };
+    let recorded = disk_formats(dir);
     for entry in entries {
         let entry = entry.map_err(|e| fatal(dir, e))?;
-        if !entry.file_name().as_bytes().starts_with(b"disk") {
+        let file_name = entry.file_name();
+        if !file_name.as_bytes().starts_with(b"disk") || file_name == DISK_INFO {
             continue;
         }
         let path = entry.path();
+        if recorded.get(&file_name) == Some(&Format::Other) {
+            log::trace!("backing scan: {} is not qcow2 (disk.info)", path.display());
+            continue;
+        }
         match disk_backing_file(&path) {
             Ok(Some(backing)) => names.extend(cache.file_named(dir, &backing)),
             Ok(None) => {}
-            Err(e) if vanished(&e) || being_written(&e) => {
-                log::debug!("backing scan: skipping {}: {e}", path.display())
-            }
+            Err(e) if vanished(&e) => log::debug!("backing scan: skipping {}: {e}", path.display()),
+            Err(e) if unparsable(&e) => report_once(
+                &path,
+                &e.to_string(),
+                "ignoring its header (a disk being written, or bytes its guest wrote)",
+            ),
             Err(e) => return Err(fatal(&path, e)),
         }
     }
     Ok(())
+}
+
+/// A disk's format as `disk.info` records it: the only distinction the scan needs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Format {
+    Qcow2,
+    Other,
+}
+
+/// The formats `<dir>/disk.info` records, by the disks' file names; empty when it is missing,
+/// unreadable or malformed (the last two logged once), so that every disk is read.
+fn disk_formats(dir: &Path) -> HashMap<OsString, Format> {
+    let path = dir.join(DISK_INFO);
+    match read_disk_info(&path) {
+        Ok(formats) => formats,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => HashMap::new(),
+        Err(e) => {
+            report_once(&path, &e.to_string(), "reading every disk of this instance");
+            HashMap::new()
+        }
+    }
+}
+
+fn read_disk_info(path: &Path) -> io::Result<HashMap<OsString, Format>> {
+    let flags = libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_NOFOLLOW;
+    let file = fs::OpenOptions::new().read(true).custom_flags(flags).open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(invalid_data("not a regular file".into()));
+    }
+    let mut text = Vec::new();
+    file.take(DISK_INFO_MAX + 1).read_to_end(&mut text)?;
+    if text.len() as u64 > DISK_INFO_MAX {
+        return Err(invalid_data(format!("longer than {DISK_INFO_MAX} bytes")));
+    }
+    parse_disk_info(&text)
+}
+
+/// Nova's `disk.info`: one JSON object mapping each disk's path to its format; an empty file is
+/// an empty map, as for Nova. An entry whose format is not a string counts as not listed.
+fn parse_disk_info(text: &[u8]) -> io::Result<HashMap<OsString, Format>> {
+    if text.iter().all(u8::is_ascii_whitespace) {
+        return Ok(HashMap::new());
+    }
+    let map: HashMap<String, serde_json::Value> = serde_json::from_slice(text)
+        .map_err(|e| invalid_data(format!("not a JSON object of disk formats: {e}")))?;
+    let mut formats = HashMap::new();
+    for (disk, format) in map {
+        let Some(format) = format.as_str() else { continue };
+        let Some(name) = Path::new(&disk).file_name() else { continue };
+        let format = if format == "qcow2" { Format::Qcow2 } else { Format::Other };
+        let slot = formats.entry(name.to_owned()).or_insert(format);
+        if format == Format::Qcow2 {
+            *slot = Format::Qcow2;
+        }
+    }
+    Ok(formats)
 }
 
 /// The backing name in the header of one instance file; `None` unless it is a regular file.
@@ -386,9 +475,30 @@ fn vanished(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENOTDIR))
 }
 
-/// The header cannot be read yet: a disk being written (or one QEMU would refuse anyway).
-fn being_written(e: &io::Error) -> bool {
+/// The header is not one QEMU would open: a disk being written, or bytes its guest wrote.
+fn unparsable(e: &io::Error) -> bool {
     matches!(e.kind(), io::ErrorKind::InvalidData | io::ErrorKind::UnexpectedEof)
+}
+
+/// (path, reason) pairs already logged by [`report_once`].
+static REPORTED: Mutex<BTreeSet<(PathBuf, String)>> = Mutex::new(BTreeSet::new());
+
+/// Logs a problem the scan works around, once per path and reason (at most [`REPORTED_MAX`]
+/// pairs per process; then at debug): scans repeat, and a guest may rewrite what it owns.
+fn report_once(path: &Path, reason: &str, action: &str) {
+    let mut reported = REPORTED.lock().unwrap_or_else(PoisonError::into_inner);
+    let key = (path.to_path_buf(), reason.to_owned());
+    if reported.contains(&key) {
+        return;
+    }
+    if reported.len() >= REPORTED_MAX {
+        drop(reported);
+        log::debug!("backing scan: {}: {reason}; {action}", path.display());
+        return;
+    }
+    reported.insert(key);
+    drop(reported);
+    log::info!("backing scan: {}: {reason}; {action}", path.display());
 }
 
 /// An error that may hide a reference: reported with its path, returned with its errno.
@@ -566,7 +676,7 @@ mod tests {
         File::options().write(true).open(&disk).unwrap().set_len(200).unwrap();
         let e = backing_of(&disk).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{e}");
-        assert!(being_written(&e));
+        assert!(unparsable(&e));
     }
 
     #[test]
@@ -697,15 +807,15 @@ mod tests {
     }
 
     #[test]
-    fn only_vanished_and_half_written_disks_are_skipped() {
+    fn only_vanished_and_unparsable_disks_are_skipped() {
         for errno in [libc::ENOENT, libc::ENOTDIR] {
             assert!(vanished(&io::Error::from_raw_os_error(errno)));
         }
-        assert!(being_written(&invalid_data("x".into())));
-        assert!(being_written(&io::Error::from(io::ErrorKind::UnexpectedEof)));
+        assert!(unparsable(&invalid_data("x".into())));
+        assert!(unparsable(&io::Error::from(io::ErrorKind::UnexpectedEof)));
         for errno in [libc::EACCES, libc::EIO, libc::ESTALE, libc::EPERM] {
             let e = io::Error::from_raw_os_error(errno);
-            assert!(!vanished(&e) && !being_written(&e), "errno {errno} must not be skipped");
+            assert!(!vanished(&e) && !unparsable(&e), "errno {errno} must not be skipped");
         }
     }
 
@@ -739,6 +849,209 @@ mod tests {
         // Readable again, the same tree scans and counts that disk.
         let want = [HASH_A, HASH_B, EPHEMERAL, "ephemeral_2_40d1d2c", HASH_REL];
         assert_eq!(backing_names(&t.instances, &t.base).unwrap(), names(&want));
+    }
+
+    /// A raw disk whose first bytes a guest wrote: a qcow2 version 3 header naming `name` at
+    /// `offset` (written there when it fits in the 64 KiB disk), then zeros.
+    fn forged_raw_disk(path: &Path, offset: u64, name: &[u8]) {
+        let mut disk = vec![0u8; 64 * 1024];
+        disk[..4].copy_from_slice(QCOW_MAGIC);
+        disk[4..8].copy_from_slice(&3u32.to_be_bytes());
+        disk[8..16].copy_from_slice(&offset.to_be_bytes());
+        disk[16..20].copy_from_slice(&(name.len() as u32).to_be_bytes());
+        disk[20..24].copy_from_slice(&16u32.to_be_bytes()); // cluster_bits
+        if let Some(end) = (offset as usize).checked_add(name.len()) {
+            if end <= disk.len() {
+                disk[offset as usize..end].copy_from_slice(name);
+            }
+        }
+        fs::write(path, disk).unwrap();
+    }
+
+    /// Nova's `disk.info` in `dir`: the absolute path of each disk and its format, one line.
+    fn disk_info(dir: &Path, disks: &[(&str, &str)]) {
+        let entries: serde_json::Map<String, serde_json::Value> = disks
+            .iter()
+            .map(|(disk, format)| (dir.join(disk).display().to_string(), (*format).into()))
+            .collect();
+        let line = serde_json::Value::Object(entries).to_string();
+        fs::write(dir.join(DISK_INFO), format!("{line}\n")).unwrap();
+    }
+
+    /// `<tmp>/instances/_base` holding HASH_A, HASH_B and HASH_REL.
+    fn small_tree() -> Tree {
+        let tmp = tempfile::tempdir().unwrap();
+        let instances = tmp.path().join("instances");
+        let base = instances.join("_base");
+        fs::create_dir_all(&base).unwrap();
+        for name in [HASH_A, HASH_B, HASH_REL] {
+            raw_file(&base.join(name));
+        }
+        Tree { _tmp: tmp, instances, base }
+    }
+
+    fn instance(t: &Tree, n: u32) -> PathBuf {
+        let dir = t.instances.join(format!("7d9a4a3e-0000-4000-8000-{n:012}"));
+        fs::create_dir(&dir).unwrap();
+        dir
+    }
+
+    fn abs(t: &Tree, name: &str) -> Vec<u8> {
+        t.base.join(name).into_os_string().into_vec()
+    }
+
+    #[test]
+    fn a_forged_header_in_a_disk_nova_calls_raw_names_nothing() {
+        let t = small_tree();
+        // use_cow_images = False: the guest wrote a qcow2 header naming a base into its disk.
+        let raw = instance(&t, 1);
+        forged_raw_disk(&raw.join("disk"), 0x200, &abs(&t, HASH_A));
+        forged_raw_disk(&raw.join("disk.config"), 0x200, &abs(&t, HASH_REL));
+        disk_info(&raw, &[("disk", "raw"), ("disk.config", "raw")]);
+        // A real overlay that disk.info calls qcow2 keeps its base.
+        let cow = instance(&t, 2);
+        overlay(&cow.join("disk"), t.base.join(HASH_B).to_str().unwrap());
+        disk_info(&cow, &[("disk", "qcow2")]);
+        assert_eq!(backing_names(&t.instances, &t.base).unwrap(), names(&[HASH_B]));
+
+        // Without Nova's record the header is all there is: its name counts.
+        fs::remove_file(raw.join(DISK_INFO)).unwrap();
+        let want = [HASH_A, HASH_B, HASH_REL];
+        assert_eq!(backing_names(&t.instances, &t.base).unwrap(), names(&want));
+    }
+
+    #[test]
+    fn a_header_with_a_bad_offset_does_not_stop_the_scan() {
+        for offset in [u64::MAX, i64::MAX as u64 + 1, BACKING_OFFSET_MAX + 1] {
+            let mut disk = crafted(3, 3, b"abc");
+            disk.get_mut()[8..16].copy_from_slice(&offset.to_be_bytes());
+            let e = qcow2_backing_file(&mut disk).unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::InvalidData, "offset {offset}: {e}");
+        }
+        let t = small_tree();
+        // No disk.info: every disk is read, and the unreadable headers name nothing.
+        let forged = instance(&t, 1);
+        forged_raw_disk(&forged.join("disk"), u64::MAX, &abs(&t, HASH_A));
+        forged_raw_disk(&forged.join("disk.local"), i64::MAX as u64 + 1, &abs(&t, HASH_A));
+        forged_raw_disk(&forged.join("disk.eph0"), 64 * 1024 - 8, &abs(&t, HASH_A));
+        fs::write(forged.join("disk.swap"), crafted(4, 3, b"abc").into_inner()).unwrap();
+        let real = instance(&t, 2);
+        overlay(&real.join("disk"), t.base.join(HASH_B).to_str().unwrap());
+        assert_eq!(backing_names(&t.instances, &t.base).unwrap(), names(&[HASH_B]));
+    }
+
+    #[test]
+    fn disk_info_entries_match_disks_by_file_name() {
+        let t = small_tree();
+        // A resize keeps the instance's disks, and their disk.info, in `<uuid>_resize`.
+        let uuid = "7d9a4a3e-0000-4000-8000-000000000009";
+        let resize = t.instances.join(format!("{uuid}_resize"));
+        fs::create_dir(&resize).unwrap();
+        overlay(&resize.join("disk"), t.base.join(HASH_B).to_str().unwrap());
+        forged_raw_disk(&resize.join("disk.config"), 0x200, &abs(&t, HASH_A));
+        let old = t.instances.join(uuid);
+        let line = format!(
+            "{{\"{}\": \"qcow2\", \"{}\": \"raw\"}}",
+            old.join("disk").display(),
+            old.join("disk.config").display()
+        );
+        fs::write(resize.join(DISK_INFO), line).unwrap();
+        assert_eq!(backing_names(&t.instances, &t.base).unwrap(), names(&[HASH_B]));
+        // A disk disk.info does not list is read.
+        forged_raw_disk(&resize.join("disk.rescue"), 0x200, &abs(&t, HASH_REL));
+        assert_eq!(backing_names(&t.instances, &t.base).unwrap(), names(&[HASH_B, HASH_REL]));
+    }
+
+    #[test]
+    fn disk_info_parsing() {
+        let parsed = |text: &str| parse_disk_info(text.as_bytes());
+        let formats = parsed(
+            "{\"/i/u/disk\": \"qcow2\", \"/i/u/disk.config\": \"raw\", \"/i/u/disk.p\": \"ploop\"}\n",
+        )
+        .unwrap();
+        let want: HashMap<OsString, Format> =
+            [("disk", Format::Qcow2), ("disk.config", Format::Other), ("disk.p", Format::Other)]
+                .into_iter()
+                .map(|(n, f)| (OsString::from(n), f))
+                .collect();
+        assert_eq!(formats, want);
+        // Nova reads an empty file as no entries.
+        assert_eq!(parsed("").unwrap(), HashMap::new());
+        assert_eq!(parsed("\n").unwrap(), HashMap::new());
+        // A format that is not a string leaves its disk unlisted.
+        assert_eq!(
+            parsed("{\"/i/u/disk\": null, \"/i/u/disk.local\": 2}").unwrap(),
+            HashMap::new()
+        );
+        // Listed twice (two spellings of the instance directory): qcow2 wins, so it is read.
+        let twice = parsed("{\"/a/u/disk\": \"raw\", \"/b/u/disk\": \"qcow2\"}").unwrap();
+        assert_eq!(twice.get(OsStr::new("disk")), Some(&Format::Qcow2));
+        for bad in
+            ["{not json", "[\"/i/u/disk\", \"raw\"]", "\"raw\"", "{\"/i/u/disk\": \"raw\"} x"]
+        {
+            let e = parsed(bad).unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{bad:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn malformed_disk_info_is_treated_as_absent() {
+        let t = small_tree();
+        let inst = instance(&t, 1);
+        forged_raw_disk(&inst.join("disk"), 0x200, &abs(&t, HASH_A));
+        overlay(&inst.join("disk.local"), t.base.join(HASH_B).to_str().unwrap());
+        for bad in [&b"{\"disk\": \"raw\""[..], b"[]", &vec![b' '; DISK_INFO_MAX as usize + 1]] {
+            fs::write(inst.join(DISK_INFO), bad).unwrap();
+            let got = backing_names(&t.instances, &t.base).unwrap();
+            assert_eq!(got, names(&[HASH_A, HASH_B]), "disk.info {:?}", &bad[..bad.len().min(20)]);
+        }
+        // A directory, or a symlink, where disk.info should be: not Nova's record either.
+        fs::remove_file(inst.join(DISK_INFO)).unwrap();
+        let elsewhere = t.instances.join("elsewhere.info");
+        fs::write(&elsewhere, format!("{{\"{}\": \"raw\"}}", inst.join("disk").display())).unwrap();
+        symlink(&elsewhere, inst.join(DISK_INFO)).unwrap();
+        assert_eq!(backing_names(&t.instances, &t.base).unwrap(), names(&[HASH_A, HASH_B]));
+        fs::remove_file(inst.join(DISK_INFO)).unwrap();
+        fs::create_dir(inst.join(DISK_INFO)).unwrap();
+        assert_eq!(backing_names(&t.instances, &t.base).unwrap(), names(&[HASH_A, HASH_B]));
+    }
+
+    #[test]
+    fn an_unreadable_qcow2_disk_fails_the_scan_an_unreadable_raw_one_is_never_opened() {
+        assert_eq!(
+            unsafe { libc::geteuid() },
+            0,
+            "this test needs root (to drop to another fsuid)"
+        );
+        let t = small_tree();
+        for dir in [t.instances.parent().unwrap(), &t.instances] {
+            fs::set_permissions(dir, fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        let raw = instance(&t, 1);
+        forged_raw_disk(&raw.join("disk"), 0x200, &abs(&t, HASH_A));
+        disk_info(&raw, &[("disk", "raw")]);
+        let cow = instance(&t, 2);
+        overlay(&cow.join("disk"), t.base.join(HASH_B).to_str().unwrap());
+        disk_info(&cow, &[("disk", "qcow2")]);
+        for disk in [raw.join("disk"), cow.join("disk")] {
+            fs::set_permissions(disk, fs::Permissions::from_mode(0o600)).unwrap();
+        }
+        let scan_as_nobody = || {
+            let (instances, base) = (t.instances.clone(), t.base.clone());
+            std::thread::spawn(move || {
+                // SAFETY: plain syscalls changing this thread's filesystem ids only.
+                unsafe { libc::setfsgid(65534) };
+                unsafe { libc::setfsuid(65534) };
+                backing_names(&instances, &base)
+            })
+            .join()
+            .unwrap()
+        };
+        let e = scan_as_nobody().unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EACCES), "{e}");
+        // Once the qcow2 disk is readable the scan succeeds: the raw one was never opened.
+        fs::set_permissions(cow.join("disk"), fs::Permissions::from_mode(0o644)).unwrap();
+        assert_eq!(scan_as_nobody().unwrap(), names(&[HASH_B]));
     }
 
     const HOLD: &str = "import fcntl,sys,time\nf=open(sys.argv[1],'a')\nfcntl.lockf(f, fcntl.LOCK_EX)\nprint('locked', flush=True)\ntime.sleep(30)";

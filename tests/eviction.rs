@@ -17,6 +17,7 @@ mod nova;
 use std::fs::{self, File};
 use std::io::Read;
 use std::os::unix::fs::FileExt;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -625,4 +626,76 @@ fn a_reader_through_a_dead_mount_keeps_its_file_after_a_remount() {
     reader.terminate();
     n.status(name); // the holder is found gone when the status is read
     n.wait_evicted(name, Duration::from_secs(10));
+}
+
+// ---------------------------------------------------------------------------------------------
+// 9. What a guest writes into its own disk
+
+/// A raw instance disk (`use_cow_images = False`) whose first bytes its guest made a qcow2
+/// version 3 header naming `backing` at `offset` (written there when it fits), then zeros.
+fn forged_raw_disk(disk: &Path, offset: u64, backing: &Path) {
+    let name = backing.as_os_str().as_encoded_bytes();
+    let mut bytes = vec![0u8; 64 << 10];
+    bytes[..4].copy_from_slice(b"QFI\xfb");
+    bytes[4..8].copy_from_slice(&3u32.to_be_bytes());
+    bytes[8..16].copy_from_slice(&offset.to_be_bytes());
+    bytes[16..20].copy_from_slice(&(name.len() as u32).to_be_bytes());
+    bytes[20..24].copy_from_slice(&16u32.to_be_bytes());
+    let fits = |at: &usize| at.checked_add(name.len()).is_some_and(|end| end <= bytes.len());
+    if let Some(at) = usize::try_from(offset).ok().filter(fits) {
+        bytes[at..at + name.len()].copy_from_slice(name);
+    }
+    fs::create_dir_all(disk.parent().unwrap()).unwrap();
+    fs::write(disk, bytes).unwrap();
+}
+
+/// Nova's `disk.info` beside `disk`, recording its format.
+fn record_format(disk: &Path, format: &str) {
+    let line = format!("{{\"{}\": \"{format}\"}}\n", disk.display());
+    fs::write(disk.with_file_name("disk.info"), line).unwrap();
+}
+
+/// A guest owns its raw disk's first sector: a qcow2 header it forged naming a base protects
+/// nothing where `disk.info` calls the disk raw, and a forged header with a backing-name
+/// offset no file reaches (no `disk.info`) does not stop the scan and so every eviction. A
+/// real qcow2 overlay of another instance still keeps its base.
+#[test]
+fn a_forged_header_in_a_raw_disk_protects_nothing_and_a_real_overlay_still_does() {
+    const T: u64 = 2;
+    let n = Nova::new();
+    let t = T.to_string();
+    // A refused eviction is retried after the resized threshold: keep it short too.
+    let m = n.mount((&t, &t, &t), &[]);
+    write_file(&n.at(H1), &pseudo_random(1 << 20, 11));
+    write_file(&n.at(H2), &pseudo_random(1 << 20, 12));
+    let written = Instant::now();
+
+    let raw = n.instances.join(INSTANCE).join("disk");
+    forged_raw_disk(&raw, 0x200, &n.at(H1));
+    record_format(&raw, "raw");
+    let unparsable = n.instances.join("7d9a4a3e-0000-4000-8000-00000000002b").join("disk");
+    forged_raw_disk(&unparsable, u64::MAX, &n.at(H1));
+    let cow = n.instances.join("7d9a4a3e-0000-4000-8000-00000000002c").join("disk");
+    overlay(&cow, &n.at(H2));
+    record_format(&cow, "qcow2");
+
+    let evicted = n.wait_evicted(H1, Duration::from_secs(3 * T + 5));
+    assert!(
+        evicted - written >= Duration::from_secs(T - 1),
+        "{H1} went {:?} after its last use, before its {T} s threshold",
+        evicted - written
+    );
+    n.assert_fully_evicted(H1);
+    // H2's deadline has passed too; only the overlay's header keeps it.
+    n.stays(&m, H2, Duration::from_secs(T + 1), "a qcow2 overlay names it as backing file");
+    let text = n.status(H2).unwrap();
+    assert_eq!(field(&text, "state").as_deref(), Some("referenced"), "{text}");
+    let log = m.log_text();
+    assert!(
+        log.contains(&format!("{}: qcow2 backing file name at offset", unparsable.display())),
+        "the unparsable header is not logged:\n{log}"
+    );
+    fs::remove_file(&cow).unwrap();
+    n.wait_evicted(H2, Duration::from_secs(3 * T + 5));
+    drop(m);
 }

@@ -2338,3 +2338,138 @@ fn set_id_bits_drop_when_an_unprivileged_user_writes_or_truncates() {
         Ok(())
     });
 }
+
+// ---------------------------------------------------------------------------------------------
+// POSIX ACLs: enforced through the mount as the covered filesystem enforces them.
+
+/// Runs `tool args...` in `dir` (as root, or as `nobody` through `setpriv`); records its exit
+/// code, output and error with `root` spelled `ROOT`, so both runs compare.
+fn acl_tool(root: &Path, dir: &Path, as_nobody: bool, tool: &str, args: &[&str]) -> String {
+    let mut cmd = if as_nobody {
+        let mut c = common::tool("setpriv");
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"]);
+        common::require_tool(tool);
+        c.arg(tool);
+        c
+    } else {
+        common::tool(tool)
+    };
+    cmd.args(args).current_dir(dir);
+    let (code, out, err) = common::run(&mut cmd);
+    let root = root.to_string_lossy();
+    format!("{code} {:?} {:?}", out.replace(&*root, "ROOT"), err.replace(&*root, "ROOT"))
+}
+
+/// `getfacl` of names in `dir`: numeric ids, effective rights, no header.
+fn getfacl(root: &Path, dir: &Path, names: &[&str]) -> String {
+    let mut args = vec!["-n", "-e", "--omit-header"];
+    args.extend_from_slice(names);
+    acl_tool(root, dir, false, "getfacl", &args)
+}
+
+fn setfacl(root: &Path, dir: &Path, args: &[&str]) -> Res<()> {
+    let out = acl_tool(root, dir, false, "setfacl", args);
+    assert!(out.starts_with("0 "), "setfacl {args:?} in {dir:?}: {out}");
+    Ok(())
+}
+
+/// A named-user entry denies `nobody` a file its mode lets everyone read, and grants it one
+/// its mode keeps to the owner: through the mount exactly as on the plain directory.
+#[test]
+fn posix_acl_entries_decide_access_as_on_the_plain_directory() {
+    let env = Env::new();
+    env.open_to_all();
+    env.same("ACL access", |r, t| -> Res<()> {
+        t.ok("mkdir w 755", mkdir(&r.join("w"), 0o755))?;
+        let w = r.join("w");
+        t.ok(
+            "put denied 644",
+            put(&w.join("denied"), b"secret").and_then(|_| chmod(&w.join("denied"), 0o644)),
+        )?;
+        t.ok(
+            "put granted 600",
+            put(&w.join("granted"), b"shared").and_then(|_| chmod(&w.join("granted"), 0o600)),
+        )?;
+        t.ok(
+            "put plain 600",
+            put(&w.join("plain"), b"mine").and_then(|_| chmod(&w.join("plain"), 0o600)),
+        )?;
+        t.ok("setfacl u:nobody:---", setfacl(r, &w, &["-m", "u:nobody:---", "denied"]))?;
+        t.ok("setfacl u:nobody:rw-", setfacl(r, &w, &["-m", "u:nobody:rw-", "granted"]))?;
+        t.rec("getfacl", getfacl(r, &w, &["denied", "granted", "plain"]));
+        t.rec("stat denied", stat(&w.join("denied")));
+        t.rec("stat granted", stat(&w.join("granted")));
+        t.rec("nobody reads denied", acl_tool(r, &w, true, "cat", &["denied"]));
+        t.rec("nobody reads granted", acl_tool(r, &w, true, "cat", &["granted"]));
+        t.rec("nobody reads plain", acl_tool(r, &w, true, "cat", &["plain"]));
+        t.rec(
+            "nobody appends to granted",
+            acl_tool(r, &w, true, "sh", &["-c", "echo more >> granted && cat granted"]),
+        );
+        t.rec(
+            "nobody appends to denied",
+            acl_tool(r, &w, true, "sh", &["-c", "echo more >> denied"]),
+        );
+        t.rec("root reads denied", get(&w.join("denied")).map(|d| d.len()));
+        // Removing the entry gives the mode back its say (and the kernel's cached ACL goes).
+        t.ok("setfacl -x", setfacl(r, &w, &["-x", "u:nobody", "denied"]))?;
+        t.rec("nobody reads denied after -x", acl_tool(r, &w, true, "cat", &["denied"]));
+        t.ok("setfacl -b granted", setfacl(r, &w, &["-b", "granted"]))?;
+        t.rec("nobody reads granted after -b", acl_tool(r, &w, true, "cat", &["granted"]));
+        t.rec("getfacl after", getfacl(r, &w, &["denied", "granted"]));
+        Ok(())
+    });
+}
+
+/// A default ACL on a directory is inherited by what is created in it through the mount
+/// (files, directories, fifos; by root and by `nobody`), and the creator's umask applies only
+/// where there is no default ACL: modes and ACLs exactly as on the plain directory.
+#[test]
+fn default_acl_is_inherited_as_on_the_plain_directory() {
+    let env = Env::new();
+    env.open_to_all();
+    env.same("default ACL", |r, t| -> Res<()> {
+        t.ok("mkdir inherit", mkdir(&r.join("inherit"), 0o755))?;
+        t.ok(
+            "mkdir masked",
+            mkdir(&r.join("masked"), 0o777).and_then(|_| chmod(&r.join("masked"), 0o777)),
+        )?;
+        let (inherit, masked) = (r.join("inherit"), r.join("masked"));
+        t.ok(
+            "setfacl default",
+            setfacl(
+                r,
+                r,
+                &["-m", "u:nobody:rwx", "-d", "-m", "u:nobody:rw-,g::r-x,o::---,m::rwx", "inherit"],
+            ),
+        )?;
+        let make = "umask 077 && : > file && mkdir dir && mkfifo fifo && mkdir -m 0750 dir750";
+        for dir in [&inherit, &masked] {
+            t.rec("root creates (umask 077)", acl_tool(r, dir, false, "sh", &["-c", make]));
+            t.rec(
+                "nobody creates (umask 022)",
+                acl_tool(
+                    r,
+                    dir,
+                    true,
+                    "sh",
+                    &["-c", "umask 022 && : > by-nobody && mkdir nobody-dir"],
+                ),
+            );
+            for name in ["file", "dir", "fifo", "dir750", "by-nobody", "nobody-dir"] {
+                t.rec(format!("stat {name}"), stat(&dir.join(name)));
+            }
+            t.rec(
+                "getfacl",
+                getfacl(r, dir, &["file", "dir", "fifo", "dir750", "by-nobody", "nobody-dir"]),
+            );
+            t.rec(
+                "file created deeper",
+                acl_tool(r, dir, false, "sh", &["-c", "umask 027 && : > dir/deeper"]),
+            );
+            t.rec("stat dir/deeper", stat(&dir.join("dir/deeper")));
+            t.rec("getfacl dir/deeper", getfacl(r, dir, &["dir/deeper"]));
+        }
+        Ok(())
+    });
+}
