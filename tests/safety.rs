@@ -200,7 +200,7 @@ fn a_child_that_inherited_a_descriptor_keeps_the_base() {
     write_file(&n.at(H1), &pseudo_random(64 << 10, 4));
     let trigger = n.s.path("fork-now");
     let pidfile = n.s.path("child.pid");
-    let script = r#"exec 3<"$1"; while [ ! -e "$2" ]; do sleep 0.05; done; sleep 300 & echo $! > "$3"; exit 0"#;
+    let script = r#"exec 3<"$1"; while [ ! -e "$2" ]; do sleep 0.05 3<&-; done; sleep 300 & echo $! > "$3"; exit 0"#;
     let parent = Proc::spawn(
         tool("sh").args(["-c", script, "sh"]).arg(n.at(H1)).arg(&trigger).arg(&pidfile),
     );
