@@ -166,7 +166,14 @@ pub fn init_logging(verbose: u8, log_file: Option<&Path>) -> Result<(), Refusal>
 /// that a panic of a daemon whose standard error is `/dev/null` still leaves a trace.
 pub fn log_panic(payload: &(dyn std::any::Any + Send), location: Option<&std::panic::Location>) {
     let thread = std::thread::current();
-    error!("{}", panic_line(thread.name(), payload, location));
+    let line = panic_line(thread.name(), payload, location);
+    // RUST_BACKTRACE still works: the default hook that would print it is replaced.
+    let trace = std::backtrace::Backtrace::capture();
+    if trace.status() == std::backtrace::BacktraceStatus::Captured {
+        error!("{line}\n{trace}");
+    } else {
+        error!("{line}");
+    }
 }
 
 /// `panic in thread 'NAME' at FILE:LINE:COL: MESSAGE`.
@@ -273,7 +280,13 @@ fn start_background(cfg: &MountConfig) -> i32 {
             1
         }
         None => {
-            eprintln!("imagecachefs: the daemon exited before the mount was ready");
+            let log = match &cfg.log_file {
+                Some(f) => f.display().to_string(),
+                None => "syslog".to_owned(),
+            };
+            eprintln!(
+                "imagecachefs: the daemon exited before the mount was ready (its log: {log})"
+            );
             1
         }
     }
@@ -677,8 +690,10 @@ mod tests {
             here.line(),
             here.column()
         );
-        assert!(lines.contains(&want), "want {want:?} in {lines:?}");
-        assert!(lines.contains(&"ERROR panic in thread 'checksum': owned message".to_owned()));
+        // The first line of each record (RUST_BACKTRACE may add a trace after it).
+        let firsts: Vec<&str> = lines.iter().filter_map(|l| l.lines().next()).collect();
+        assert!(firsts.contains(&want.as_str()), "want {want:?} in {lines:?}");
+        assert!(firsts.contains(&"ERROR panic in thread 'checksum': owned message"), "{lines:?}");
         assert_eq!(
             panic_line(None, &42u8, None),
             "panic in thread '<unnamed>': (a non-text panic payload)"
