@@ -43,8 +43,12 @@ fn usage_error(e: clap::Error) -> i32 {
     ) {
         e.exit();
     }
+    // The first paragraph, joined: "required arguments were not provided:" names them on the
+    // lines that follow.
     let text = e.render().to_string();
-    let first = text.lines().next().unwrap_or("bad usage");
-    eprintln!("imagecachefs: {} (see --help)", first.strip_prefix("error: ").unwrap_or(first));
+    let first: Vec<&str> =
+        text.lines().map(str::trim).take_while(|l| !l.is_empty()).collect::<Vec<_>>();
+    let line = first.join(" ");
+    eprintln!("imagecachefs: {} (see --help)", line.strip_prefix("error: ").unwrap_or(&line));
     2
 }

@@ -166,6 +166,7 @@ fn usage_errors_exit_2() {
         vec![],
         vec!["frobnicate".as_ref()],
         vec!["mount".as_ref()],
+        vec!["pin".as_ref(), d],
         vec!["mount".as_ref(), d, "--no-such-flag".as_ref()],
         vec!["mount".as_ref(), d, "--threads".as_ref(), "many".as_ref()],
         vec!["mount".as_ref(), d, "--threads".as_ref()],
@@ -176,6 +177,11 @@ fn usage_errors_exit_2() {
         let (code, out, err) = icfs(&args);
         assert_eq!(code, 2, "{args:?} is a usage error\nstdout: {out}\nstderr: {err}");
         assert!(!err.is_empty(), "{args:?}: usage errors explain themselves on stderr");
+        if !args.is_empty() {
+            // (With no arguments at all, clap shows the help.)
+            assert_eq!(err.lines().count(), 1, "{args:?}: one line: {err}");
+            assert!(err.starts_with("imagecachefs: "), "{args:?}: {err}");
+        }
         assert!(mounts_at(&s.base).is_empty());
     }
 }
