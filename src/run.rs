@@ -293,9 +293,10 @@ fn start_background(cfg: &MountConfig) -> i32 {
 }
 
 /// Every signal whose default action ends the process, apart from the ones a fault raises
-/// (SIGSEGV, SIGBUS, SIGFPE, SIGILL, SIGTRAP, SIGSYS, SIGABRT) and the uncatchable ones: the
-/// signal thread takes them all (see [`spawn_signal_thread`]), so a stray `kill -USR1` cannot
-/// leave the mount dead. glibc's internal real-time signals (below SIGRTMIN) stay its own.
+/// (SIGSEGV, SIGBUS, SIGFPE, SIGILL, SIGTRAP, SIGSYS, SIGABRT) and the uncatchable ones, plus
+/// the terminal stop signals (a stopped daemon hangs every access to the mount): the signal
+/// thread takes them all (see [`spawn_signal_thread`]), so a stray `kill -USR1` cannot leave
+/// the mount dead. glibc's internal real-time signals (below SIGRTMIN) stay its own.
 fn handled_signals() -> Vec<libc::c_int> {
     let mut sigs = vec![
         libc::SIGHUP,
@@ -313,6 +314,9 @@ fn handled_signals() -> Vec<libc::c_int> {
         libc::SIGPWR,
         libc::SIGXCPU,
         libc::SIGXFSZ,
+        libc::SIGTSTP,
+        libc::SIGTTIN,
+        libc::SIGTTOU,
     ];
     sigs.extend(libc::SIGRTMIN()..=libc::SIGRTMAX());
     sigs
@@ -349,6 +353,9 @@ fn signal_name(sig: libc::c_int) -> String {
         libc::SIGPWR => "SIGPWR",
         libc::SIGXCPU => "SIGXCPU",
         libc::SIGXFSZ => "SIGXFSZ",
+        libc::SIGTSTP => "SIGTSTP",
+        libc::SIGTTIN => "SIGTTIN",
+        libc::SIGTTOU => "SIGTTOU",
         s if s >= libc::SIGRTMIN() => return format!("SIGRTMIN+{}", s - libc::SIGRTMIN()),
         s => return format!("signal {s}"),
     };

@@ -1,5 +1,5 @@
-//! Signals and where the log goes, for real: every signal whose default action would end the
-//! daemon leaves the mount working (logged once, ignored); `SIGHUP` reopens `--log-file` after
+//! Signals and where the log goes, for real: every signal whose default action would end (or
+//! stop) the daemon leaves the mount working (logged once, ignored); `SIGHUP` reopens `--log-file` after
 //! it was rotated away; a `--background` daemon without `--log-file` logs to syslog (a datagram
 //! socket the test binds, named through `IMAGECACHEFS_SYSLOG_SOCKET`).
 
@@ -50,6 +50,9 @@ fn stray_signals_leave_the_mount_working() {
         (libc::SIGSTKFLT, "SIGSTKFLT".into()),
         (libc::SIGXCPU, "SIGXCPU".into()),
         (libc::SIGXFSZ, "SIGXFSZ".into()),
+        (libc::SIGTSTP, "SIGTSTP".into()),
+        (libc::SIGTTIN, "SIGTTIN".into()),
+        (libc::SIGTTOU, "SIGTTOU".into()),
         (rtmin, "SIGRTMIN+0".into()),
         (rtmin + 5, "SIGRTMIN+5".into()),
         (rtmax, format!("SIGRTMIN+{}", rtmax - rtmin)),
