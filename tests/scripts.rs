@@ -133,6 +133,15 @@ fn every_script_is_bash_strict_and_shellcheck_clean() {
             run(Command::new("shellcheck").args(["--shell=bash", "--severity=style"]).arg(&path));
         assert_eq!(code, 0, "shellcheck {name}:\n{out}{err}");
     }
+    // The repository's other scripts (the README's test command starts with tests/setup.sh).
+    for rel in ["tests/setup.sh", ".ci/run"] {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(rel);
+        let text = fs::read_to_string(&path).unwrap();
+        assert!(has_line(&text, "set -euo pipefail"), "{rel}: set -euo pipefail");
+        let (code, out, err) =
+            run(Command::new("shellcheck").args(["--shell=bash", "--severity=style"]).arg(&path));
+        assert_eq!(code, 0, "shellcheck {rel}:\n{out}{err}");
+    }
 }
 
 #[test]
