@@ -19,6 +19,9 @@ Checks that this machine is ready for `imagecachefs mount DIR`:
     at mount time and counts them as holders until they close those files)
   - nova.conf sets [image_cache] remove_unused_base_images = False (otherwise
     Nova's own cache manager deletes images behind imagecachefs's back)
+  - imagecachefs accepts the configuration: its own check,
+    `imagecachefs mount DIR --check --nova-conf FILE`, runs (the binary is
+    $IMAGECACHEFS_BIN if set, else imagecachefs on PATH)
 
 Options:
   --cache-dir DIR    the image cache [default: /var/lib/nova/instances/_base]
@@ -235,9 +238,25 @@ else
             false | no | off | 0) ok "$where" ;;
             true | yes | on | 1)
                 fail "$where: Nova would delete images behind imagecachefs's back; set it to False" ;;
-            *) fail "$where: not a boolean Nova accepts; set it to False" ;;
+            # Not a boolean: the daemon's own check below refuses it, naming the line.
+            *) ;;
         esac
     fi
+fi
+
+# --- the daemon's own configuration check ----------------------------------------------------
+# What `imagecachefs mount` would refuse (out-of-range values, an instances_path that does not
+# exist, ...) is refused here by the same parser, not guessed by this script.
+bin=${IMAGECACHEFS_BIN:-}
+[ -n "$bin" ] || bin=$(command -v imagecachefs || true)
+check=("$bin" mount "${dir:-$cache_dir}" --check)
+[ -r "$nova_conf" ] && check+=(--nova-conf "$nova_conf")
+if [ -z "$bin" ]; then
+    fail "imagecachefs is not on PATH (install it, or set IMAGECACHEFS_BIN): its configuration check did not run"
+elif why=$("${check[@]}" 2>&1 >/dev/null); then
+    ok "imagecachefs mount --check accepts the configuration"
+else
+    fail "imagecachefs refuses the configuration: ${why#imagecachefs: }"
 fi
 
 # --- summary ---------------------------------------------------------------------------------

@@ -114,7 +114,7 @@ pub fn check_one(cache: &Cache, ino: u64) -> bool {
     cache.changed();
     // An interval of 0 turns periodic re-verification off (on demand still works).
     if cache.settings.verify_interval > 0 {
-        cache.verify_at(ino, now + Duration::from_secs(cache.settings.verify_interval));
+        cache.verify_at(ino, crate::clock::add_secs(now, cache.settings.verify_interval));
     }
     true
 }
@@ -130,7 +130,7 @@ fn retry(cache: &Cache, ino: u64, write_gen: u64, after: Duration) {
         i.write_gen == write_gen && i.writers() == 0 && !i.evicting && i.name.is_some()
     });
     if again {
-        cache.verify_at(ino, cache.now() + after);
+        cache.verify_at(ino, crate::clock::add(cache.now(), after));
     }
 }
 
@@ -162,6 +162,6 @@ pub fn next_check(
     match (checksum_at, verified_at) {
         (None, _) => Some(now),
         (Some(_), _) if interval == 0 => None,
-        (Some(c), v) => Some(v.unwrap_or(c).max(c) + Duration::from_secs(interval)),
+        (Some(c), v) => Some(crate::clock::add_secs(v.unwrap_or(c).max(c), interval)),
     }
 }

@@ -1,10 +1,12 @@
 //! The command line: clap lives here and nowhere else.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::{MinFree, MountConfig, StorageChoice};
+use crate::config::{
+    parse_bounded, parse_secs, MinFree, MountConfig, StorageChoice, MAX_RATE_MIB, THREADS,
+};
 use crate::state::Policy;
 
 #[derive(Parser, Debug)]
@@ -66,10 +68,15 @@ pub struct MountArgs {
     #[arg(long, help_heading = "Process")]
     pub background: bool,
 
-    /// FUSE worker threads (only metadata reaches the daemon; data is the kernel's).
+    /// Check the configuration (flags, nova.conf, instances directory) and exit: prints the
+    /// effective settings, mounts nothing.
+    #[arg(long, help_heading = "Process")]
+    pub check: bool,
+
+    /// FUSE worker threads, 1 to 64 (only metadata reaches the daemon; data is the kernel's).
     #[arg(long, value_name = "N", default_value_t = 2, help_heading = "Process",
-          value_parser = clap::value_parser!(u16).range(1..=64))]
-    pub threads: u16,
+          value_parser = parse_threads, allow_negative_numbers = true)]
+    pub threads: u64,
 
     /// Append the log to FILE instead of standard error.
     #[arg(long, value_name = "FILE", help_heading = "Process")]
@@ -81,15 +88,18 @@ pub struct MountArgs {
     pub no_passthrough: bool,
 
     /// Idle age after which originals, ephemeral and swap files go (default 86400).
-    #[arg(long, value_name = "SECS", help_heading = "Eviction")]
+    #[arg(long, value_name = "SECS", help_heading = "Eviction", value_parser = parse_secs,
+          allow_negative_numbers = true)]
     pub original_min_age: Option<u64>,
 
     /// Idle age after which resized and unrecognised files go (default 3600).
-    #[arg(long, value_name = "SECS", help_heading = "Eviction")]
+    #[arg(long, value_name = "SECS", help_heading = "Eviction", value_parser = parse_secs,
+          allow_negative_numbers = true)]
     pub resized_min_age: Option<u64>,
 
     /// Idle age after which stale .part/.converted files with no writer go (default 3600).
-    #[arg(long, value_name = "SECS", help_heading = "Eviction")]
+    #[arg(long, value_name = "SECS", help_heading = "Eviction", value_parser = parse_secs,
+          allow_negative_numbers = true)]
     pub partial_min_age: Option<u64>,
 
     /// Never evict by age (corrupt files still go once unused).
@@ -106,20 +116,24 @@ pub struct MountArgs {
 
     /// Keep at least this much free on the cache filesystem by evicting least recently used
     /// unreferenced files first (e.g. 20G or 10%).
-    #[arg(long, value_name = "SIZE|PCT", value_parser = MinFree::parse, help_heading = "Eviction")]
+    #[arg(long, value_name = "SIZE|PCT", value_parser = MinFree::parse, help_heading = "Eviction",
+          allow_hyphen_values = true)]
     pub min_free: Option<MinFree>,
 
     /// Under disk pressure, never evict a file idle for less than this.
-    #[arg(long, value_name = "SECS", default_value_t = 600, help_heading = "Eviction")]
+    #[arg(long, value_name = "SECS", default_value_t = 600, help_heading = "Eviction",
+          value_parser = parse_secs, allow_negative_numbers = true)]
     pub pressure_min_age: u64,
 
     /// Re-verify each file's SHA-1 this often [default: 86400, or nova.conf's
     /// checksum_interval_seconds].
-    #[arg(long, value_name = "SECS", help_heading = "Checksums")]
+    #[arg(long, value_name = "SECS", help_heading = "Checksums", value_parser = parse_secs,
+          allow_negative_numbers = true)]
     pub verify_interval: Option<u64>,
 
-    /// Read rate limit of the checksum thread (0: unlimited).
-    #[arg(long, value_name = "MiB/s", default_value_t = 64, help_heading = "Checksums")]
+    /// Read rate limit of the checksum thread, up to 1048576 (0: unlimited).
+    #[arg(long, value_name = "MiB/s", default_value_t = 64, help_heading = "Checksums",
+          value_parser = parse_rate, allow_negative_numbers = true)]
     pub verify_rate: u64,
 
     /// Whether other hosts share the cache directory [default: detected from the filesystem
@@ -138,6 +152,14 @@ pub enum Storage {
     Shared,
 }
 
+fn parse_threads(s: &str) -> Result<u64, String> {
+    parse_bounded(s, THREADS)
+}
+
+fn parse_rate(s: &str) -> Result<u64, String> {
+    parse_bounded(s, 0..=MAX_RATE_MIB)
+}
+
 impl MountArgs {
     /// Resolves the options: a flag wins over nova.conf, which wins over Nova's defaults.
     pub fn into_config(mut self) -> Result<MountConfig, String> {
@@ -151,6 +173,29 @@ impl MountArgs {
             Some(path) => crate::novaconf::load(path).map_err(|e| e.to_string())?,
             None => Default::default(),
         };
+        // An instances directory that does not exist would leave the backing-file guard
+        // unable to read any disk, and so age eviction silently off: refuse it now.
+        let instances_dir = match (self.instances_dir, nova.instances_path) {
+            (Some(flag), _) => Some((flag, "--instances-dir".to_owned())),
+            (None, Some(conf)) => Some((
+                PathBuf::from(conf),
+                format!(
+                    "instances_path in {}",
+                    self.nova_conf.as_deref().unwrap_or(Path::new("nova.conf")).display()
+                ),
+            )),
+            (None, None) => None,
+        };
+        if let Some((dir, from)) = &instances_dir {
+            match std::fs::metadata(dir) {
+                Ok(m) if m.is_dir() => {}
+                Ok(_) => return Err(format!("{} ({from}) is not a directory", dir.display())),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    return Err(format!("{} ({from}) does not exist", dir.display()))
+                }
+                Err(e) => return Err(format!("{} ({from}): {e}", dir.display())),
+            }
+        }
         let d = Policy::default();
         let policy = Policy {
             original_min_age: self
@@ -172,10 +217,11 @@ impl MountArgs {
             dir: self.dir,
             background: self.background,
             threads: self.threads as usize,
+            check: self.check,
             passthrough: !self.no_passthrough,
             log_file: self.log_file,
             policy,
-            instances_dir: self.instances_dir.or(nova.instances_path.map(PathBuf::from)),
+            instances_dir: instances_dir.map(|(dir, _)| dir),
             min_free: self.min_free,
             pressure_min_age: self.pressure_min_age,
             verify_interval: self.verify_interval.or(nova.checksum_interval).unwrap_or(86_400),
@@ -232,6 +278,57 @@ mod tests {
         assert_eq!(c.policy.partial_min_age, 7);
         assert!(!c.policy.evict);
         assert_eq!(c.min_free, Some(MinFree::Percent(10.0)));
+    }
+
+    fn parse_error(args: &[&str]) -> String {
+        let mut all = vec!["imagecachefs", "mount", "/x"];
+        all.extend_from_slice(args);
+        Cli::try_parse_from(all).expect_err("refused").render().to_string()
+    }
+
+    #[test]
+    fn every_number_is_bounded_where_it_is_parsed() {
+        use crate::config::MAX_SECS;
+        let max = MAX_SECS.to_string();
+        for flag in [
+            "--original-min-age",
+            "--resized-min-age",
+            "--partial-min-age",
+            "--pressure-min-age",
+            "--verify-interval",
+        ] {
+            for bad in ["18446744073709551615", "9223372036854775807", "315360001", "-5"] {
+                let e = parse_error(&[flag, bad]);
+                assert!(
+                    e.contains("is not a whole number from 0 to 315360000"),
+                    "{flag} {bad}: {e}"
+                );
+                assert!(!e.contains("-- -5"), "{flag} {bad}: no clap tip: {e}");
+            }
+            let ok = Cli::try_parse_from(["imagecachefs", "mount", "/x", flag, &max]);
+            assert!(ok.is_ok(), "{flag} {max} is accepted");
+        }
+        assert!(parse_error(&["--verify-rate", "1048577"]).contains("from 0 to 1048576"));
+        assert!(parse_error(&["--threads", "65"]).contains("from 1 to 64"));
+        assert!(parse_error(&["--threads", "-1"]).contains("from 1 to 64"));
+        assert!(parse_error(&["--min-free", "-5%"]).contains("from 0 up to (not including) 100"));
+        assert!(parse_error(&["--min-free", "200%"]).contains("from 0 up to (not including) 100"));
+        assert!(parse_error(&["--min-free", "-5"]).contains("is not a size"));
+    }
+
+    #[test]
+    fn a_missing_instances_dir_is_refused() {
+        let cli = Cli::try_parse_from([
+            "imagecachefs",
+            "mount",
+            "/x",
+            "--instances-dir",
+            "/nonexistent-icfs-instances",
+        ])
+        .unwrap();
+        let Command::Mount(m) = cli.command else { panic!("not mount") };
+        let e = m.into_config().unwrap_err();
+        assert_eq!(e, "/nonexistent-icfs-instances (--instances-dir) does not exist");
     }
 
     #[test]

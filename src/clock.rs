@@ -32,7 +32,8 @@ impl ManualClock {
     }
 
     pub fn advance(&self, d: Duration) {
-        *self.now.lock() += d;
+        let mut now = self.now.lock();
+        *now = add(*now, d);
     }
 }
 
@@ -69,8 +70,36 @@ pub fn unix_secs(t: SystemTime) -> u64 {
     t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
+/// The epoch plus `s` seconds, saturating at [`far_future`].
 pub fn from_unix_secs(s: u64) -> SystemTime {
-    SystemTime::UNIX_EPOCH + Duration::from_secs(s)
+    add_secs(SystemTime::UNIX_EPOCH, s)
+}
+
+/// The latest time any deadline is set to: 9999-12-31T23:59:59Z (RFC 3339 keeps its four-digit
+/// year, and `SystemTime` holds it on every platform).
+pub const FAR_FUTURE_SECS: u64 = 253_402_300_799;
+
+/// [`FAR_FUTURE_SECS`] as a time.
+pub fn far_future() -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_secs(FAR_FUTURE_SECS)
+}
+
+/// `t + secs`, saturating at [`far_future`]: every deadline is computed through here, because
+/// `SystemTime + Duration` panics on overflow and the values come from the configuration.
+pub fn add_secs(t: SystemTime, secs: u64) -> SystemTime {
+    add(t, Duration::from_secs(secs))
+}
+
+/// `t + d`, saturating at [`far_future`] (a time already later stays as it is).
+pub fn add(t: SystemTime, d: Duration) -> SystemTime {
+    let end = far_future();
+    if t >= end {
+        return t;
+    }
+    match t.checked_add(d) {
+        Some(sum) if sum <= end => sum,
+        _ => end,
+    }
 }
 
 #[cfg(test)]
@@ -82,6 +111,19 @@ mod tests {
         let c = ManualClock::new(from_unix_secs(1_000));
         c.advance(Duration::from_secs(5));
         assert_eq!(unix_secs(c.now()), 1_005);
+    }
+
+    #[test]
+    fn adding_saturates_at_the_far_future() {
+        let t = from_unix_secs(1_000);
+        assert_eq!(unix_secs(add_secs(t, 5)), 1_005);
+        for huge in [u64::MAX, i64::MAX as u64, FAR_FUTURE_SECS] {
+            assert_eq!(add_secs(t, huge), far_future());
+            assert_eq!(from_unix_secs(huge), far_future());
+            assert_eq!(add(far_future(), Duration::from_secs(huge)), far_future());
+        }
+        assert_eq!(add(t, Duration::MAX), far_future());
+        assert_eq!(rfc3339(far_future()), "9999-12-31T23:59:59Z");
     }
 
     #[test]

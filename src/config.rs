@@ -4,6 +4,36 @@ use std::path::PathBuf;
 
 use crate::state::Policy;
 
+/// The largest age, interval or quarantine accepted (flag, `nova.conf`, fstab option): ten
+/// years of seconds. Larger values mean "never" in practice and only invite overflow.
+pub const MAX_SECS: u64 = 10 * 365 * 86_400;
+
+/// The largest `--verify-rate`, MiB/s (1 TiB/s: far above any disk; 0 is unlimited).
+pub const MAX_RATE_MIB: u64 = 1 << 20;
+
+/// The largest `--min-free` size in bytes: below 2^63 (what `statfs` sizes can express).
+pub const MAX_MIN_FREE_BYTES: u64 = i64::MAX as u64;
+
+/// `--threads` range.
+pub const THREADS: std::ops::RangeInclusive<u64> = 1..=64;
+
+/// A whole number in `range`, for flags and options; the error is one line naming the range.
+pub fn parse_bounded(s: &str, range: std::ops::RangeInclusive<u64>) -> Result<u64, String> {
+    let (lo, hi) = (*range.start(), *range.end());
+    let t = s.trim();
+    let n =
+        if !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()) { t.parse().ok() } else { None };
+    match n {
+        Some(n) if range.contains(&n) => Ok(n),
+        _ => Err(format!("{s:?} is not a whole number from {lo} to {hi}")),
+    }
+}
+
+/// Seconds: 0 to [`MAX_SECS`].
+pub fn parse_secs(s: &str) -> Result<u64, String> {
+    parse_bounded(s, 0..=MAX_SECS)
+}
+
 /// Free-space target of the disk-pressure eviction.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum MinFree {
@@ -19,7 +49,11 @@ impl MinFree {
             || format!("{s:?} is not a size (like 20G, 512M, 1048576) or a percentage (like 10%)");
         if let Some(p) = s.strip_suffix('%') {
             let v: f64 = p.trim().parse().map_err(|_| bad())?;
-            return if (0.0..100.0).contains(&v) { Ok(MinFree::Percent(v)) } else { Err(bad()) };
+            return if (0.0..100.0).contains(&v) {
+                Ok(MinFree::Percent(v))
+            } else {
+                Err(format!("{s:?} is not a percentage from 0 up to (not including) 100"))
+            };
         }
         let (num, mult) = match s.char_indices().last() {
             Some((i, c)) if c.is_ascii_alphabetic() => {
@@ -35,7 +69,10 @@ impl MinFree {
             _ => (s, 1),
         };
         let n: u64 = num.trim().parse().map_err(|_| bad())?;
-        n.checked_mul(mult).map(MinFree::Bytes).ok_or_else(bad)
+        match n.checked_mul(mult) {
+            Some(b) if b <= MAX_MIN_FREE_BYTES => Ok(MinFree::Bytes(b)),
+            _ => Err(format!("{s:?} is more than the largest size, {MAX_MIN_FREE_BYTES} bytes")),
+        }
     }
 
     /// Bytes that must stay free on a filesystem of `total` bytes.
@@ -68,6 +105,8 @@ pub struct MountConfig {
     pub background: bool,
     /// FUSE worker threads.
     pub threads: usize,
+    /// Only check the configuration and print it; mount nothing (`mount --check`).
+    pub check: bool,
     /// Ask the kernel for passthrough (off: the daemon serves every read and write).
     pub passthrough: bool,
     /// Append the log here instead of standard error.
@@ -142,9 +181,36 @@ mod tests {
         assert_eq!(MinFree::parse("512m"), Ok(MinFree::Bytes(512 << 20)));
         assert_eq!(MinFree::parse("4096"), Ok(MinFree::Bytes(4096)));
         assert_eq!(MinFree::parse("15%"), Ok(MinFree::Percent(15.0)));
-        for bad in ["", "G", "12X", "-1", "100%", "abc%"] {
+        for bad in ["", "G", "12X", "-1", "100%", "200%", "-5%", "nan%", "inf%", "abc%", "8388608T"]
+        {
             assert!(MinFree::parse(bad).is_err(), "{bad}");
         }
+        assert_eq!(
+            MinFree::parse(&MAX_MIN_FREE_BYTES.to_string()),
+            Ok(MinFree::Bytes(MAX_MIN_FREE_BYTES))
+        );
+        assert!(MinFree::parse(&(MAX_MIN_FREE_BYTES + 1).to_string()).is_err());
         assert_eq!(MinFree::Percent(10.0).bytes(1000), 100);
+    }
+
+    #[test]
+    fn bounded_numbers_name_their_range() {
+        assert_eq!(parse_secs("0"), Ok(0));
+        assert_eq!(parse_secs(&MAX_SECS.to_string()), Ok(MAX_SECS));
+        for bad in [
+            "",
+            "-5",
+            "+5",
+            "1e3",
+            "x",
+            "315360001",
+            "18446744073709551615",
+            "99999999999999999999",
+        ] {
+            let e = parse_secs(bad).unwrap_err();
+            assert!(e.contains("from 0 to 315360000") && !e.contains('\n'), "{bad}: {e}");
+        }
+        assert_eq!(parse_bounded("64", THREADS), Ok(64));
+        assert!(parse_bounded("0", THREADS).is_err());
     }
 }

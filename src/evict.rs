@@ -16,7 +16,7 @@
 use std::ffi::OsStr;
 use std::os::fd::AsFd;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use log::{error, info, warn};
 
@@ -264,7 +264,7 @@ pub fn run_once(cache: &Cache) -> usize {
                     Refused::NovaLock => 1,
                     _ => cache.policy.min_age(crate::kind::Kind::Other).clamp(1, 600),
                 };
-                cache.schedule_at(ino, now + Duration::from_secs(retry));
+                cache.schedule_at(ino, crate::clock::add_secs(now, retry));
             }
         }
     }

@@ -37,6 +37,8 @@ use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+use crate::config::MAX_SECS;
+
 /// Settings found in nova.conf; `None` = not set there (the CLI default or flag applies).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NovaImageCache {
@@ -146,9 +148,9 @@ pub fn parse(text: &str, path: &Path) -> Result<NovaImageCache, ConfError> {
         }
     }
     let remove_unused = convert(&ini, path, REMOVE_UNUSED, boolean);
-    let original = convert(&ini, path, ORIGINAL_MIN_AGE, integer);
-    let resized = convert(&ini, path, RESIZED_MIN_AGE, integer);
-    let checksum = convert(&ini, path, CHECKSUM_INTERVAL, integer);
+    let original = convert(&ini, path, ORIGINAL_MIN_AGE, seconds);
+    let resized = convert(&ini, path, RESIZED_MIN_AGE, seconds);
+    let checksum = convert(&ini, path, CHECKSUM_INTERVAL, seconds);
     let first_error = [
         remove_unused.as_ref().err(),
         original.as_ref().err(),
@@ -260,13 +262,18 @@ fn boolean(s: &str) -> Result<bool, String> {
     }
 }
 
-/// A non-negative decimal integer; blanks around it are allowed (oslo's `Integer` strips).
-fn integer(s: &str) -> Result<u64, String> {
+/// A non-negative decimal integer of seconds (blanks around it are allowed: oslo's `Integer`
+/// strips), at most [`MAX_SECS`] (ten years): a larger value is refused here, naming its line,
+/// rather than overflowing a deadline later.
+fn seconds(s: &str) -> Result<u64, String> {
     let s = s.trim();
     if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
         return Err("is not a non-negative integer".to_owned());
     }
-    s.parse().map_err(|_| "is too large".to_owned())
+    match s.parse::<u64>() {
+        Ok(n) if n <= MAX_SECS => Ok(n),
+        _ => Err(format!("is more than {MAX_SECS} seconds (ten years), the largest accepted")),
+    }
 }
 
 /// oslo normalises every group name but `DEFAULT` to lower case.
@@ -664,20 +671,27 @@ lock_path = /var/lib/nova/tmp
         for (v, n) in [("0", 0), ("3600", 3600), ("007", 7), ("'86400'", 86400), ("\" 5 \"", 5)] {
             assert_eq!(value(v), Ok(n), "{v}");
         }
-        assert_eq!(value("18446744073709551615"), Ok(u64::MAX));
+        assert_eq!(value(&MAX_SECS.to_string()), Ok(MAX_SECS));
         for v in ["", "-1", "+5", "1.5", "1e3", "1_000", "0x10", "24h", "\"\"", "5 # s"] {
             let (line, message) = value(v).expect_err(v);
             assert_eq!(line, 4, "{v}");
             assert!(message.contains("is not a non-negative integer"), "{v}: {message}");
         }
-        let (line, message) = value("18446744073709551616").unwrap_err();
-        assert_eq!(
-            (line, message.as_str()),
-            (
-                4,
-                r#"remove_unused_original_minimum_age_seconds: "18446744073709551616" is too large"#
-            )
-        );
+        for v in
+            ["315360001", "9223372036854775807", "18446744073709551615", "18446744073709551616"]
+        {
+            let (line, message) = value(v).unwrap_err();
+            assert_eq!(
+                (line, message),
+                (
+                    4,
+                    format!(
+                        "remove_unused_original_minimum_age_seconds: {v:?} is more than \
+                         315360000 seconds (ten years), the largest accepted"
+                    )
+                )
+            );
+        }
     }
 
     #[test]

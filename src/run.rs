@@ -4,10 +4,12 @@ use std::ffi::{OsStr, OsString};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+use std::os::unix::net::UnixDatagram;
 use std::os::unix::process::CommandExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
+use std::sync::OnceLock;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use log::{error, info};
@@ -19,12 +21,108 @@ use crate::config::{MountConfig, StorageChoice};
 use crate::fs::{OverlayFs, STATUS_DIR};
 use crate::fuse::FuseAdapter;
 use crate::mount::{self, Refusal};
+use crate::sync::Mutex;
 
 /// Set in the daemon started by `--background`: the fd to report readiness on.
 const READY_FD_ENV: &str = "IMAGECACHEFS_READY_FD";
 
-/// Starts the log backend (once; later calls change nothing).
+/// Where syslog datagrams go when the daemon runs in the background without `--log-file`
+/// (overridable through [`SYSLOG_SOCKET_ENV`], for tests and unusual hosts).
+const SYSLOG_SOCKET: &str = "/dev/log";
+const SYSLOG_SOCKET_ENV: &str = "IMAGECACHEFS_SYSLOG_SOCKET";
+
+/// The `--log-file` being written, reopened by name on `SIGHUP` (after log rotation).
+static LOG_FILE: OnceLock<LogFile> = OnceLock::new();
+
+struct LogFile {
+    path: PathBuf,
+    // Only the log file itself is written under it; it is swapped, never reopened, under it.
+    file: Mutex<File>,
+}
+
+fn open_log(path: &Path) -> std::io::Result<File> {
+    OpenOptions::new().create(true).append(true).open(path)
+}
+
+/// The logger's handle on [`LOG_FILE`]: each record is one `write_all`.
+struct LogFileWriter(&'static LogFile);
+
+impl Write for LogFileWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.file.lock().write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.file.lock().flush()
+    }
+}
+
+/// Reopens `--log-file` by its name (`SIGHUP`): a rotated-away file is let go, a new one is
+/// created. `Ok(None)` when logging goes elsewhere.
+pub fn reopen_log_file() -> std::io::Result<Option<&'static Path>> {
+    let Some(log) = LOG_FILE.get() else { return Ok(None) };
+    // Opened before taking the lock: the path may be anywhere, even on a slow filesystem.
+    let fresh = open_log(&log.path)?;
+    *log.file.lock() = fresh;
+    Ok(Some(&log.path))
+}
+
+/// Sends each log record as one syslog datagram (`<PRI>imagecachefs[PID]: message`, which
+/// journald and rsyslog both read) to `/dev/log`; nothing is kept when no one listens.
+struct SyslogWriter {
+    socket: Option<UnixDatagram>,
+    path: PathBuf,
+    record: Vec<u8>,
+}
+
+impl Write for SyslogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        // One record is capped (a datagram has a size limit); the rest is dropped.
+        let room = 8192usize.saturating_sub(self.record.len());
+        self.record.extend_from_slice(&buf[..buf.len().min(room)]);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        let record = std::mem::take(&mut self.record);
+        let line = record.strip_suffix(b"\n").unwrap_or(&record);
+        if line.is_empty() {
+            return Ok(());
+        }
+        if self.socket.is_none() {
+            self.socket = UnixDatagram::unbound().ok();
+        }
+        if let Some(sock) = &self.socket {
+            // No syslog daemon: the line is lost, which must not stop the daemon.
+            let _ = sock.send_to(line, &self.path);
+        }
+        Ok(())
+    }
+}
+
+/// Syslog priority of a record: facility `daemon` (3) and the level's severity.
+fn syslog_priority(level: log::Level) -> u8 {
+    let severity = match level {
+        log::Level::Error => 3,
+        log::Level::Warn => 4,
+        log::Level::Info => 6,
+        log::Level::Debug | log::Level::Trace => 7,
+    };
+    3 * 8 + severity
+}
+
+/// Whether this process is the daemon started by `mount --background` (its standard streams
+/// are `/dev/null`).
+pub fn is_background_daemon() -> bool {
+    std::env::var_os(READY_FD_ENV).is_some()
+}
+
+/// Starts the log backend (once; later calls change nothing): `--log-file` if given, else
+/// syslog for a background daemon (whose standard error is `/dev/null`), else standard error.
+/// Panics are logged too, from then on (see [`log_panic`]).
 pub fn init_logging(verbose: u8, log_file: Option<&Path>) -> Result<(), Refusal> {
+    static STARTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if STARTED.load(std::sync::atomic::Ordering::SeqCst) {
+        return Ok(());
+    }
     let level = match verbose {
         0 => "info",
         1 => "debug",
@@ -36,15 +134,65 @@ pub fn init_logging(verbose: u8, log_file: Option<&Path>) -> Result<(), Refusal>
         b.format_timestamp(None);
     }
     if let Some(path) = log_file {
-        let f = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .map_err(|e| Refusal(format!("log file {}: {e}", path.display())))?;
-        b.target(env_logger::Target::Pipe(Box::new(f)));
+        let f = open_log(path).map_err(|e| Refusal(format!("log file {}: {e}", path.display())))?;
+        let log =
+            LOG_FILE.get_or_init(|| LogFile { path: path.to_path_buf(), file: Mutex::new(f) });
+        b.target(env_logger::Target::Pipe(Box::new(LogFileWriter(log))));
+    } else if is_background_daemon() {
+        let path = std::env::var_os(SYSLOG_SOCKET_ENV).unwrap_or_else(|| SYSLOG_SOCKET.into());
+        let pid = std::process::id();
+        b.format(move |buf, record| {
+            writeln!(
+                buf,
+                "<{}>imagecachefs[{pid}]: {}",
+                syslog_priority(record.level()),
+                record.args()
+            )
+        });
+        b.target(env_logger::Target::Pipe(Box::new(SyslogWriter {
+            socket: None,
+            path: path.into(),
+            record: Vec::new(),
+        })));
     }
-    let _ = b.try_init();
+    if b.try_init().is_ok() {
+        STARTED.store(true, std::sync::atomic::Ordering::SeqCst);
+        std::panic::set_hook(Box::new(|info| log_panic(info.payload(), info.location())));
+    }
     Ok(())
+}
+
+/// The panic hook: the message, where, and the thread's name go to the log (error level), so
+/// that a panic of a daemon whose standard error is `/dev/null` still leaves a trace.
+pub fn log_panic(payload: &(dyn std::any::Any + Send), location: Option<&std::panic::Location>) {
+    let thread = std::thread::current();
+    let line = panic_line(thread.name(), payload, location);
+    // RUST_BACKTRACE still works: the default hook that would print it is replaced.
+    let trace = std::backtrace::Backtrace::capture();
+    if trace.status() == std::backtrace::BacktraceStatus::Captured {
+        error!("{line}\n{trace}");
+    } else {
+        error!("{line}");
+    }
+}
+
+/// `panic in thread 'NAME' at FILE:LINE:COL: MESSAGE`.
+fn panic_line(
+    thread: Option<&str>,
+    payload: &(dyn std::any::Any + Send),
+    location: Option<&std::panic::Location>,
+) -> String {
+    let message = payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(a non-text panic payload)");
+    let at = location.map(|l| format!(" at {}:{}:{}", l.file(), l.line(), l.column()));
+    format!(
+        "panic in thread '{}'{}: {message}",
+        thread.unwrap_or("<unnamed>"),
+        at.unwrap_or_default()
+    )
 }
 
 /// `imagecachefs mount`: returns the process exit code.
@@ -132,22 +280,86 @@ fn start_background(cfg: &MountConfig) -> i32 {
             1
         }
         None => {
-            eprintln!("imagecachefs: the daemon exited before the mount was ready");
+            let log = match &cfg.log_file {
+                Some(f) => f.display().to_string(),
+                None => "syslog".to_owned(),
+            };
+            eprintln!(
+                "imagecachefs: the daemon exited before the mount was ready (its log: {log})"
+            );
             1
         }
     }
 }
 
+/// Every signal whose default action ends the process, apart from the ones a fault raises
+/// (SIGSEGV, SIGBUS, SIGFPE, SIGILL, SIGTRAP, SIGSYS, SIGABRT) and the uncatchable ones, plus
+/// the terminal stop signals (a stopped daemon hangs every access to the mount): the signal
+/// thread takes them all (see [`spawn_signal_thread`]), so a stray `kill -USR1` cannot leave
+/// the mount dead. glibc's internal real-time signals (below SIGRTMIN) stay its own.
+fn handled_signals() -> Vec<libc::c_int> {
+    let mut sigs = vec![
+        libc::SIGHUP,
+        libc::SIGINT,
+        libc::SIGQUIT,
+        libc::SIGUSR1,
+        libc::SIGUSR2,
+        libc::SIGPIPE,
+        libc::SIGALRM,
+        libc::SIGTERM,
+        libc::SIGSTKFLT,
+        libc::SIGVTALRM,
+        libc::SIGPROF,
+        libc::SIGIO,
+        libc::SIGPWR,
+        libc::SIGXCPU,
+        libc::SIGXFSZ,
+        libc::SIGTSTP,
+        libc::SIGTTIN,
+        libc::SIGTTOU,
+    ];
+    sigs.extend(libc::SIGRTMIN()..=libc::SIGRTMAX());
+    sigs
+}
+
+/// Blocks [`handled_signals`] in this thread and every thread it starts from now on.
 fn block_signals() -> libc::sigset_t {
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
-        for s in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+        for s in handled_signals() {
             libc::sigaddset(&mut set, s);
         }
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
         set
     }
+}
+
+/// `SIGUSR1`, `SIGRTMIN+3`, ... for the log.
+fn signal_name(sig: libc::c_int) -> String {
+    let name = match sig {
+        libc::SIGHUP => "SIGHUP",
+        libc::SIGINT => "SIGINT",
+        libc::SIGQUIT => "SIGQUIT",
+        libc::SIGUSR1 => "SIGUSR1",
+        libc::SIGUSR2 => "SIGUSR2",
+        libc::SIGPIPE => "SIGPIPE",
+        libc::SIGALRM => "SIGALRM",
+        libc::SIGTERM => "SIGTERM",
+        libc::SIGSTKFLT => "SIGSTKFLT",
+        libc::SIGVTALRM => "SIGVTALRM",
+        libc::SIGPROF => "SIGPROF",
+        libc::SIGIO => "SIGIO",
+        libc::SIGPWR => "SIGPWR",
+        libc::SIGXCPU => "SIGXCPU",
+        libc::SIGXFSZ => "SIGXFSZ",
+        libc::SIGTSTP => "SIGTSTP",
+        libc::SIGTTIN => "SIGTTIN",
+        libc::SIGTTOU => "SIGTTOU",
+        s if s >= libc::SIGRTMIN() => return format!("SIGRTMIN+{}", s - libc::SIGRTMIN()),
+        s => return format!("signal {s}"),
+    };
+    name.to_owned()
 }
 
 fn raise_fd_limit() {
@@ -287,8 +499,10 @@ fn serve(cfg: &MountConfig, on_ready: impl FnOnce()) -> Result<(), Refusal> {
     Ok(())
 }
 
-/// Waits for SIGTERM/SIGINT and detaches the mount lazily, once: new opens reach the covered
-/// directory, open files are served until their last release, then the session ends.
+/// Takes every signal of [`handled_signals`]. SIGTERM/SIGINT detach the mount lazily, once:
+/// new opens reach the covered directory, open files are served until their last release,
+/// then the session ends. SIGHUP reopens `--log-file` (log rotation). Any other is logged the
+/// first time it arrives and otherwise ignored.
 fn spawn_signal_thread(
     set: libc::sigset_t,
     dir: std::path::PathBuf,
@@ -300,18 +514,42 @@ fn spawn_signal_thread(
         .name("signals".into())
         .spawn(move || {
             let mut detached = false;
+            // Signals already logged as ignored (bit = number): one line each, however many.
+            let mut ignored: u128 = 0;
             loop {
                 let mut sig = 0;
                 if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
                     return;
                 }
-                if sig == libc::SIGHUP || detached {
+                if sig == libc::SIGHUP {
+                    match reopen_log_file() {
+                        Ok(Some(path)) => info!("SIGHUP: reopened the log file {}", path.display()),
+                        Ok(None) => info!("SIGHUP: no --log-file to reopen; ignored"),
+                        Err(e) => {
+                            error!("SIGHUP: reopening the log file: {e}; still writing the old one")
+                        }
+                    }
+                    continue;
+                }
+                if sig != libc::SIGTERM && sig != libc::SIGINT {
+                    let bit = 1u128 << (sig as u32 % 128);
+                    if ignored & bit == 0 {
+                        ignored |= bit;
+                        info!(
+                            "{}: ignored (only SIGTERM and SIGINT stop the daemon)",
+                            signal_name(sig)
+                        );
+                    }
+                    continue;
+                }
+                if detached {
                     continue;
                 }
                 detached = true;
+                let sig = signal_name(sig);
                 let ours = mount::top_mount(&dir).map(|m| makedev(m.dev));
                 if ours.is_none() || ours != dev {
-                    info!("signal {sig}: {} is no longer mounted by this daemon", dir.display());
+                    info!("{sig}: {} is no longer mounted by this daemon", dir.display());
                     cache.lose_mount("the mount is no longer this daemon's");
                     continue;
                 }
@@ -322,11 +560,11 @@ fn spawn_signal_thread(
                 cache.lose_mount("the mount was detached");
                 match detached {
                     Ok(()) => info!(
-                        "signal {sig}: detached {}; serving {} open handle(s) until their last close",
+                        "{sig}: detached {}; serving {} open handle(s) until their last close",
                         dir.display(),
                         core.open_handles()
                     ),
-                    Err(e) => error!("signal {sig}: detaching {}: {e}", dir.display()),
+                    Err(e) => error!("{sig}: detaching {}: {e}", dir.display()),
                 }
             }
         })
@@ -372,20 +610,51 @@ fn spawn_mount_watch(id: u64, cache: Arc<Cache>) {
         .expect("spawn mount watcher");
 }
 
+/// `imagecachefs mount DIR --check`: the configuration parsed (flags, nova.conf, bounds,
+/// instances directory), printed as the `config` status file would show it; nothing mounted.
+pub fn check_command(cfg: &MountConfig) -> i32 {
+    let mut out = String::new();
+    for (k, v) in cfg.pairs() {
+        out.push_str(&format!("{k}: {v}\n"));
+    }
+    let _ = std::io::stdout().write_all(out.as_bytes());
+    0
+}
+
+/// `dir` made absolute; a path that does not exist (and is no mount) is refused as such.
+fn existing_absolute(dir: &Path) -> Result<PathBuf, String> {
+    let missing = || format!("{} does not exist", dir.display());
+    let abs = mount::absolute(dir).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => missing(),
+        _ => format!("{}: {e}", dir.display()),
+    })?;
+    // A dead mount answers ENOTCONN, not ENOENT: only a real absence is "does not exist".
+    match std::fs::symlink_metadata(&abs) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(missing()),
+        _ => Ok(abs),
+    }
+}
+
 /// `imagecachefs unmount`: returns the process exit code.
 pub fn unmount_command(dir: &Path, verbose: u8) -> i32 {
     let _ = init_logging(verbose, None);
-    match mount::unmount(dir) {
+    let checked = existing_absolute(dir).and_then(|_| {
+        if unsafe { libc::geteuid() } != 0 {
+            return Err(format!("unmount needs root (only root may detach {})", dir.display()));
+        }
+        mount::unmount(dir).map_err(|r| r.to_string())
+    });
+    match checked {
         Ok(()) => 0,
-        Err(r) => {
-            eprintln!("imagecachefs: {r}");
+        Err(e) => {
+            eprintln!("imagecachefs: {e}");
             1
         }
     }
 }
 
 fn status_dir(dir: &Path) -> Result<std::path::PathBuf, String> {
-    let abs = mount::absolute(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let abs = existing_absolute(dir)?;
     match mount::probe(&abs) {
         mount::Found::Live => Ok(abs.join(STATUS_DIR)),
         mount::Found::Stale => Err(format!("{} is a stale imagecachefs mount", dir.display())),
@@ -451,4 +720,73 @@ pub fn control_command(dir: &Path, verb: &str, name: &OsStr) -> i32 {
         _ => format!("{verb} {shown}: {e}"),
     };
     fail(why)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Records every log line, for the panic hook's test.
+    struct Capture(std::sync::Mutex<Vec<String>>);
+
+    impl log::Log for Capture {
+        fn enabled(&self, _: &log::Metadata) -> bool {
+            true
+        }
+        fn log(&self, r: &log::Record) {
+            self.0.lock().unwrap().push(format!("{} {}", r.level(), r.args()));
+        }
+        fn flush(&self) {}
+    }
+
+    static CAPTURE: Capture = Capture(std::sync::Mutex::new(Vec::new()));
+
+    #[test]
+    fn the_panic_hook_logs_message_place_and_thread_at_error() {
+        assert!(log::set_logger(&CAPTURE).is_ok(), "no other logger in the unit tests");
+        log::set_max_level(log::LevelFilter::Trace);
+        let here = std::panic::Location::caller();
+        std::thread::Builder::new()
+            .name("checksum".into())
+            .spawn(move || {
+                log_panic(&"disk on fire", Some(here));
+                log_panic(&String::from("owned message"), None);
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+        let lines = CAPTURE.0.lock().unwrap().clone();
+        let want = format!(
+            "ERROR panic in thread 'checksum' at {}:{}:{}: disk on fire",
+            here.file(),
+            here.line(),
+            here.column()
+        );
+        // The first line of each record (RUST_BACKTRACE may add a trace after it).
+        let firsts: Vec<&str> = lines.iter().filter_map(|l| l.lines().next()).collect();
+        assert!(firsts.contains(&want.as_str()), "want {want:?} in {lines:?}");
+        assert!(firsts.contains(&"ERROR panic in thread 'checksum': owned message"), "{lines:?}");
+        assert_eq!(
+            panic_line(None, &42u8, None),
+            "panic in thread '<unnamed>': (a non-text panic payload)"
+        );
+    }
+
+    #[test]
+    fn syslog_records_carry_the_daemon_facility_and_severity() {
+        assert_eq!(syslog_priority(log::Level::Error), 27);
+        assert_eq!(syslog_priority(log::Level::Info), 30);
+        assert_eq!(syslog_priority(log::Level::Trace), 31);
+    }
+
+    #[test]
+    fn every_handled_signal_has_a_name() {
+        let sigs = handled_signals();
+        for s in [libc::SIGUSR1, libc::SIGUSR2, libc::SIGQUIT, libc::SIGHUP, libc::SIGTERM] {
+            assert!(sigs.contains(&s), "{s}");
+        }
+        assert!(!sigs.contains(&libc::SIGSEGV) && !sigs.contains(&libc::SIGKILL));
+        assert_eq!(signal_name(libc::SIGUSR1), "SIGUSR1");
+        assert_eq!(signal_name(libc::SIGRTMIN() + 3), "SIGRTMIN+3");
+    }
 }

@@ -16,7 +16,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::OsStrExt;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use crate::clock::{from_unix_secs, unix_secs};
 use crate::kind::Kind;
@@ -607,7 +607,7 @@ impl CacheState {
         if !policy.evict {
             return None;
         }
-        Some(img.last_used + Duration::from_secs(policy.min_age(img.kind)))
+        Some(crate::clock::add_secs(img.last_used, policy.min_age(img.kind)))
     }
 
     /// Why `img` may not be evicted at `now`, or `None` if it may.

@@ -166,6 +166,7 @@ fn usage_errors_exit_2() {
         vec![],
         vec!["frobnicate".as_ref()],
         vec!["mount".as_ref()],
+        vec!["pin".as_ref(), d],
         vec!["mount".as_ref(), d, "--no-such-flag".as_ref()],
         vec!["mount".as_ref(), d, "--threads".as_ref(), "many".as_ref()],
         vec!["mount".as_ref(), d, "--threads".as_ref()],
@@ -176,6 +177,11 @@ fn usage_errors_exit_2() {
         let (code, out, err) = icfs(&args);
         assert_eq!(code, 2, "{args:?} is a usage error\nstdout: {out}\nstderr: {err}");
         assert!(!err.is_empty(), "{args:?}: usage errors explain themselves on stderr");
+        if !args.is_empty() {
+            // (With no arguments at all, clap shows the help.)
+            assert_eq!(err.lines().count(), 1, "{args:?}: one line: {err}");
+            assert!(err.starts_with("imagecachefs: "), "{args:?}: {err}");
+        }
         assert!(mounts_at(&s.base).is_empty());
     }
 }
@@ -287,4 +293,198 @@ fn background_mount_does_not_hold_the_callers_output_open() {
     assert!(err_eof, "the background daemon keeps the caller's stderr open");
     assert!(out_eof, "the background daemon keeps the caller's stdout open");
     assert_eq!(code, 0, "unmount: {uerr}");
+}
+
+/// Asserts a usage error: exit 2, exactly one stderr line `imagecachefs: ...` holding `needle`,
+/// no clap tip.
+fn assert_usage_error((code, out, err): &(i32, String, String), needle: &str) {
+    let ctx = format!("exit {code}\nstdout: {out:?}\nstderr: {err:?}");
+    assert_eq!(*code, 2, "a usage error exits 2\n{ctx}");
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 1, "a usage error prints exactly one line on stderr\n{ctx}");
+    assert!(lines[0].starts_with("imagecachefs: "), "the line starts with `imagecachefs: `\n{ctx}");
+    assert!(lines[0].contains(needle), "the line says {needle:?}\n{ctx}");
+    assert!(!err.contains("tip:") && !err.contains("-- -"), "no clap tip\n{ctx}");
+}
+
+const MAX_SECS: &str = "315360000";
+const AGE_FLAGS: [&str; 5] = [
+    "--original-min-age",
+    "--resized-min-age",
+    "--partial-min-age",
+    "--pressure-min-age",
+    "--verify-interval",
+];
+
+#[test]
+fn huge_ages_and_intervals_are_refused_with_one_line() {
+    let s = Scratch::new();
+    let _guard = DetachAll(s.base.clone());
+    std::fs::write(s.base.join("0d5e6b61602d758984b3bf038267614d6016eb2a"), b"present").unwrap();
+    for flag in AGE_FLAGS {
+        for value in ["18446744073709551615", "9223372036854775807", "315360001"] {
+            let res = icfs(&["mount".as_ref(), s.base.as_os_str(), flag.as_ref(), value.as_ref()]);
+            assert_usage_error(&res, "is not a whole number from 0 to 315360000");
+            assert!(res.2.contains(flag), "the line names {flag}: {:?}", res.2);
+            assert!(mounts_at(&s.base).is_empty(), "{flag} {value}: nothing may be mounted");
+        }
+    }
+    // The same bound in nova.conf, with the file and line.
+    let conf = s.path("nova.conf");
+    std::fs::write(
+        &conf,
+        "[image_cache]\nremove_unused_base_images = False\n\
+         remove_unused_original_minimum_age_seconds = 18446744073709551615\n",
+    )
+    .unwrap();
+    let res =
+        icfs(&["mount".as_ref(), s.base.as_os_str(), "--nova-conf".as_ref(), conf.as_os_str()]);
+    assert_refusal(
+        &res,
+        &format!("{}:3: remove_unused_original_minimum_age_seconds", conf.display()),
+    );
+    assert!(res.2.contains("is more than 315360000 seconds"), "{:?}", res.2);
+    assert!(mounts_at(&s.base).is_empty());
+}
+
+#[test]
+fn the_largest_accepted_values_mount_and_survive_a_new_file() {
+    let s = Scratch::new();
+    let _guard = DetachAll(s.base.clone());
+    // A file present at the mount (its deadline is computed at start) and one created after.
+    let present = "0d5e6b61602d758984b3bf038267614d6016eb2a";
+    std::fs::write(s.base.join(present), b"present before the mount").unwrap();
+    let mut args: Vec<&str> = Vec::new();
+    for flag in AGE_FLAGS {
+        args.extend([flag, MAX_SECS]);
+    }
+    args.extend(["--verify-rate", "1048576", "--min-free", "9223372036854775807"]);
+    let m = Mount::new(&s.base, &args);
+    let created = "1111111111111111111111111111111111111111";
+    std::fs::write(s.base.join(created), b"created through the mount").unwrap();
+    let image = |name: &str| {
+        std::fs::read_to_string(s.base.join(".imagecache/images").join(name)).unwrap_or_default()
+    };
+    // The checksum is recorded, then the re-verification and eviction deadlines computed.
+    let text = common::wait_until(Duration::from_secs(20), "the new file's sha1", || {
+        let t = image(created);
+        t.lines().any(|l| l.starts_with("sha1: ") && l != "sha1: pending").then_some(t)
+    });
+    assert!(text.lines().any(|l| l == "state: idle"), "{text}");
+    let evicts_at = text.lines().find_map(|l| l.strip_prefix("evicts_at: ")).unwrap();
+    assert!(evicts_at.ends_with('Z') && evicts_at.len() == 20, "a time, ten years away: {text}");
+    assert!(image(present).contains("min_age: 315360000"), "{}", image(present));
+    assert!(is_fuse(&s.base), "the mount is alive");
+    assert_eq!(std::fs::read(s.base.join(created)).unwrap(), b"created through the mount");
+    let config = std::fs::read_to_string(s.base.join(".imagecache/config")).unwrap();
+    assert!(config.lines().any(|l| l == "verify_interval: 315360000"), "{config}");
+    let log = m.log_text();
+    assert!(!log.contains("panic"), "{log}");
+    let st = m.stop();
+    assert!(st.success(), "daemon exit: {st}\n");
+}
+
+#[test]
+fn negative_values_are_one_line_without_a_tip() {
+    let s = Scratch::new();
+    let _guard = DetachAll(s.base.clone());
+    let d = s.base.as_os_str();
+    for flag in AGE_FLAGS {
+        assert_usage_error(
+            &icfs(&["mount".as_ref(), d, flag.as_ref(), "-5".as_ref()]),
+            "\"-5\" is not a whole number from 0 to 315360000",
+        );
+    }
+    assert_usage_error(
+        &icfs(&["mount".as_ref(), d, "--threads".as_ref(), "-1".as_ref()]),
+        "from 1 to 64",
+    );
+    assert_usage_error(
+        &icfs(&["mount".as_ref(), d, "--verify-rate".as_ref(), "-64".as_ref()]),
+        "from 0 to 1048576",
+    );
+    assert_usage_error(
+        &icfs(&["mount".as_ref(), d, "--min-free".as_ref(), "-5%".as_ref()]),
+        "not a percentage from 0 up to (not including) 100",
+    );
+    assert_usage_error(
+        &icfs(&["mount".as_ref(), d, "--min-free".as_ref(), "200%".as_ref()]),
+        "not a percentage from 0 up to (not including) 100",
+    );
+    assert!(mounts_at(&s.base).is_empty());
+}
+
+#[test]
+fn status_of_a_missing_dir_does_not_exist() {
+    let s = Scratch::new();
+    for dir in [s.path("nope"), "/nonexistent-icfs/_base".into()] {
+        assert_refusal(&icfs(&["status".as_ref(), dir.as_os_str()]), "does not exist");
+        assert_refusal(&icfs(&["unmount".as_ref(), dir.as_os_str()]), "does not exist");
+    }
+    // A plain directory is still "not an imagecachefs mount".
+    assert_refusal(&icfs(&["status".as_ref(), s.base.as_os_str()]), "not an imagecachefs mount");
+}
+
+#[test]
+fn unmount_by_an_unprivileged_user_needs_root() {
+    common::require_tool("setpriv");
+    let s = Scratch::new();
+    let _guard = DetachAll(s.base.clone());
+    let c = CString::new(s.tmp.path().as_os_str().as_bytes()).unwrap();
+    assert_eq!(unsafe { libc::chmod(c.as_ptr(), 0o755) }, 0);
+    let m = Mount::new(&s.base, &[]);
+    let res = run_timeout(
+        Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+            .arg(bin())
+            .arg("unmount")
+            .arg(&s.base),
+        Duration::from_secs(20),
+    );
+    assert_refusal(&res, "unmount needs root");
+    assert!(!res.2.contains("os error"), "no raw errno: {:?}", res.2);
+    assert!(is_fuse(&s.base), "the mount stays");
+    assert!(m.stop().success());
+}
+
+#[test]
+fn a_missing_instances_dir_is_refused() {
+    let s = Scratch::new();
+    let _guard = DetachAll(s.base.clone());
+    let missing = s.path("no-instances");
+    let res = icfs(&[
+        "mount".as_ref(),
+        s.base.as_os_str(),
+        "--instances-dir".as_ref(),
+        missing.as_os_str(),
+    ]);
+    assert_refusal(&res, &format!("{} (--instances-dir) does not exist", missing.display()));
+    assert!(mounts_at(&s.base).is_empty(), "nothing may be mounted");
+    assert!(!missing.exists(), "the refusal creates nothing");
+    // From nova.conf, the same, naming where it came from.
+    let conf = s.path("nova.conf");
+    std::fs::write(&conf, format!("[DEFAULT]\ninstances_path = {}\n", missing.display())).unwrap();
+    let res =
+        icfs(&["mount".as_ref(), s.base.as_os_str(), "--nova-conf".as_ref(), conf.as_os_str()]);
+    assert_refusal(&res, "(instances_path in");
+    assert!(mounts_at(&s.base).is_empty());
+}
+
+#[test]
+fn mount_check_prints_the_configuration_and_mounts_nothing() {
+    let s = Scratch::new();
+    let _guard = DetachAll(s.base.clone());
+    let (code, out, err) = icfs(&[
+        "mount".as_ref(),
+        s.base.as_os_str(),
+        "--check".as_ref(),
+        "--original-min-age".as_ref(),
+        MAX_SECS.as_ref(),
+        "--background".as_ref(),
+    ]);
+    assert_eq!(code, 0, "stdout: {out}\nstderr: {err}");
+    assert!(out.lines().any(|l| l == format!("original_min_age: {MAX_SECS}")), "{out}");
+    assert!(out.lines().any(|l| l == "resized_min_age: 3600"), "{out}");
+    assert!(mounts_at(&s.base).is_empty(), "--check mounts nothing");
+    assert!(daemon_pids(&s.base).is_empty(), "--check starts no daemon");
 }

@@ -8,7 +8,9 @@
 //!   the output and exit code of every command of the `console` blocks. Values that vary from
 //!   run to run (times, pids, sizes, digests, ages) are compared by shape, never literally.
 //! - `docs/CONFIGURATION.md` names every flag `imagecachefs mount --help` prints, and no flag
-//!   the binary does not have.
+//!   the binary does not have; each documented default and range is what `mount --check`
+//!   accepts, refuses and reports; `--verify-interval 0` turns re-verification off.
+//! - The README's test command is what `.ci/run` runs, and its setup step works here.
 //! - Paths the docs give for repository files (`mount-scripts/...`, `src/...`) exist.
 //!
 //! Needs root, `/dev/fuse`, `qemu-io`, `qemu-img`, `setpriv`, `python3` and its
@@ -796,4 +798,171 @@ fn links_between_docs_resolve() {
         }
     }
     assert!(broken.is_empty(), "broken links in docs/: {broken:#?}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// CONFIGURATION.md's semantics, exercised (not only named).
+
+/// The rows of CONFIGURATION.md's option tables: flag, value cell, default cell, config key.
+fn option_rows(md: &str) -> Vec<(String, String, String, Option<String>)> {
+    md.lines()
+        .filter(|l| l.starts_with("| `--"))
+        .filter_map(|l| {
+            let cells: Vec<&str> = l.trim_matches('|').split('|').map(str::trim).collect();
+            if cells.len() != 6 {
+                return None;
+            }
+            let flag = cells[0].trim_matches('`').to_string();
+            let key = cells[5]
+                .strip_prefix('`')
+                .and_then(|k| k.split_once('`'))
+                .map(|(k, _)| k.to_string())
+                .filter(|_| !cells[5].contains('('));
+            Some((flag, cells[1].to_string(), cells[2].to_string(), key))
+        })
+        .collect()
+}
+
+/// `A to B` in a value cell.
+fn range(cell: &str) -> Option<(u64, u64)> {
+    let words: Vec<&str> =
+        cell.split(|c: char| c.is_whitespace() || c == ',' || c == ';').collect();
+    words.windows(3).find_map(|w| match (w[0].parse(), w[1], w[2].parse()) {
+        (Ok(a), "to", Ok(b)) => Some((a, b)),
+        _ => None,
+    })
+}
+
+/// `imagecachefs mount DIR --check ARGS...`: (exit code, `config` pairs, stderr).
+fn check(dir: &Path, args: &[&str]) -> (i32, Vec<(String, String)>, String) {
+    let (code, out, err) = run(Command::new(bin()).arg("mount").arg(dir).arg("--check").args(args));
+    (code, key_values(&out), err)
+}
+
+#[test]
+fn configuration_md_defaults_and_bounds_are_what_the_parser_does() {
+    let md = doc("CONFIGURATION.md");
+    let rows = option_rows(&md);
+    let dir = tempfile::Builder::new().prefix("icfs-test-docs").tempdir().unwrap();
+    let (code, defaults, err) = check(dir.path(), &[]);
+    assert_eq!(code, 0, "mount --check with no flags: {err}");
+    let value_of = |pairs: &[(String, String)], key: &str| {
+        pairs.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone())
+    };
+    let mut bounded = 0;
+    for (flag, value, default, key) in &rows {
+        let Some(key) = key else { continue };
+        // The documented default (its first number) is what the parser picks with no flag.
+        if let Some(n) = default.split_whitespace().next().filter(|w| w.parse::<u64>().is_ok()) {
+            assert_eq!(
+                value_of(&defaults, key).as_deref(),
+                Some(n),
+                "CONFIGURATION.md gives {flag} the default {n}; `config` says otherwise"
+            );
+        }
+        let Some((lo, hi)) = range(value) else { continue };
+        bounded += 1;
+        // Both ends are accepted and reach the configuration as given.
+        for v in [lo, hi] {
+            let (code, pairs, err) = check(dir.path(), &[flag, &v.to_string()]);
+            assert_eq!(code, 0, "{flag} {v} is documented as accepted: {err}");
+            assert_eq!(value_of(&pairs, key), Some(v.to_string()), "{flag} {v}");
+        }
+        // One past either end is refused with one line naming the range.
+        let mut outside = vec![(hi + 1).to_string(), u64::MAX.to_string()];
+        outside.push(if lo > 0 { (lo - 1).to_string() } else { "-1".into() });
+        for v in outside {
+            let (code, _, err) = check(dir.path(), &[flag, &v]);
+            assert_eq!(code, 2, "{flag} {v} is outside the documented {lo} to {hi}: {err}");
+            assert_eq!(err.lines().count(), 1, "{flag} {v}: one line: {err}");
+            assert!(err.contains(&format!("from {lo} to {hi}")), "{flag} {v}: {err}");
+        }
+    }
+    assert!(bounded >= 7, "CONFIGURATION.md gives a range for only {bounded} flags: {rows:#?}");
+    // --min-free: the documented size and percentage limits.
+    let (code, pairs, err) = check(dir.path(), &["--min-free", "9223372036854775807"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(value_of(&pairs, "min_free").as_deref(), Some("9223372036854775807"));
+    for bad in ["9223372036854775808", "100%", "200%", "-1%"] {
+        let (code, _, err) = check(dir.path(), &["--min-free", bad]);
+        assert_eq!((code, err.lines().count()), (2, 1), "--min-free {bad}: {err}");
+    }
+    assert_eq!(check(dir.path(), &["--min-free", "99.5%"]).0, 0);
+    // --instances-dir must exist.
+    let missing = dir.path().join("missing");
+    let (code, _, err) = check(dir.path(), &["--instances-dir", missing.to_str().unwrap()]);
+    assert_eq!((code, err.lines().count()), (1, 1), "{err}");
+    assert!(err.contains("does not exist"), "{err}");
+}
+
+#[test]
+fn verify_interval_zero_turns_re_verification_off() {
+    use imagecachefs::cache::{Cache, Settings};
+    use imagecachefs::clock::{from_unix_secs, ManualClock};
+    use std::os::fd::{FromRawFd, OwnedFd};
+    use std::os::unix::ffi::OsStrExt;
+    // As CONFIGURATION.md says: 0 is off (the first SHA-1 is still recorded), N re-reads N
+    // seconds after the last check.
+    let md = doc("CONFIGURATION.md");
+    assert!(md.contains("A value of 0 turns periodic re-verification off"), "the claim tested");
+    for interval in [0u64, 3600] {
+        let tmp = tempfile::Builder::new().prefix("icfs-test-docs").tempdir().unwrap();
+        let base = tmp.path().join("_base");
+        fs::create_dir_all(&base).unwrap();
+        fs::create_dir_all(tmp.path().join("proc")).unwrap();
+        fs::write(base.join(IN_USE), b"an image").unwrap();
+        let c = std::ffi::CString::new(base.as_os_str().as_bytes()).unwrap();
+        let fd = unsafe { libc::open(c.as_ptr(), libc::O_PATH | libc::O_DIRECTORY) };
+        assert!(fd >= 0);
+        let clock = ManualClock::new(from_unix_secs(1_800_000_000));
+        let cache = Cache::open(
+            unsafe { OwnedFd::from_raw_fd(fd) },
+            imagecachefs::state::Policy::default(),
+            clock.clone(),
+            imagecachefs::procfs::ProcRoot(tmp.path().join("proc")),
+            Settings {
+                cache_dir: base.clone(),
+                instances_dir: tmp.path().to_path_buf(),
+                min_free: None,
+                pressure_min_age: 600,
+                verify_interval: interval,
+                verify_rate_mib: 0,
+            },
+            Vec::new(),
+        )
+        .unwrap();
+        assert_eq!(imagecachefs::checksums::run_once(&cache), 1, "the first SHA-1 is recorded");
+        let mut reverified = 0;
+        for _ in 0..3 {
+            clock.advance(Duration::from_secs(3600));
+            reverified += imagecachefs::checksums::run_once(&cache);
+        }
+        let want = if interval == 0 { 0 } else { 3 };
+        assert_eq!(reverified, want, "--verify-interval {interval}: re-verifications in 3 hours");
+    }
+}
+
+#[test]
+fn readme_test_command_works_as_written() {
+    let readme = fs::read_to_string(repo().join("README.md")).unwrap();
+    let at = readme.find("Run every test").expect("README says how to run the tests");
+    let block = readme[at..].split("```sh\n").nth(1).and_then(|b| b.split("```").next()).unwrap();
+    let command = block.trim();
+    assert_eq!(command.lines().count(), 1, "one command: {command:?}");
+    assert!(command.contains("cargo test") && command.contains("--no-fail-fast"), "{command}");
+    let ci = fs::read_to_string(repo().join(".ci/run")).unwrap();
+    assert!(ci.contains(command), ".ci/run must run the README's command {command:?}");
+    // The setup step it starts with is there, executable, and leaves a ready machine ready
+    // (it installed what this very test run needed).
+    let setup = command.split("&&").next().unwrap().trim();
+    let path = repo().join(setup);
+    let mode = fs::metadata(&path).unwrap_or_else(|e| panic!("{setup}: {e}")).permissions().mode();
+    assert!(mode & 0o111 != 0, "{setup} is executable");
+    let (code, out, err) = run(Command::new(&path).current_dir(repo()));
+    assert_eq!(code, 0, "{setup}\nstdout: {out}\nstderr: {err}");
+    assert!(!err.contains("installing"), "a ready machine installs nothing: {err}");
+    for tool in ["qemu-img", "qemu-io", "qemu-nbd", "qemu-storage-daemon", "setpriv", "shellcheck"]
+    {
+        common::require_tool(tool);
+    }
 }

@@ -133,6 +133,15 @@ fn every_script_is_bash_strict_and_shellcheck_clean() {
             run(Command::new("shellcheck").args(["--shell=bash", "--severity=style"]).arg(&path));
         assert_eq!(code, 0, "shellcheck {name}:\n{out}{err}");
     }
+    // The repository's other scripts (the README's test command starts with tests/setup.sh).
+    for rel in ["tests/setup.sh", ".ci/run"] {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(rel);
+        let text = fs::read_to_string(&path).unwrap();
+        assert!(has_line(&text, "set -euo pipefail"), "{rel}: set -euo pipefail");
+        let (code, out, err) =
+            run(Command::new("shellcheck").args(["--shell=bash", "--severity=style"]).arg(&path));
+        assert_eq!(code, 0, "shellcheck {rel}:\n{out}{err}");
+    }
 }
 
 #[test]
@@ -352,6 +361,22 @@ fn helper_refuses_bad_input_and_mounts_nothing() {
     );
     assert_helper_refuses(&s.base, &[dir, dir, "-o", "ro"], "option ro is not supported");
     assert_helper_refuses(&s.base, &[dir, dir, "-o", "threads=many"], "threads=many");
+    // Values go through the daemon's own check: bounds and syntax, one line, nothing mounted.
+    assert_helper_refuses(
+        &s.base,
+        &[dir, dir, "-o", "min_free=200%"],
+        "\"200%\" is not a percentage from 0 up to (not including) 100",
+    );
+    assert_helper_refuses(
+        &s.base,
+        &[dir, dir, "-o", "original_min_age=18446744073709551615"],
+        "is not a whole number from 0 to 315360000",
+    );
+    assert_helper_refuses(
+        &s.base,
+        &[dir, dir, "-o", "instances_dir=/nonexistent-icfs-instances"],
+        "/nonexistent-icfs-instances (--instances-dir) does not exist",
+    );
     assert_helper_refuses(&s.base, &[dir, dir, "-o", "nova_conf"], "nova_conf needs a value");
     assert_helper_refuses(&s.base, &[dir, dir, "-o", "no_evict=1"], "no_evict takes no value");
     let other = s.path("other");
@@ -450,7 +475,8 @@ fn preflight(s: &Scratch, nova_conf: &Path) -> (i32, String, String) {
             .arg("--cache-dir")
             .arg(&s.base)
             .arg("--nova-conf")
-            .arg(nova_conf),
+            .arg(nova_conf)
+            .env("IMAGECACHEFS_BIN", bin()),
         Duration::from_secs(30),
     )
 }
@@ -506,6 +532,38 @@ fn preflight_fails_naming_each_problem() {
     fs::write(&conf, "[DEFAULT]\nremove_unused_base_images = True\n[image_cache]\nremove_unused_base_images: off\n").unwrap();
     let (code, out, _) = preflight(&s, &conf);
     assert_eq!(code, 0, "{out}");
+
+    // What the daemon itself refuses, preflight refuses: it runs `mount --check`.
+    for (text, needle) in [
+        (
+            "[image_cache]\nremove_unused_base_images = False\n\
+             remove_unused_original_minimum_age_seconds = 18446744073709551615\n",
+            ":3: remove_unused_original_minimum_age_seconds: \"18446744073709551615\" is more than 315360000 seconds",
+        ),
+        (
+            "[DEFAULT]\ninstances_path = /nonexistent-icfs-instances\n\
+             [image_cache]\nremove_unused_base_images = False\n",
+            "/nonexistent-icfs-instances (instances_path in",
+        ),
+    ] {
+        let conf = s.path("refused-nova.conf");
+        fs::write(&conf, text).unwrap();
+        let (code, out, err) = preflight(&s, &conf);
+        let ctx = format!("nova.conf {text:?}: exit {code}\nstdout: {out}\nstderr: {err}");
+        assert_eq!(code, 1, "{ctx}");
+        let fails: Vec<&str> = out.lines().filter(|l| l.starts_with("FAIL")).collect();
+        assert_eq!(fails.len(), 1, "exactly the refused value\n{ctx}");
+        assert!(fails[0].contains("imagecachefs refuses the configuration"), "{ctx}");
+        assert!(fails[0].contains(needle), "{ctx}");
+        // And mount refuses it too, with the same words.
+        let (code, _, err) = run_timeout(
+            Command::new(bin()).arg("mount").arg(&s.base).arg("--nova-conf").arg(&conf),
+            Duration::from_secs(20),
+        );
+        assert_eq!(code, 1, "{err}");
+        assert!(err.contains(needle), "{err}");
+        assert!(mounts_at(&s.base).is_empty());
+    }
 
     // An explicitly named nova.conf that does not exist is a failure.
     let (code, out, _) = preflight(&s, &s.path("absent.conf"));
