@@ -677,6 +677,16 @@ pub fn status_command(dir: &Path, json: bool) -> i32 {
     }
 }
 
+/// After `evict`: the daemon tells the kernel the name is gone from a thread of its own,
+/// an instant after the command returns; wait (2 s at most) until `stat` says so, so that
+/// what follows the command sees `ENOENT`.
+fn wait_gone(path: &Path) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    while std::fs::symlink_metadata(path).is_ok() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
 /// `imagecachefs pin|unpin|verify|evict DIR NAME`: one line to the control file.
 pub fn control_command(dir: &Path, verb: &str, name: &OsStr) -> i32 {
     let shown = name.to_string_lossy();
@@ -702,7 +712,12 @@ pub fn control_command(dir: &Path, verb: &str, name: &OsStr) -> i32 {
         .write(true)
         .open(sdir.join("control"))
         .and_then(|mut f| f.write_all(&line));
-    let Err(e) = written else { return 0 };
+    let Err(e) = written else {
+        if let (Some(dir), "evict") = (sdir.parent(), verb) {
+            wait_gone(&dir.join(name));
+        }
+        return 0;
+    };
     let why = match e.raw_os_error() {
         Some(libc::ENOENT) => format!("{} has no cache file named {shown}", dir.display()),
         Some(libc::EBUSY) => {
