@@ -2,8 +2,11 @@
 //! daemon does not see passthrough writes, so it reads the covered file), and re-verification
 //! every `--verify-interval` or on demand. One thread, rate-limited, never on a request path;
 //! a hash is abandoned as soon as the file goes, is renamed away or is opened for writing.
-//! A mismatch marks the file corrupt, and its eviction is due at once (it goes as soon as
-//! nothing uses or references it).
+//! The file is stat'ed before and after hashing: a hash of a file that changed meanwhile is
+//! discarded, and a file whose stamp (inode, size, mtime) moved since its checksum was
+//! written, not corrupted, so it gets a new checksum. Only a different digest under the same
+//! stamp is a mismatch: it marks the file corrupt, and its eviction is due at once (it goes
+//! as soon as nothing uses or references it).
 
 use std::os::fd::AsFd;
 use std::sync::Arc;
@@ -12,30 +15,33 @@ use std::time::{Duration, Instant, SystemTime};
 use log::{error, info, warn};
 
 use crate::backing;
-use crate::cache::Cache;
+use crate::cache::{self, Cache};
+use crate::state::{CheckPlan, HashOutcome, Verified};
 use crate::verify::{self, hex, Hashed, Rate};
 
-/// Hashes one file now: a birth checksum if it has none, else a re-verification.
-/// Returns `false` if the work was abandoned (file gone or changed).
+/// Hashes one file now: a birth checksum if it has none, or if it changed since (its stamp
+/// moved), else a re-verification; a file whose writing ended without moving its stamp is
+/// not hashed at all. Returns `false` if the work was abandoned (file gone or changed).
 pub fn check_one(cache: &Cache, ino: u64) -> bool {
-    let (name, write_gen, birth) = {
+    let (name, write_gen) = {
         let state = cache.state.lock();
         let Some(img) = state.image(ino) else { return false };
         let Some(name) = img.name.clone() else { return false };
         if img.writers() > 0 || img.evicting {
             return false;
         }
-        (name, img.write_gen, img.checksum.is_none())
+        (name, img.write_gen)
     };
     let file = backing::open_path_at(cache.root(), &name).and_then(|fd| {
         let st = backing::stat(fd.as_fd())?;
         if st.ino != ino {
             return Err(std::io::Error::from_raw_os_error(libc::ESTALE));
         }
-        backing::reopen(fd.as_fd(), libc::O_RDONLY | libc::O_NOATIME)
-            .or_else(|_| backing::reopen(fd.as_fd(), libc::O_RDONLY))
+        let file = backing::reopen(fd.as_fd(), libc::O_RDONLY | libc::O_NOATIME)
+            .or_else(|_| backing::reopen(fd.as_fd(), libc::O_RDONLY))?;
+        Ok((file, st))
     });
-    let file = match file {
+    let (file, before) = match file {
         Ok(f) => f,
         Err(e) => {
             // Renamed between reading the name and opening it, or not readable right now.
@@ -47,6 +53,21 @@ pub fn check_one(cache: &Cache, ino: u64) -> bool {
             return false;
         }
     };
+    let stamp = cache::stamp(&before);
+    let plan = cache.state.lock().plan_check(ino, write_gen, stamp);
+    match plan {
+        CheckPlan::Skip => {
+            retry(cache, ino, write_gen, Duration::ZERO);
+            return false;
+        }
+        CheckPlan::Kept => {
+            // Writing ended and nothing changed: the periodic check stays where it was.
+            requeue_periodic(cache, ino);
+            cache.changed();
+            return true;
+        }
+        CheckPlan::Hash => {}
+    }
     let changed = || {
         let state = cache.state.lock();
         state.image(ino).is_none_or(|i| {
@@ -73,43 +94,54 @@ pub fn check_one(cache: &Cache, ino: u64) -> bool {
             return false;
         }
     };
-    let size = file.metadata().map(|m| m.len()).unwrap_or(0);
     {
         let mut c = cache.counters.lock();
-        c.verifier_bytes += size;
+        c.verifier_bytes += before.size;
         c.verifier_seconds += started.elapsed().as_secs_f64();
     }
-    let now = cache.now();
     let shown = cache.settings.cache_dir.join(&name);
-    if birth {
-        if cache.state.lock().set_checksum(ino, write_gen, digest, now) {
+    // Written meanwhile by someone the daemon does not see: what was read is no one state of
+    // the file, neither a checksum nor a verdict.
+    if backing::stat(file.as_fd()).map(|after| cache::stamp(&after)).ok() != Some(stamp) {
+        info!("{} changed while it was hashed; hashing it again later", shown.display());
+        retry(cache, ino, write_gen, RETRY_AFTER);
+        return false;
+    }
+    let now = cache.now();
+    // Bound first: the state lock must be released before `schedule` takes it again.
+    let outcome = cache.state.lock().record_hash(ino, write_gen, digest, stamp, now);
+    match outcome {
+        Some(HashOutcome::Created { replaced: None }) => {
             info!("sha1 of {} is {}", shown.display(), hex(&digest));
         }
-    } else {
-        let expected = cache.state.lock().image(ino).and_then(|i| i.checksum).map(|c| c.sha1);
-        // Bound first: the state lock must be released before `schedule` takes it again.
-        let verdict = cache.state.lock().set_verified(ino, write_gen, digest, now);
-        match verdict {
-            Some(true) => {
-                cache.counters.lock().verifications += 1;
-                info!("verified {}: sha1 {} ok", shown.display(), hex(&digest));
-            }
-            Some(false) => {
-                {
-                    let mut c = cache.counters.lock();
-                    c.verifications += 1;
-                    c.mismatches += 1;
-                }
-                error!(
-                    "CORRUPT {}: expected sha1 {} found {}; evicting it once nothing uses it",
-                    shown.display(),
-                    expected.map(|e| hex(&e)).unwrap_or_default(),
-                    hex(&digest)
-                );
-                cache.schedule(ino);
-            }
-            None => return false,
+        Some(HashOutcome::Created { replaced: Some(old) }) => {
+            warn!(
+                "{} was changed behind the mount (its size or mtime moved): new sha1 {}, \
+                 replacing {}; not corruption",
+                shown.display(),
+                hex(&digest),
+                hex(&old)
+            );
         }
+        Some(HashOutcome::Verified) => {
+            cache.counters.lock().verifications += 1;
+            info!("verified {}: sha1 {} ok", shown.display(), hex(&digest));
+        }
+        Some(HashOutcome::Corrupt { expected }) => {
+            {
+                let mut c = cache.counters.lock();
+                c.verifications += 1;
+                c.mismatches += 1;
+            }
+            error!(
+                "CORRUPT {}: expected sha1 {} found {}; evicting it once nothing uses it",
+                shown.display(),
+                hex(&expected),
+                hex(&digest)
+            );
+            cache.schedule(ino);
+        }
+        None => return false,
     }
     cache.changed();
     // An interval of 0 turns periodic re-verification off (on demand still works).
@@ -117,6 +149,23 @@ pub fn check_one(cache: &Cache, ino: u64) -> bool {
         cache.verify_at(ino, now + Duration::from_secs(cache.settings.verify_interval));
     }
     true
+}
+
+/// Queues the file's next periodic re-verification, from its checksum and last verdict.
+fn requeue_periodic(cache: &Cache, ino: u64) {
+    let times = cache.state.lock().image(ino).and_then(|i| {
+        let v = match i.verified {
+            Verified::Ok(t) | Verified::Mismatch(t) => Some(t),
+            Verified::Never | Verified::Pending => None,
+        };
+        Some((i.checksum?.at, v))
+    });
+    if let Some((at, v)) = times {
+        let next = next_check(Some(at), v, cache.settings.verify_interval, cache.now());
+        if let Some(next) = next {
+            cache.verify_at(ino, next);
+        }
+    }
 }
 
 /// Pause before hashing again a file that could not be read.
