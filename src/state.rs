@@ -206,6 +206,12 @@ impl Image {
         matches!(self.verified, Verified::Mismatch(_))
     }
 
+    /// The checksum as shown: none while the file may be changing (opened for writing, and
+    /// its stamp not yet confirmed since).
+    pub fn shown_checksum(&self) -> Option<Checksum> {
+        self.checksum.filter(|c| !c.recheck)
+    }
+
     /// A write handle appears: a hash running now is abandoned, and the checksum is kept but
     /// must be confirmed by its stamp once writing ends.
     fn begin_write(&mut self) {
@@ -970,12 +976,14 @@ mod tests {
         open(&mut s, 1, true);
         let c = img(&s).checksum.expect("a write-open keeps the checksum");
         assert!(c.recheck && c.sha1 == GOOD);
+        assert_eq!(img(&s).shown_checksum(), None, "shown as pending while written");
         let gen = img(&s).write_gen;
         assert_eq!(s.plan_check(INO, gen, at), CheckPlan::Skip, "never hashed while written");
         assert_eq!(release(&mut s, 1), RefEffect::WritingDone { ino: INO, write_gen: gen });
         // Writing ended and the stamp did not move: nothing to hash, the verdict stands.
         assert_eq!(s.plan_check(INO, gen, at), CheckPlan::Kept);
         assert_eq!(img(&s).checksum.map(|c| (c.sha1, c.recheck)), Some((GOOD, false)));
+        assert_eq!(img(&s).shown_checksum().map(|c| c.sha1), Some(GOOD));
         assert_eq!(img(&s).verified, Verified::Ok(t(150)));
         // Asked again (periodic or `verify NAME`), the same stamp is a real re-verification.
         assert_eq!(s.plan_check(INO, gen, at), CheckPlan::Hash);
