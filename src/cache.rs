@@ -457,10 +457,10 @@ impl Cache {
     }
 
     /// A size change through the mount (`truncate`, `ftruncate`): a use and a data change;
-    /// `after`: the file now.
-    pub fn truncated(&self, ino: u64, after: &Stat) {
+    /// `before` and `after`: the file just before and after.
+    pub fn truncated(&self, ino: u64, before: &Stat, after: &Stat) {
         let now = self.now();
-        let hash = self.state.lock().truncated(ino, after.size, now);
+        let hash = self.state.lock().truncated(ino, stamp(before), stamp(after), now);
         self.after_use(ino, hash, now);
     }
 

@@ -60,13 +60,14 @@ pub fn check_one(cache: &Cache, ino: u64) -> bool {
             retry(cache, ino, write_gen, Duration::ZERO);
             return false;
         }
-        CheckPlan::Kept => {
-            // Writing ended and nothing changed: the periodic check stays where it was.
-            requeue_periodic(cache, ino);
+        // Writing ended and nothing changed: no hash, unless the periodic re-verification is
+        // due (its job may have been dropped while a writer had the file). Otherwise that job
+        // is still queued.
+        CheckPlan::Kept if !periodic_due(cache, ino) => {
             cache.changed();
             return true;
         }
-        CheckPlan::Hash => {}
+        CheckPlan::Kept | CheckPlan::Hash => {}
     }
     let changed = || {
         let state = cache.state.lock();
@@ -151,8 +152,8 @@ pub fn check_one(cache: &Cache, ino: u64) -> bool {
     true
 }
 
-/// Queues the file's next periodic re-verification, from its checksum and last verdict.
-fn requeue_periodic(cache: &Cache, ino: u64) {
+/// Whether the file's periodic re-verification is due now.
+fn periodic_due(cache: &Cache, ino: u64) -> bool {
     let times = cache.state.lock().image(ino).and_then(|i| {
         let v = match i.verified {
             Verified::Ok(t) | Verified::Mismatch(t) => Some(t),
@@ -160,12 +161,10 @@ fn requeue_periodic(cache: &Cache, ino: u64) {
         };
         Some((i.checksum?.at, v))
     });
-    if let Some((at, v)) = times {
-        let next = next_check(Some(at), v, cache.settings.verify_interval, cache.now());
-        if let Some(next) = next {
-            cache.verify_at(ino, next);
-        }
-    }
+    let now = cache.now();
+    times
+        .and_then(|(at, v)| next_check(Some(at), v, cache.settings.verify_interval, now))
+        .is_some_and(|next| next <= now)
 }
 
 /// Pause before hashing again a file that could not be read.
@@ -212,5 +211,72 @@ pub fn next_check(
         (None, _) => Some(now),
         (Some(_), _) if interval == 0 => None,
         (Some(c), v) => Some(v.unwrap_or(c).max(c) + Duration::from_secs(interval)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::ffi::OsStr;
+    use std::os::fd::OwnedFd;
+
+    use super::*;
+    use crate::cache::{Settings, VFile};
+    use crate::clock::{from_unix_secs, ManualClock};
+    use crate::procfs::ProcRoot;
+    use crate::state::Policy;
+
+    const NAME: &str = "0d5e6b61602d758984b3bf038267614d6016eb2a";
+    const DAY: u64 = 86_400;
+
+    /// A cache over a temporary directory holding one file, with a manual clock.
+    fn cache(tmp: &std::path::Path, clock: Arc<ManualClock>) -> Arc<Cache> {
+        let base = tmp.join("_base");
+        std::fs::create_dir_all(&base).unwrap();
+        std::fs::create_dir_all(tmp.join("proc")).unwrap();
+        std::fs::write(base.join(NAME), vec![7u8; 100_000]).unwrap();
+        let root: OwnedFd = std::fs::File::open(&base).unwrap().into();
+        let settings = Settings {
+            cache_dir: base,
+            instances_dir: tmp.to_path_buf(),
+            min_free: None,
+            pressure_min_age: 600,
+            verify_interval: DAY,
+            verify_rate_mib: 0,
+        };
+        Cache::open(root, Policy::default(), clock, ProcRoot(tmp.join("proc")), settings, vec![])
+            .unwrap()
+    }
+
+    fn shown(c: &Cache, ino: u64) -> String {
+        String::from_utf8(c.render(VFile::Image(ino))).unwrap()
+    }
+
+    /// A periodic re-verification that fell due while a writer held the file is not lost
+    /// when writing ends without a change: the stamp check goes on to hash the file.
+    #[test]
+    fn a_verification_due_during_writing_runs_when_writing_ends() {
+        let tmp = tempfile::Builder::new().prefix("icfs-test-checksums").tempdir().unwrap();
+        let clock = ManualClock::new(from_unix_secs(1_800_000_000));
+        let c = cache(tmp.path(), clock.clone());
+        let ino = c.ino_of(OsStr::new(NAME)).unwrap();
+        assert_eq!(run_once(&c), 1, "the birth checksum");
+        assert!(shown(&c, ino).contains("verified: never"));
+
+        // Opened for writing (nothing written) across the day the verification falls due.
+        assert!(c.opened(ino, 1, 1, true));
+        clock.advance(Duration::from_secs(DAY + 1));
+        assert_eq!(run_once(&c), 0, "never hashed while a writer has it");
+        assert_eq!(c.released(1, None), crate::state::RefEffect::WritingDone { ino, write_gen: 1 });
+        assert_eq!(run_once(&c), 1);
+        let text = shown(&c, ino);
+        assert!(text.contains("verified: ok "), "{text}");
+
+        // Written for a moment again, before the next day: no hash at all.
+        let birth_and_verify = c.counters.lock().verifier_bytes;
+        assert!(c.opened(ino, 2, 1, true));
+        c.released(2, None);
+        assert_eq!(run_once(&c), 1);
+        assert_eq!(c.counters.lock().verifier_bytes, birth_and_verify, "hashed again");
+        assert!(shown(&c, ino).contains("verified: ok "));
     }
 }

@@ -410,8 +410,9 @@ impl OverlayFs {
             self.kill_privs(&node, caller)?;
         }
         let times = set.atime.is_some() || set.mtime.is_some();
-        // A touch keeps the checksum only if the file was still as hashed just before it.
-        let before = if times && set.size.is_none() && node.file_type == libc::S_IFREG {
+        // A touch (or a truncate to the same size) keeps the checksum only if the file was
+        // still as hashed just before it.
+        let before = if (times || set.size.is_some()) && node.file_type == libc::S_IFREG {
             Some(backing::stat(node.fd())?)
         } else {
             None
@@ -432,12 +433,12 @@ impl OverlayFs {
             backing::set_times(node.fd(), set.atime, set.mtime)?;
         }
         let st = backing::stat(node.fd())?;
-        if set.size.is_some() {
+        match before {
             // Truncation changes the data: the checksum goes, and the file is hashed afresh.
-            self.cache.truncated(id, &st);
-        } else if let Some(before) = before {
+            Some(before) if set.size.is_some() => self.cache.truncated(id, &before, &st),
             // Nova touches a base file on every spawn: that is a use, not a write.
-            self.cache.touched(id, &before, &st);
+            Some(before) => self.cache.touched(id, &before, &st),
+            None => {}
         }
         Ok(st)
     }

@@ -540,11 +540,17 @@ impl CacheState {
     }
 
     /// A size change through the mount (`truncate`, `ftruncate`): a use and a data change.
-    /// Returns whether the file must be hashed now (no writer left to queue it).
-    pub fn truncated(&mut self, ino: u64, size: u64, now: SystemTime) -> bool {
+    /// `before` and `after`: the file just before and after. Cutting a file to the size it
+    /// already had changes no byte: that is treated as a touch (else a corrupt file would be
+    /// blessed by it). Returns whether the file must be hashed now (no writer left to queue
+    /// it).
+    pub fn truncated(&mut self, ino: u64, before: Stamp, after: Stamp, now: SystemTime) -> bool {
+        if before.size == after.size {
+            return self.touch_times(ino, before, after, now);
+        }
         let Some(img) = self.images.get_mut(&ino) else { return false };
         img.last_used = img.last_used.max(now);
-        img.size = size;
+        img.size = after.size;
         img.drop_checksum();
         let hash = img.writers() == 0;
         self.changed();
@@ -1035,7 +1041,7 @@ mod tests {
         assert_eq!(s.record_hash(INO, gen, OTHER, at, t(400)), None);
         release(&mut s, 1);
         let gen = img(&s).write_gen;
-        assert!(s.truncated(INO, 0, t(500)), "no writer left: hash now");
+        assert!(s.truncated(INO, at, stamp(0, 2_000_000_000), t(500)), "no writer: hash now");
         assert_eq!(s.record_hash(INO, gen, OTHER, at, t(600)), None);
     }
 
@@ -1085,11 +1091,31 @@ mod tests {
         let mut s = hashed(at);
         open(&mut s, 1, true);
         let gen = img(&s).write_gen;
-        assert!(!s.truncated(INO, 100, t(250)), "the writer's release queues the hash");
+        let cut = stamp(100, 2_000_000_000);
+        assert!(!s.truncated(INO, at, cut, t(250)), "the writer's release queues the hash");
         assert_eq!((img(&s).checksum, img(&s).size), (None, 100));
         assert!(img(&s).write_gen > gen, "a hash running now is abandoned");
         release(&mut s, 1);
-        assert_eq!(s.plan_check(INO, img(&s).write_gen, stamp(100, 1)), CheckPlan::Hash);
+        assert_eq!(s.plan_check(INO, img(&s).write_gen, cut), CheckPlan::Hash);
+    }
+
+    #[test]
+    fn a_truncate_to_the_same_size_changes_no_byte() {
+        let at = stamp(4096, 1_000_000_123);
+        let mut s = hashed(at);
+        let gen = img(&s).write_gen;
+        assert!(matches!(
+            s.record_hash(INO, gen, OTHER, at, t(150)),
+            Some(HashOutcome::Corrupt { .. })
+        ));
+        // `ftruncate` sets the mtime even when the size stays.
+        let after = stamp(4096, 2_000_000_000);
+        assert!(!s.truncated(INO, at, after, t(250)));
+        assert_eq!(img(&s).checksum.map(|c| c.stamp), Some(after));
+        assert!(img(&s).corrupt(), "a corrupt file stays corrupt");
+        // The same size, but the file had changed before: its checksum goes.
+        assert!(s.truncated(INO, stamp(4096, 3), stamp(4096, 4), t(300)));
+        assert_eq!(img(&s).checksum, None);
     }
 
     #[test]

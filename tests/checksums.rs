@@ -536,7 +536,7 @@ fn truncate_through_the_mount_rehashes_the_file() {
 
 /// `touch(1)` through the mount (open for writing, futimens, close) is a use, not a write: a
 /// good file keeps its digest without being hashed again, and a corrupt one stays corrupt
-/// (it is not blessed with a new digest).
+/// (it is not blessed with a new digest), as it does when truncated to the size it has.
 #[test]
 fn touch_keeps_a_good_digest_and_a_corrupt_verdict() {
     let n = Nova::new();
@@ -573,6 +573,15 @@ fn touch_keeps_a_good_digest_and_a_corrupt_verdict() {
     assert_eq!(field(&text, "state").as_deref(), Some("corrupt"), "{text}");
     assert_eq!(field(&text, "sha1"), Some(bad.clone()), "{text}");
     assert!(field(&text, "verified").unwrap_or_default().starts_with("mismatch "), "{text}");
+
+    // Cut to the size it has (`ftruncate` moves the mtime, no byte changes): still corrupt.
+    run_ok(tool("truncate").args(["-s", &MIB.to_string()]).arg(n.at(H4)));
+    verify(&n, H4);
+    wait_until(Duration::from_secs(20), &format!("the third verification of {H4}"), || {
+        (events_of(&n, "corrupt", H4) >= 3 || events_of(&n, "created", H4) >= 2).then_some(())
+    });
+    assert_eq!(events_of(&n, "created", H4), 1, "the corrupt {H4} was blessed:\n{}", n.events());
+    assert_eq!(n.field(H4, "state"), "corrupt");
     holder.kill();
     n.wait_evicted(H4, Duration::from_secs(10));
     drop(m);
