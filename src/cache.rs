@@ -676,7 +676,7 @@ fn wait_due(q: &Mutex<Queue>, wake: &Condvar, clock: &dyn Clock) {
     }
 }
 
-/// What a checksum of the file `st` describes would be taken of (see [`Stamp`]).
+/// The stamp of the file `st`: what a checksum taken now would be tied to (see [`Stamp`]).
 pub fn stamp(st: &Stat) -> Stamp {
     Stamp { ino: st.ino, size: st.size, mtime: st.mtime }
 }
