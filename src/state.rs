@@ -221,6 +221,12 @@ impl Image {
         }
     }
 
+    /// Corrupt, and not opened for writing through the mount since: whatever changes it
+    /// behind the mount, only the recorded content clears the verdict.
+    fn corrupt_sticks(&self) -> bool {
+        self.corrupt() && self.checksum.is_some_and(|c| !c.recheck)
+    }
+
     /// The content changed: the checksum and its verdict go, a hash running now is abandoned.
     fn drop_checksum(&mut self) {
         self.write_gen += 1;
@@ -530,6 +536,9 @@ impl CacheState {
         if let Some(c) = &mut img.checksum {
             if c.stamp == before && after.size == before.size && after.ino == before.ino {
                 c.stamp.mtime = after.mtime;
+            } else if img.corrupt_sticks() {
+                // Changed behind the mount while corrupt: the next verification compares it
+                // with the recorded checksum, whatever the times say.
             } else {
                 img.drop_checksum();
                 hash = img.writers() == 0;
@@ -628,7 +637,8 @@ impl CacheState {
     /// the hash), unless a writer came since. Same stamp as the checksum: a verification
     /// (a different digest is corruption). No checksum, or another stamp: the file was
     /// written (through the mount, or behind the daemon's back), and this is its new
-    /// checksum, never a verdict.
+    /// checksum, never a verdict; except that a file already corrupt and changed behind the
+    /// mount is verified against its recorded checksum (only that content passes).
     pub fn record_hash(
         &mut self,
         ino: u64,
@@ -642,11 +652,14 @@ impl CacheState {
             return None;
         }
         let name = img.name.clone().unwrap_or_default();
+        // A corrupt file changed behind the mount stays corrupt unless it holds the recorded
+        // content again: whoever changed it, that is the only content that passes.
+        let sticks = img.corrupt_sticks();
         let outcome = match img.checksum {
-            Some(c) if c.stamp == stamp => {
+            Some(c) if c.stamp == stamp || sticks => {
                 let ok = c.sha1 == sha1;
                 img.verified = if ok { Verified::Ok(now) } else { Verified::Mismatch(now) };
-                img.checksum = Some(Checksum { recheck: false, ..c });
+                img.checksum = Some(Checksum { recheck: false, stamp, ..c });
                 if ok {
                     self.event(now, EventKind::Verified, &name, format!("sha1 {}", hex(&sha1)));
                     HashOutcome::Verified
@@ -1033,6 +1046,38 @@ mod tests {
     }
 
     #[test]
+    fn a_corrupt_file_changed_behind_the_mount_passes_only_with_its_recorded_content() {
+        let at = stamp(4096, 1_000_000_123);
+        let mut s = hashed(at);
+        let gen = img(&s).write_gen;
+        s.record_hash(INO, gen, OTHER, at, t(150));
+        assert!(img(&s).corrupt());
+        // Written behind the mount, then touched: still compared with the recorded SHA-1.
+        let moved = stamp(4096, 2_000_000_000);
+        assert!(!s.touch_times(INO, moved, stamp(4096, 3_000_000_000), t(160)));
+        let moved = stamp(4096, 3_000_000_000);
+        assert_eq!(s.plan_check(INO, gen, moved), CheckPlan::Hash);
+        let outcome = s.record_hash(INO, gen, OTHER, moved, t(200));
+        assert_eq!(outcome, Some(HashOutcome::Corrupt { expected: GOOD }));
+        assert_eq!(img(&s).checksum.map(|c| (c.sha1, c.stamp)), Some((GOOD, moved)));
+        // The recorded content put back: it passes.
+        let back = stamp(4096, 4_000_000_000);
+        assert_eq!(s.record_hash(INO, gen, GOOD, back, t(300)), Some(HashOutcome::Verified));
+        assert!(!img(&s).corrupt());
+        // Rewritten through the mount, a corrupt file gets a new checksum as any file does.
+        s.record_hash(INO, gen, OTHER, back, t(400));
+        open(&mut s, 1, true);
+        let gen = img(&s).write_gen;
+        release(&mut s, 1);
+        let written = stamp(4096, 5_000_000_000);
+        assert_eq!(
+            s.record_hash(INO, gen, OTHER, written, t(500)),
+            Some(HashOutcome::Created { replaced: None })
+        );
+        assert!(!img(&s).corrupt());
+    }
+
+    #[test]
     fn a_hash_overtaken_by_a_writer_or_a_truncate_is_discarded() {
         let at = stamp(4096, 1_000_000_123);
         let mut s = hashed(at);
@@ -1113,7 +1158,11 @@ mod tests {
         assert!(!s.truncated(INO, at, after, t(250)));
         assert_eq!(img(&s).checksum.map(|c| c.stamp), Some(after));
         assert!(img(&s).corrupt(), "a corrupt file stays corrupt");
-        // The same size, but the file had changed before: its checksum goes.
+        // The same size, but the file had changed before: a good file's checksum goes, a
+        // corrupt one's stays to be compared with.
+        assert!(!s.truncated(INO, stamp(4096, 3), stamp(4096, 4), t(300)));
+        assert!(img(&s).corrupt());
+        let mut s = hashed(at);
         assert!(s.truncated(INO, stamp(4096, 3), stamp(4096, 4), t(300)));
         assert_eq!(img(&s).checksum, None);
     }

@@ -106,12 +106,13 @@ fn wait_new_sha1(n: &Nova, m: &Mount, name: &str, old: &str, why: &str) -> Strin
     new
 }
 
-/// `verify NAME` and its `ok` verdict; the file is not corrupt and stays.
+/// `verify NAME` and its `ok` verdict; the file is not (or no longer) corrupt and stays.
 fn verify_ok(n: &Nova, m: &Mount, name: &str) {
-    let before = events_of(n, "verified", name);
+    let (before, corrupt) = (events_of(n, "verified", name), events_of(n, "corrupt", name));
     verify(n, name);
     wait_until(Duration::from_secs(20), &format!("a new verification of {name}"), || {
-        (events_of(n, "verified", name) > before || events_of(n, "corrupt", name) > 0).then_some(())
+        (events_of(n, "verified", name) > before || events_of(n, "corrupt", name) > corrupt)
+            .then_some(())
     });
     let text = n.status(name).expect("status file");
     assert!(
@@ -121,7 +122,7 @@ fn verify_ok(n: &Nova, m: &Mount, name: &str) {
         m.log_text()
     );
     assert_ne!(field(&text, "state").as_deref(), Some("corrupt"), "{text}");
-    assert_eq!(events_of(n, "corrupt", name), 0, "{}", n.events());
+    assert_eq!(events_of(n, "corrupt", name), corrupt, "{}", n.events());
     n.stays(m, name, Duration::from_millis(500), "it is not corrupt");
 }
 
@@ -503,6 +504,46 @@ fn a_file_changed_behind_the_mount_gets_a_new_checksum_not_a_verdict() {
     );
     assert_eq!(events_of(&n, "corrupt", H2), 0, "{}", n.events());
     verify_ok(&n, &m, H2);
+    drop(m);
+}
+
+/// A corrupt file changed behind the mount stays corrupt, whatever its mtime says, until it
+/// holds the content its SHA-1 was recorded for again (OPERATIONS.md, "A corrupt image").
+#[test]
+fn a_corrupt_file_passes_again_only_with_its_recorded_content() {
+    let n = Nova::new();
+    let m = n.mount((LONG, LONG, LONG), &[]);
+    let bytes = pseudo_random(MIB, 38);
+    write_file(&n.at(H3), &bytes);
+    let recorded = wait_sha1(&n, &m, H3, Duration::from_secs(20));
+    let mut holder = Proc::python(READER, &[&n.at(H3)]);
+    holder.wait_line("ready");
+    flip_byte(&n.real(H3), 999);
+    verify(&n, H3);
+    wait_verified(&n, H3, "mismatch ", Duration::from_secs(15));
+
+    // Written again behind the mount, the mtime moving: still corrupt.
+    let before = mtime(&n.real(H3));
+    {
+        let f = OpenOptions::new().write(true).open(n.real(H3)).unwrap();
+        f.write_all_at(&[0x3c; 4096], 0).unwrap();
+        f.sync_all().unwrap();
+    }
+    assert_ne!(mtime(&n.real(H3)), before, "the write did not move the mtime");
+    verify(&n, H3);
+    wait_until(Duration::from_secs(20), &format!("the second verification of {H3}"), || {
+        (events_of(&n, "corrupt", H3) >= 2 || events_of(&n, "created", H3) >= 2).then_some(())
+    });
+    let text = n.status(H3).unwrap();
+    assert_eq!(events_of(&n, "created", H3), 1, "the corrupt {H3} was blessed:\n{}", n.events());
+    assert_eq!(field(&text, "state").as_deref(), Some("corrupt"), "{text}");
+    assert_eq!(field(&text, "sha1"), Some(recorded.clone()), "{text}");
+
+    // The recorded content put back (behind the mount too): it passes.
+    fs::write(n.real(H3), &bytes).unwrap();
+    verify_ok(&n, &m, H3);
+    assert_eq!(n.field(H3, "sha1"), recorded);
+    holder.kill();
     drop(m);
 }
 
