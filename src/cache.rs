@@ -26,7 +26,7 @@ use crate::clock::Clock;
 use crate::config::MinFree;
 use crate::evict::Invalidate;
 use crate::procfs::{Holder, Incomplete, ProcRoot, Wanted};
-use crate::state::{CacheState, Policy, RefChange, RefEffect, Verified};
+use crate::state::{CacheState, Policy, RefChange, RefEffect, Stamp, Verified};
 use crate::status::{self, Counters, View};
 use crate::sync::{Condvar, Mutex};
 
@@ -538,16 +538,28 @@ impl Cache {
         effect
     }
 
-    /// A use through `utime`/`truncate`; `size` as it is now.
-    pub fn touched(&self, ino: u64, size: u64) {
+    /// A use through `utime`/`touch`: `before` and `after` are the file as it was just
+    /// before and after its times were set.
+    pub fn touched(&self, ino: u64, before: &Stat, after: &Stat) {
         let now = self.now();
-        {
-            let mut state = self.state.lock();
-            state.touch(ino, now);
-            state.resized(ino, size);
-        }
+        let hash = self.state.lock().touch_times(ino, stamp(before), stamp(after), now);
+        self.after_use(ino, hash, now);
+    }
+
+    /// A size change through the mount (`truncate`, `ftruncate`): a use and a data change;
+    /// `before` and `after`: the file just before and after.
+    pub fn truncated(&self, ino: u64, before: &Stat, after: &Stat) {
+        let now = self.now();
+        let hash = self.state.lock().truncated(ino, stamp(before), stamp(after), now);
+        self.after_use(ino, hash, now);
+    }
+
+    fn after_use(&self, ino: u64, hash: bool, now: SystemTime) {
         self.dirty.notify_one();
         self.schedule(ino);
+        if hash {
+            self.verify_at(ino, now);
+        }
     }
 
     /// The inode of the cache file `name`, if there is one.
@@ -753,6 +765,11 @@ fn wait_due(q: &Mutex<Queue>, wake: &Condvar, clock: &dyn Clock) {
         };
         wake.wait_for(&mut q, wait.min(Duration::from_secs(3600)));
     }
+}
+
+/// The stamp of the file `st`: what a checksum taken now would be tied to (see [`Stamp`]).
+pub fn stamp(st: &Stat) -> Stamp {
+    Stamp { ino: st.ino, size: st.size, mtime: st.mtime }
 }
 
 /// imagecachefs's own files in the covered directory.

@@ -419,6 +419,14 @@ impl OverlayFs {
         if set.size.is_some() {
             self.kill_privs(&node, caller)?;
         }
+        let times = set.atime.is_some() || set.mtime.is_some();
+        // A touch (or a truncate to the same size) keeps the checksum only if the file was
+        // still as hashed just before it.
+        let before = if (times || set.size.is_some()) && node.file_type == libc::S_IFREG {
+            Some(backing::stat(node.fd())?)
+        } else {
+            None
+        };
         if let Some(size) = set.size {
             match fh.and_then(|fh| self.handle(fh).ok()) {
                 Some(h) => backing::ftruncate(h.file()?, size)?,
@@ -431,13 +439,16 @@ impl OverlayFs {
         if let Some(mode) = set.mode {
             backing::chmod(node.fd(), mode & 0o7777)?;
         }
-        if set.atime.is_some() || set.mtime.is_some() {
+        if times {
             backing::set_times(node.fd(), set.atime, set.mtime)?;
         }
         let st = backing::stat(node.fd())?;
-        if set.atime.is_some() || set.mtime.is_some() || set.size.is_some() {
-            // Nova touches a base file on every spawn: that is a use.
-            self.cache.touched(id, st.size);
+        match before {
+            // Truncation changes the data: the checksum goes, and the file is hashed afresh.
+            Some(before) if set.size.is_some() => self.cache.truncated(id, &before, &st),
+            // Nova touches a base file on every spawn: that is a use, not a write.
+            Some(before) => self.cache.touched(id, &before, &st),
+            None => {}
         }
         Ok(st)
     }

@@ -85,7 +85,7 @@ impl View<'_> {
             min_age: self.policy.min_age(img.kind),
             state,
             evicts_at,
-            sha1: img.checksum.map(|c| hex(&c.sha1)).unwrap_or_else(|| "pending".into()),
+            sha1: img.shown_checksum().map(|c| hex(&c.sha1)).unwrap_or_else(|| "pending".into()),
             verified: match img.verified {
                 Verified::Never => "never".into(),
                 Verified::Pending => "pending".into(),

@@ -13,7 +13,7 @@ mod nova;
 
 use std::collections::BTreeSet;
 use std::fs::{self, File, OpenOptions};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -61,14 +61,69 @@ fn assert_sha1(n: &Nova, name: &str, got: &str, want: &str) {
     assert_eq!(got, want, "sha1 of {name} (status) vs sha1sum of the real file\n{}", n.events());
 }
 
-/// Flips every bit of the byte at `offset` of the real file (underneath the mount).
+/// Flips every bit of the byte at `offset` of the real file (underneath the mount), as bit rot
+/// would: same inode, size and mtime (a write that moves the mtime is a change, not
+/// corruption).
 fn flip_byte(path: &Path, offset: u64) {
     let f = OpenOptions::new().read(true).write(true).open(path).unwrap();
+    let mtime = f.metadata().unwrap().modified().unwrap();
     let mut b = [0u8; 1];
     f.read_exact_at(&mut b, offset).unwrap();
     b[0] = !b[0];
     f.write_all_at(&b, offset).unwrap();
+    f.set_modified(mtime).unwrap();
     f.sync_all().unwrap();
+    assert_eq!(fs::metadata(path).unwrap().modified().unwrap(), mtime, "mtime of {path:?}");
+}
+
+/// The modification time of a file.
+fn mtime(path: &Path) -> std::time::SystemTime {
+    fs::metadata(path).unwrap_or_else(|e| panic!("stat {path:?}: {e}")).modified().unwrap()
+}
+
+/// How many `KIND NAME ` events there are.
+fn events_of(n: &Nova, kind: &str, name: &str) -> usize {
+    event_lines(&n.events(), &format!("{kind} {name} "))
+}
+
+/// Waits until NAME's digest is neither `pending` nor `old`, and checks it is the real file's.
+fn wait_new_sha1(n: &Nova, m: &Mount, name: &str, old: &str, why: &str) -> String {
+    let new =
+        wait_until(Duration::from_secs(20), &format!("a new digest of {name} ({why})"), || {
+            let sha1 = field(&n.status(name)?, "sha1")?;
+            (sha1 != "pending" && sha1 != old).then_some(sha1)
+        });
+    let want = sha1sum(&n.real(name));
+    assert_eq!(
+        new,
+        want,
+        "{why}: digest of {name} vs sha1sum
+{}
+{}",
+        n.events(),
+        m.log_text()
+    );
+    new
+}
+
+/// `verify NAME` and its `ok` verdict; the file is not (or no longer) corrupt and stays.
+fn verify_ok(n: &Nova, m: &Mount, name: &str) {
+    let (before, corrupt) = (events_of(n, "verified", name), events_of(n, "corrupt", name));
+    verify(n, name);
+    wait_until(Duration::from_secs(20), &format!("a new verification of {name}"), || {
+        (events_of(n, "verified", name) > before || events_of(n, "corrupt", name) > corrupt)
+            .then_some(())
+    });
+    let text = n.status(name).expect("status file");
+    assert!(
+        field(&text, "verified").unwrap_or_default().starts_with("ok "),
+        "{name} is not verified ok:\n{text}\n{}\n{}",
+        n.events(),
+        m.log_text()
+    );
+    assert_ne!(field(&text, "state").as_deref(), Some("corrupt"), "{text}");
+    assert_eq!(events_of(n, "corrupt", name), corrupt, "{}", n.events());
+    n.stays(m, name, Duration::from_millis(500), "it is not corrupt");
 }
 
 /// `imagecachefs verify DIR NAME`, which must succeed.
@@ -391,4 +446,224 @@ fn a_writer_from_before_the_mount_delays_the_checksum_until_it_is_done() {
     verify(&n, name);
     let text = wait_verified(&n, name, "ok ", Duration::from_secs(20));
     assert_eq!(field(&text, "state").as_deref(), Some("idle"), "{text}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 12. A checksum belongs to the content it was taken of
+
+/// Nova recreates ephemeral and swap bases: a file replaced while the daemon was down (a new
+/// inode under the same name, same size, other bytes) is hashed afresh at the next mount, and
+/// a verify finds it good, not corrupt.
+#[test]
+fn a_file_replaced_while_the_daemon_was_down_is_hashed_afresh_not_condemned() {
+    let n = Nova::new();
+    let m = n.mount((LONG, LONG, LONG), &[]);
+    write_file(&n.at(H1), &pseudo_random(MIB, 31));
+    let old = wait_sha1(&n, &m, H1, Duration::from_secs(20));
+    let old_ino = fs::metadata(n.real(H1)).unwrap().ino();
+    assert!(m.stop().success(), "the daemon did not stop cleanly");
+    assert!(!common::is_fuse(&n.dir), "still mounted after the daemon stopped");
+
+    let tmp = n.dir.join("swap_new.tmp");
+    fs::write(&tmp, pseudo_random(MIB, 32)).unwrap();
+    fs::rename(&tmp, n.dir.join(H1)).unwrap();
+    assert_ne!(fs::metadata(n.real(H1)).unwrap().ino(), old_ino, "the file was not replaced");
+    let want = sha1sum(&n.real(H1));
+    assert_ne!(want, old);
+
+    let m = n.mount((LONG, LONG, LONG), &[]);
+    let got = wait_sha1(&n, &m, H1, Duration::from_secs(20));
+    assert_sha1(&n, H1, &got, &want);
+    verify_ok(&n, &m, H1);
+    assert_eq!(n.field(H1, "sha1"), want);
+    drop(m);
+}
+
+/// A file written behind the daemon's back while it runs (through the covered directory, its
+/// mtime moving) gets a new checksum at its next verification, with an event saying so; it is
+/// not corrupt.
+#[test]
+fn a_file_changed_behind_the_mount_gets_a_new_checksum_not_a_verdict() {
+    let n = Nova::new();
+    let m = n.mount((LONG, LONG, LONG), &[]);
+    write_file(&n.at(H2), &pseudo_random(MIB, 33));
+    let old = wait_sha1(&n, &m, H2, Duration::from_secs(20));
+    let before = mtime(&n.real(H2));
+    {
+        let f = OpenOptions::new().write(true).open(n.real(H2)).unwrap();
+        f.write_all_at(&[0xa5; 4096], 0).unwrap();
+        f.sync_all().unwrap();
+    }
+    assert_ne!(mtime(&n.real(H2)), before, "the write did not move the mtime");
+    verify(&n, H2);
+    let new = wait_new_sha1(&n, &m, H2, &old, "changed behind the mount");
+    assert!(
+        n.has_event(&format!("created {H2} sha1 {new} changed behind the mount (was sha1 {old})")),
+        "no event saying {H2} changed behind the mount:\n{}",
+        n.events()
+    );
+    assert_eq!(events_of(&n, "corrupt", H2), 0, "{}", n.events());
+    verify_ok(&n, &m, H2);
+    drop(m);
+}
+
+/// A corrupt file changed behind the mount stays corrupt, whatever its mtime says, until it
+/// holds the content its SHA-1 was recorded for again (OPERATIONS.md, "A corrupt image").
+#[test]
+fn a_corrupt_file_passes_again_only_with_its_recorded_content() {
+    let n = Nova::new();
+    let m = n.mount((LONG, LONG, LONG), &[]);
+    let bytes = pseudo_random(MIB, 38);
+    write_file(&n.at(H3), &bytes);
+    let recorded = wait_sha1(&n, &m, H3, Duration::from_secs(20));
+    let mut holder = Proc::python(READER, &[&n.at(H3)]);
+    holder.wait_line("ready");
+    flip_byte(&n.real(H3), 999);
+    verify(&n, H3);
+    wait_verified(&n, H3, "mismatch ", Duration::from_secs(15));
+
+    // Written again behind the mount, the mtime moving: still corrupt.
+    let before = mtime(&n.real(H3));
+    {
+        let f = OpenOptions::new().write(true).open(n.real(H3)).unwrap();
+        f.write_all_at(&[0x3c; 4096], 0).unwrap();
+        f.sync_all().unwrap();
+    }
+    assert_ne!(mtime(&n.real(H3)), before, "the write did not move the mtime");
+    verify(&n, H3);
+    wait_until(Duration::from_secs(20), &format!("the second verification of {H3}"), || {
+        (events_of(&n, "corrupt", H3) >= 2 || events_of(&n, "created", H3) >= 2).then_some(())
+    });
+    let text = n.status(H3).unwrap();
+    assert_eq!(events_of(&n, "created", H3), 1, "the corrupt {H3} was blessed:\n{}", n.events());
+    assert_eq!(field(&text, "state").as_deref(), Some("corrupt"), "{text}");
+    assert_eq!(field(&text, "sha1"), Some(recorded.clone()), "{text}");
+
+    // The recorded content put back (behind the mount too): it passes.
+    fs::write(n.real(H3), &bytes).unwrap();
+    verify_ok(&n, &m, H3);
+    assert_eq!(n.field(H3, "sha1"), recorded);
+    holder.kill();
+    drop(m);
+}
+
+/// `truncate -s` (open, ftruncate, close) and `truncate(2)` by path through the mount change
+/// the data: the file is hashed afresh, and a verify afterwards is ok.
+#[test]
+fn truncate_through_the_mount_rehashes_the_file() {
+    let n = Nova::new();
+    let m = n.mount((LONG, LONG, LONG), &[]);
+    write_file(&n.at(H3), &pseudo_random(2 * MIB, 34));
+    let first = wait_sha1(&n, &m, H3, Duration::from_secs(20));
+
+    run_ok(tool("truncate").args(["-s", "1M"]).arg(n.at(H3)));
+    let second = wait_new_sha1(&n, &m, H3, &first, "after truncate -s 1M");
+    assert_eq!(n.field(H3, "size"), MIB.to_string());
+    verify_ok(&n, &m, H3);
+
+    // truncate(2) by path: no handle, no writer.
+    let grow = (MIB + 4096).to_string();
+    run_ok(
+        tool("python3")
+            .args(["-c", "import os,sys; os.truncate(sys.argv[1], int(sys.argv[2]))"])
+            .arg(n.at(H3))
+            .arg(&grow),
+    );
+    wait_new_sha1(&n, &m, H3, &second, "after truncate(2) by path");
+    assert_eq!(n.field(H3, "size"), grow);
+    verify_ok(&n, &m, H3);
+    drop(m);
+}
+
+/// `touch(1)` through the mount (open for writing, futimens, close) is a use, not a write: a
+/// good file keeps its digest without being hashed again, and a corrupt one stays corrupt
+/// (it is not blessed with a new digest), as it does when truncated to the size it has.
+#[test]
+fn touch_keeps_a_good_digest_and_a_corrupt_verdict() {
+    let n = Nova::new();
+    let m = n.mount((LONG, LONG, LONG), &[]);
+    let bytes = pseudo_random(MIB, 35);
+    write_file(&n.at(H1), &bytes);
+    write_file(&n.at(H4), &bytes);
+    let good = wait_sha1(&n, &m, H1, Duration::from_secs(20));
+    let bad = wait_sha1(&n, &m, H4, Duration::from_secs(20));
+
+    // A good file: touched, then verified; never re-hashed.
+    let before = mtime(&n.real(H1));
+    run_ok(tool("touch").arg(n.at(H1)));
+    assert_ne!(mtime(&n.real(H1)), before, "touch did not move the mtime");
+    verify_ok(&n, &m, H1);
+    assert_eq!(n.field(H1, "sha1"), good);
+    assert_eq!(events_of(&n, "created", H1), 1, "{H1} was hashed again:\n{}", n.events());
+
+    // A corrupt file, held open so that it is not evicted at once.
+    let mut holder = Proc::python(READER, &[&n.at(H4)]);
+    holder.wait_line("ready");
+    flip_byte(&n.real(H4), 4321);
+    verify(&n, H4);
+    wait_verified(&n, H4, "mismatch ", Duration::from_secs(15));
+    let before = mtime(&n.real(H4));
+    run_ok(tool("touch").arg(n.at(H4)));
+    assert_ne!(mtime(&n.real(H4)), before, "touch did not move the mtime");
+    verify(&n, H4);
+    wait_until(Duration::from_secs(20), &format!("the second verification of {H4}"), || {
+        (events_of(&n, "corrupt", H4) >= 2 || events_of(&n, "created", H4) >= 2).then_some(())
+    });
+    let text = n.status(H4).unwrap();
+    assert_eq!(events_of(&n, "created", H4), 1, "the corrupt {H4} was blessed:\n{}", n.events());
+    assert_eq!(field(&text, "state").as_deref(), Some("corrupt"), "{text}");
+    assert_eq!(field(&text, "sha1"), Some(bad.clone()), "{text}");
+    assert!(field(&text, "verified").unwrap_or_default().starts_with("mismatch "), "{text}");
+
+    // Cut to the size it has (`ftruncate` moves the mtime, no byte changes): still corrupt.
+    run_ok(tool("truncate").args(["-s", &MIB.to_string()]).arg(n.at(H4)));
+    verify(&n, H4);
+    wait_until(Duration::from_secs(20), &format!("the third verification of {H4}"), || {
+        (events_of(&n, "corrupt", H4) >= 3 || events_of(&n, "created", H4) >= 2).then_some(())
+    });
+    assert_eq!(events_of(&n, "created", H4), 1, "the corrupt {H4} was blessed:\n{}", n.events());
+    assert_eq!(n.field(H4, "state"), "corrupt");
+    holder.kill();
+    n.wait_evicted(H4, Duration::from_secs(10));
+    drop(m);
+}
+
+/// `fallocate` (a punched hole, a size change) and `copy_file_range` into a file go through a
+/// write handle: when it is released the file is hashed afresh.
+#[test]
+fn fallocate_and_copy_file_range_through_a_write_handle_rehash_the_file() {
+    let n = Nova::new();
+    let m = n.mount((LONG, LONG, LONG), &[]);
+    write_file(&n.at(H2), &pseudo_random(MIB, 36));
+    write_file(&n.at(H3), &pseudo_random(MIB, 37));
+    let first = wait_sha1(&n, &m, H2, Duration::from_secs(20));
+    wait_sha1(&n, &m, H3, Duration::from_secs(20));
+
+    run_ok(
+        tool("fallocate")
+            .args(["--punch-hole", "--offset", "65536", "--length", "65536"])
+            .arg(n.at(H2)),
+    );
+    let punched = wait_new_sha1(&n, &m, H2, &first, "after fallocate --punch-hole");
+
+    let grown = (2 * MIB).to_string();
+    run_ok(tool("fallocate").args(["--offset", "0", "--length", &grown]).arg(n.at(H2)));
+    let grew = wait_new_sha1(&n, &m, H2, &punched, "after fallocate to 2 MiB");
+    assert_eq!(n.field(H2, "size"), grown);
+
+    run_ok(
+        tool("python3")
+            .args([
+                "-c",
+                "import os,sys\n\
+             s=os.open(sys.argv[1],os.O_RDONLY); d=os.open(sys.argv[2],os.O_WRONLY)\n\
+             assert os.copy_file_range(s,d,65536,0,0)==65536\n\
+             os.close(s); os.close(d)",
+            ])
+            .arg(n.at(H3))
+            .arg(n.at(H2)),
+    );
+    wait_new_sha1(&n, &m, H2, &grew, "after copy_file_range into it");
+    verify_ok(&n, &m, H2);
+    drop(m);
 }

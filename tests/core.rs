@@ -287,15 +287,16 @@ fn corruption_is_found_and_the_file_goes_once_unused() {
     assert_eq!(checksums::run_once(&c), 1);
     let r = ino(&c, RESIZED);
     assert!(c.opened(r, 5, 1, false));
-    // Flip a byte underneath, keeping the inode.
+    // Flip a byte underneath as bit rot would: same inode, size and mtime (a write that
+    // moves the mtime is a change, not corruption).
     let p = w.base().join(RESIZED);
+    let mtime = fs::metadata(&p).unwrap().modified().unwrap();
     let mut data = fs::read(&p).unwrap();
     data[0] ^= 0xff;
-    fs::File::options()
-        .write(true)
-        .open(&p)
-        .and_then(|mut f| std::io::Write::write_all(&mut f, &data))
-        .unwrap();
+    let mut f = fs::File::options().write(true).open(&p).unwrap();
+    std::io::Write::write_all(&mut f, &data).unwrap();
+    f.set_modified(mtime).unwrap();
+    drop(f);
     c.request_verify(r);
     assert_eq!(checksums::run_once(&c), 1);
     let img = String::from_utf8(c.render(imagecachefs::cache::VFile::Image(r))).unwrap();
