@@ -7,7 +7,6 @@
 //! persister thread, or synchronously before a status file is rendered, so that whatever an
 //! operator has seen is on disk (a `kill -9` loses nothing that was reported).
 
-use std::cmp::Reverse;
 use std::collections::{BTreeSet, HashMap};
 use std::ffi::{OsStr, OsString};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -30,8 +29,64 @@ use crate::state::{CacheState, Policy, RefChange, RefEffect, Verified};
 use crate::status::{self, Counters, View};
 use crate::sync::{Condvar, Mutex};
 
-/// Deadlines (eviction or checksum), earliest first.
-type Queue = std::collections::BinaryHeap<Reverse<(SystemTime, u64)>>;
+/// Deadlines (eviction or checksum), earliest first, at most one per inode: however often a
+/// file is rescheduled (every release does), the queue holds one entry for it, the earliest
+/// asked for. The consumer re-checks the file when it is due and queues its next deadline.
+#[derive(Debug, Default)]
+pub struct Queue {
+    by_time: BTreeSet<(SystemTime, u64)>,
+    by_ino: HashMap<u64, SystemTime>,
+}
+
+impl Queue {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Queues `ino` at `at`, unless it is already queued at that time or earlier (a later
+    /// time replaces nothing: waking early costs one re-check, waking late could lose a
+    /// deadline). Returns true if `at` is now the earliest entry.
+    pub fn push(&mut self, ino: u64, at: SystemTime) -> bool {
+        match self.by_ino.get(&ino) {
+            Some(&old) if old <= at => return false,
+            Some(&old) => {
+                self.by_time.remove(&(old, ino));
+            }
+            None => {}
+        }
+        self.by_ino.insert(ino, at);
+        self.by_time.insert((at, ino));
+        self.by_time.first() == Some(&(at, ino))
+    }
+
+    /// The earliest deadline.
+    pub fn peek(&self) -> Option<SystemTime> {
+        self.by_time.first().map(|&(t, _)| t)
+    }
+
+    /// Removes and returns every inode due at `now`, earliest first.
+    pub fn take_due(&mut self, now: SystemTime) -> Vec<u64> {
+        let mut out = Vec::new();
+        while let Some(&(t, ino)) = self.by_time.first() {
+            if t > now {
+                break;
+            }
+            self.by_time.pop_first();
+            self.by_ino.remove(&ino);
+            out.push(ino);
+        }
+        out
+    }
+
+    /// Inodes queued.
+    pub fn len(&self) -> usize {
+        self.by_ino.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_ino.is_empty()
+    }
+}
 
 /// The state file in the covered directory, and its temporary twin.
 pub const STATE_FILE: &str = ".imagecachefs.state";
@@ -226,10 +281,7 @@ impl Cache {
 
     /// Queues a checksum job for `ino` at `at`.
     pub fn verify_at(&self, ino: u64, at: SystemTime) {
-        let mut q = self.jobs.lock();
-        let earliest = q.peek().is_none_or(|Reverse((t, _))| at < *t);
-        q.push(Reverse((at, ino)));
-        if earliest {
+        if self.jobs.lock().push(ino, at) {
             self.job_due.notify_one();
         }
     }
@@ -241,7 +293,7 @@ impl Cache {
     }
 
     pub fn take_verify_due(&self, now: SystemTime) -> Vec<u64> {
-        take_due(&mut self.jobs.lock(), now)
+        self.jobs.lock().take_due(now)
     }
 
     pub fn wait_for_verify(&self) {
@@ -277,10 +329,7 @@ impl Cache {
     }
 
     pub fn schedule_at(&self, ino: u64, at: SystemTime) {
-        let mut q = self.queue.lock();
-        let earliest = q.peek().is_none_or(|Reverse((t, _))| at < *t);
-        q.push(Reverse((at, ino)));
-        if earliest {
+        if self.queue.lock().push(ino, at) {
             self.due.notify_one();
         }
     }
@@ -306,7 +355,12 @@ impl Cache {
 
     /// Pops every eviction deadline due at `now` (each inode once).
     pub fn take_due(&self, now: SystemTime) -> Vec<u64> {
-        take_due(&mut self.queue.lock(), now)
+        self.queue.lock().take_due(now)
+    }
+
+    /// Inodes waiting in the eviction and checksum queues (at most one entry each).
+    pub fn queued(&self) -> (usize, usize) {
+        (self.queue.lock().len(), self.jobs.lock().len())
     }
 
     /// Blocks until the earliest deadline passes (or an earlier one is queued).
@@ -638,26 +692,14 @@ impl Cache {
     }
 }
 
-/// Pops every entry of a deadline heap due at `now` (each inode once).
-fn take_due(q: &mut Queue, now: SystemTime) -> Vec<u64> {
-    let mut out = Vec::new();
-    while q.peek().is_some_and(|Reverse((t, _))| *t <= now) {
-        let Reverse((_, ino)) = q.pop().expect("peeked");
-        if !out.contains(&ino) {
-            out.push(ino);
-        }
-    }
-    out
-}
-
-/// Sleeps until the earliest entry of a deadline heap is due.
+/// Sleeps until the earliest entry of a deadline queue is due.
 fn wait_due(q: &Mutex<Queue>, wake: &Condvar, clock: &dyn Clock) {
     let mut q = q.lock();
     loop {
         let now = clock.now();
         let wait = match q.peek() {
-            Some(Reverse((t, _))) if *t <= now => return,
-            Some(Reverse((t, _))) => t.duration_since(now).unwrap_or_default(),
+            Some(t) if t <= now => return,
+            Some(t) => t.duration_since(now).unwrap_or_default(),
             None => Duration::from_secs(3600),
         };
         wake.wait_for(&mut q, wait.min(Duration::from_secs(3600)));
@@ -685,5 +727,46 @@ mod tests {
         assert_eq!(parse_command(b"pin a/b"), Err(ControlError::BadName));
         assert_eq!(parse_command(b"pin .."), Err(ControlError::BadName));
         assert_eq!(parse_command(b"pin "), Err(ControlError::BadName));
+    }
+
+    #[test]
+    fn a_million_reschedules_keep_one_entry_per_inode() {
+        let mut q = Queue::new();
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let inodes = [11u64, 12, 13, 0];
+        let mut seed = 0x1234_5678_u64;
+        for i in 0..1_000_000u64 {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let ino = inodes[(seed >> 33) as usize % inodes.len()];
+            // Deadlines move later with every release, as idle deadlines do.
+            q.push(ino, t0 + Duration::from_millis(i));
+            assert!(q.len() <= inodes.len() && q.by_time.len() <= inodes.len(), "at {i}");
+        }
+        assert_eq!(q.len(), inodes.len());
+        // The earliest asked-for deadline of each inode is kept.
+        assert_eq!(q.peek(), Some(t0));
+        let due = q.take_due(t0 + Duration::from_secs(10_000));
+        let mut sorted = due.clone();
+        sorted.sort();
+        sorted.dedup();
+        assert_eq!(sorted.len(), due.len(), "each inode once: {due:?}");
+        assert_eq!(sorted.len(), inodes.len());
+        assert!(q.is_empty() && q.by_time.is_empty());
+    }
+
+    #[test]
+    fn an_earlier_deadline_replaces_a_later_one() {
+        let mut q = Queue::new();
+        let t = |s| SystemTime::UNIX_EPOCH + Duration::from_secs(s);
+        assert!(q.push(5, t(100)));
+        assert!(!q.push(6, t(200)));
+        assert!(!q.push(5, t(150)), "a later time for a queued inode changes nothing");
+        assert_eq!(q.take_due(t(120)), vec![5]);
+        assert!(q.push(6, t(180)), "the only entry is the earliest");
+        assert_eq!(q.peek(), Some(t(180)), "an earlier time replaces the queued one");
+        assert_eq!(q.len(), 1);
+        assert!(q.take_due(t(179)).is_empty());
+        assert_eq!(q.take_due(t(180)), vec![6]);
+        assert!(q.take_due(t(1000)).is_empty(), "the replaced entry is gone too");
     }
 }
