@@ -768,7 +768,8 @@ impl Cache {
     /// `SNAPSHOT_BYTES_MAX` of snapshots, none of this file; the open fails (`EAGAIN`).
     pub fn snapshot(&self, file: VFile, reader: Reader) -> Option<Arc<Snapshot>> {
         let key = (file, reader);
-        if let Some(s) = self.snapshots.lock().reuse(key, self.stamp()) {
+        let now = self.stamp();
+        if let Some(s) = self.snapshots.lock().reuse(key, now) {
             return Some(s);
         }
         let (bytes, stamp) = self.render_as(file, reader);
