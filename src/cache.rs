@@ -198,17 +198,21 @@ pub struct Cache {
     config: Vec<(String, String)>,
     root: OwnedFd,
     dev: u64,
-    /// The last state-file write (held while writing), and a signal for the persister.
+    /// The last state-file write (held while writing: only the persister, control commands
+    /// and shutdown take it, never a status rendering), and a signal for the persister.
     saved: Mutex<Saved>,
     dirty: Condvar,
     /// The same, for status files, which must not wait for a write in progress.
     saved_version: AtomicU64,
     saved_at: AtomicU64,
     writes: AtomicU64,
-    /// Backing-file names read for display, when, and a generation number.
+    /// Backing-file names read for display, when, and a generation number. Memory only
+    /// under it: the instance disks are read with no lock held (`refreshing` elects the
+    /// one reader that refreshes).
     shown_refs: Mutex<Option<ShownRefs>>,
     refreshing: AtomicBool,
-    /// Status-file snapshots alive.
+    /// Status-file snapshots alive. Memory only under it; taken after the state lock is
+    /// released, never before it.
     snapshots: Mutex<SnapshotStore>,
     /// Eviction deadlines, earliest first, and the eviction thread's wake-up.
     queue: Mutex<Queue>,
@@ -492,11 +496,6 @@ impl Cache {
     /// Pops every eviction deadline due at `now` (each inode once).
     pub fn take_due(&self, now: SystemTime) -> Vec<u64> {
         self.queue.lock().take_due(now)
-    }
-
-    /// Inodes waiting in the eviction and checksum queues (at most one entry each).
-    pub fn queued(&self) -> (usize, usize) {
-        (self.queue.lock().len(), self.jobs.lock().len())
     }
 
     /// Blocks until the earliest deadline passes (or an earlier one is queued).
