@@ -372,3 +372,50 @@ fn non_root_readers_see_no_sha1s_and_no_holders() {
     drop(holder);
     drop(m);
 }
+
+/// Reading status files in a loop does not read every instance disk each time: the
+/// backing-file names shown (`state: referenced`) are read at most every 5 s. Counted with
+/// `strace` on the daemon: opens of the instance disk while `status` is read for 3 s.
+#[test]
+fn status_reads_reuse_the_backing_file_names_for_a_few_seconds() {
+    let l = Layout::new();
+    let base = l.base.join(HASH);
+    fs::write(&base, vec![0u8; 1 << 20]).unwrap();
+    let disk = l.s.path("instances/instance-00000001/disk");
+    common::overlay(&disk, &base);
+    let m = Mount::new(&l.base, &[]);
+    let image = sfile(&l.base, &format!("images/{HASH}"));
+    wait_until(POLL, "the base shown as referenced", || {
+        fs::read_to_string(&image).ok()?.contains("state: referenced\n").then_some(())
+    });
+    let trace = l.s.path("strace.log");
+    let pid = m.pid().to_string();
+    let strace = Proc::spawn_logged(
+        tool("strace")
+            .args(["-f", "-qq", "-e", "trace=openat,open", "-o"])
+            .arg(&trace)
+            .args(["-p", &pid]),
+        l.s.path("strace.out"),
+    );
+    wait_until(POLL, "strace to attach", || {
+        let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let tracer = status.lines().find_map(|l| l.strip_prefix("TracerPid:"))?.trim().to_string();
+        (tracer != "0").then_some(())
+    });
+    let started = Instant::now();
+    let mut reads = 0;
+    while started.elapsed() < Duration::from_secs(3) {
+        let text = fs::read_to_string(sfile(&l.base, "status")).unwrap();
+        assert!(text.contains(" referenced "), "{text}");
+        reads += 1;
+    }
+    strace.terminate();
+    let opens = fs::read_to_string(&trace)
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains("instance-00000001/disk\""))
+        .count();
+    assert!(reads >= 20, "only {reads} reads of status in 3 s");
+    assert!(opens <= 2, "{reads} reads of status opened the instance disk {opens} times");
+    drop(m);
+}
