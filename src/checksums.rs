@@ -6,6 +6,7 @@
 //! nothing uses or references it).
 
 use std::os::fd::AsFd;
+use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -41,7 +42,7 @@ pub fn check_one(cache: &Cache, ino: u64) -> bool {
             // Renamed between reading the name and opening it, or not readable right now.
             let renamed = matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ESTALE));
             if !renamed {
-                warn!("checksum of {}: {e}", name.to_string_lossy());
+                warn!("checksum of {}: {e}", crate::text::escape(name.as_bytes()));
             }
             retry(cache, ino, write_gen, if renamed { Duration::ZERO } else { RETRY_AFTER });
             return false;
@@ -68,7 +69,7 @@ pub fn check_one(cache: &Cache, ino: u64) -> bool {
             return false;
         }
         Err(e) => {
-            error!("checksum of {}: read: {e}", name.to_string_lossy());
+            error!("checksum of {}: read: {e}", crate::text::escape(name.as_bytes()));
             retry(cache, ino, write_gen, RETRY_AFTER);
             return false;
         }
@@ -80,7 +81,8 @@ pub fn check_one(cache: &Cache, ino: u64) -> bool {
         c.verifier_seconds += started.elapsed().as_secs_f64();
     }
     let now = cache.now();
-    let shown = cache.settings.cache_dir.join(&name);
+    // Escaped: a name must not add lines to the log.
+    let shown = cache.settings.cache_dir.join(crate::text::escape(name.as_bytes()));
     if birth {
         if cache.state.lock().set_checksum(ino, write_gen, digest, now) {
             info!("sha1 of {} is {}", shown.display(), hex(&digest));

@@ -323,6 +323,9 @@ fn names_and_program_names_cannot_forge_lines() {
     let events = fs::read_to_string(sfile(&l.base, "events")).unwrap();
     assert!(events.lines().all(|l| l.as_bytes()[..4].iter().all(u8::is_ascii_digit)), "{events}");
     assert!(events.contains(&format!(" created {escaped_evil} sha1 ")), "{events}");
+    let log = m.log_text();
+    assert!(log.contains(escaped_evil), "the log names the file, escaped:\n{log}");
+    assert!(!log.lines().any(|l| l.starts_with("state: idle")), "a forged log line:\n{log}");
     drop(holder);
     drop(m);
 }
