@@ -3,20 +3,22 @@
 //! and the persistent state file in the covered directory. `fs` calls it on every event that
 //! matters (names appearing and going, opens, releases, touches) and for the status files.
 //!
-//! The lock is never held across a syscall on a large file; state-file writes happen on the
-//! persister thread, or synchronously before a status file is rendered, so that whatever an
-//! operator has seen is on disk (a `kill -9` loses nothing that was reported).
+//! The lock is never held across a syscall on a large file. State-file writes happen on the
+//! persister thread, at most once a second whatever causes them (control commands, which
+//! only root can send, write before they answer); status files say whether what they show
+//! is on disk yet. A status file is rendered once per state and shared by every handle that
+//! opens it meanwhile, with a cap on what non-root readers can keep alive together.
 
-use std::cmp::Reverse;
 use std::collections::{BTreeSet, HashMap};
 use std::ffi::{OsStr, OsString};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::OnceLock;
-use std::time::Duration;
+use std::sync::{Arc, Weak};
 use std::time::SystemTime;
+use std::time::{Duration, Instant};
 
 use log::{info, warn};
 
@@ -27,18 +29,75 @@ use crate::config::MinFree;
 use crate::evict::Invalidate;
 use crate::procfs::{Holder, Incomplete, ProcRoot, Wanted};
 use crate::state::{CacheState, Policy, RefChange, RefEffect, Stamp, Verified};
-use crate::status::{self, Counters, View};
+pub use crate::status::Reader;
+use crate::status::{self, Counters, Persisted, View};
 use crate::sync::{Condvar, Mutex};
 
-/// Deadlines (eviction or checksum), earliest first.
-type Queue = std::collections::BinaryHeap<Reverse<(SystemTime, u64)>>;
+/// Deadlines (eviction or checksum), earliest first, at most one per inode: however often a
+/// file is rescheduled (every release does), the queue holds one entry for it, the earliest
+/// asked for. The consumer re-checks the file when it is due and queues its next deadline.
+#[derive(Debug, Default)]
+pub struct Queue {
+    by_time: BTreeSet<(SystemTime, u64)>,
+    by_ino: HashMap<u64, SystemTime>,
+}
+
+impl Queue {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Queues `ino` at `at`, unless it is already queued at that time or earlier (a later
+    /// time replaces nothing: waking early costs one re-check, waking late could lose a
+    /// deadline). Returns true if `at` is now the earliest entry.
+    pub fn push(&mut self, ino: u64, at: SystemTime) -> bool {
+        match self.by_ino.get(&ino) {
+            Some(&old) if old <= at => return false,
+            Some(&old) => {
+                self.by_time.remove(&(old, ino));
+            }
+            None => {}
+        }
+        self.by_ino.insert(ino, at);
+        self.by_time.insert((at, ino));
+        self.by_time.first() == Some(&(at, ino))
+    }
+
+    /// The earliest deadline.
+    pub fn peek(&self) -> Option<SystemTime> {
+        self.by_time.first().map(|&(t, _)| t)
+    }
+
+    /// Removes and returns every inode due at `now`, earliest first.
+    pub fn take_due(&mut self, now: SystemTime) -> Vec<u64> {
+        let mut out = Vec::new();
+        while let Some(&(t, ino)) = self.by_time.first() {
+            if t > now {
+                break;
+            }
+            self.by_time.pop_first();
+            self.by_ino.remove(&ino);
+            out.push(ino);
+        }
+        out
+    }
+
+    /// Inodes queued.
+    pub fn len(&self) -> usize {
+        self.by_ino.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_ino.is_empty()
+    }
+}
 
 /// The state file in the covered directory, and its temporary twin.
 pub const STATE_FILE: &str = ".imagecachefs.state";
 pub const STATE_TMP: &str = ".imagecachefs.state.tmp";
 
 /// The virtual files of `.imagecache/`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum VFile {
     Status,
     StatusJson,
@@ -85,13 +144,26 @@ impl ControlError {
     }
 }
 
-/// Parses one control line.
+impl std::fmt::Display for ControlError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ControlError::BadCommand(verb) => write!(f, "unknown command {verb}"),
+            ControlError::BadName => write!(f, "not a cache file name"),
+            ControlError::NoSuchFile => write!(f, "no such cache file"),
+            ControlError::Refused(why) => write!(f, "eviction refused: {why}"),
+            ControlError::Detached => write!(f, "this daemon no longer owns the mount"),
+        }
+    }
+}
+
+/// Parses one control line. A refusal quotes at most the first 40 bytes of the verb,
+/// escaped.
 pub fn parse_command(line: &[u8]) -> Result<Command, ControlError> {
     let line = line.strip_suffix(b"\n").unwrap_or(line);
-    let text = String::from_utf8_lossy(line);
+    let bad = |verb: &[u8]| ControlError::BadCommand(crate::text::excerpt(verb, 40));
     let (verb, name) = match line.iter().position(|&b| b == b' ') {
         Some(i) => (&line[..i], &line[i + 1..]),
-        None => return Err(ControlError::BadCommand(text.into_owned())),
+        None => return Err(bad(line)),
     };
     if name.is_empty() || name == b"." || name == b".." || name.contains(&b'/') || name.contains(&0)
     {
@@ -103,7 +175,7 @@ pub fn parse_command(line: &[u8]) -> Result<Command, ControlError> {
         b"unpin" => Ok(Command::Unpin(name)),
         b"verify" => Ok(Command::Verify(name)),
         b"evict" => Ok(Command::Evict(name)),
-        _ => Err(ControlError::BadCommand(text.into_owned())),
+        _ => Err(bad(verb)),
     }
 }
 
@@ -129,9 +201,22 @@ pub struct Cache {
     pub settings: Settings,
     config: Vec<(String, String)>,
     root: OwnedFd,
-    /// Version of the state last written to disk, and a signal for the persister.
-    saved: Mutex<u64>,
+    /// The last state-file write (held while writing: only the persister, control commands
+    /// and shutdown take it, never a status rendering), and a signal for the persister.
+    saved: Mutex<Saved>,
     dirty: Condvar,
+    /// The same, for status files, which must not wait for a write in progress.
+    saved_version: AtomicU64,
+    saved_at: AtomicU64,
+    writes: AtomicU64,
+    /// Backing-file names read for display, when, and a generation number. Memory only
+    /// under it: the instance disks are read with no lock held (`refreshing` elects the
+    /// one reader that refreshes).
+    shown_refs: Mutex<Option<ShownRefs>>,
+    refreshing: AtomicBool,
+    /// Status-file snapshots alive. Memory only under it; taken after the state lock is
+    /// released, never before it.
+    snapshots: Mutex<SnapshotStore>,
     /// Eviction deadlines, earliest first, and the eviction thread's wake-up.
     queue: Mutex<Queue>,
     due: Condvar,
@@ -161,6 +246,111 @@ const HOLDER_CACHE: usize = 4096;
 
 /// Status files re-derive holders outside the mount at most this often (a walk of /proc).
 const OUTSIDE_REFRESH: Duration = Duration::from_secs(5);
+
+/// The state file is written at most this often (bursts of releases coalesce).
+pub const PERSIST_EVERY: Duration = Duration::from_secs(1);
+
+/// How long the backing-file names read for a status file are reused by the next ones
+/// (eviction never uses this copy: it reads the instance disks at decision time).
+pub const SHOWN_REFS_TTL: Duration = Duration::from_secs(5);
+
+/// Bytes of distinct status-file snapshots that non-root readers can keep alive together
+/// (a `status.json` of 3,000 images is about 1.5 MB).
+pub const SNAPSHOT_BYTES_MAX: usize = 64 << 20;
+
+/// Backing-file names read for display: when, their generation, the names.
+type ShownRefs = (Instant, u64, Arc<BTreeSet<OsString>>);
+
+/// The last state-file write.
+#[derive(Debug, Default)]
+struct Saved {
+    version: u64,
+    written: Option<Instant>,
+}
+
+/// One rendered status file, shared by every handle that opened it in the same state. Its
+/// bytes count in the store's total until the last handle lets go.
+#[derive(Debug)]
+pub struct Snapshot {
+    bytes: Box<[u8]>,
+    ledger: Arc<AtomicUsize>,
+}
+
+impl Snapshot {
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
+impl Drop for Snapshot {
+    fn drop(&mut self) {
+        self.ledger.fetch_sub(self.bytes.len(), Ordering::Relaxed);
+    }
+}
+
+/// What a rendering depends on: two renderings with equal stamps show the same text.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RenderStamp {
+    pub version: u64,
+    pub counters: u64,
+    pub writes: u64,
+    pub referenced: u64,
+    /// The whole second of the clock (ages and times are shown in seconds).
+    pub second: u64,
+}
+
+/// The newest snapshot of each status file per kind of reader, and the bytes of all
+/// snapshots alive. Holds no snapshot itself: they live as long as their handles.
+#[derive(Debug)]
+pub struct SnapshotStore {
+    latest: HashMap<(VFile, Reader), (RenderStamp, Weak<Snapshot>)>,
+    ledger: Arc<AtomicUsize>,
+    cap: usize,
+}
+
+impl SnapshotStore {
+    pub fn new(cap: usize) -> Self {
+        SnapshotStore { latest: HashMap::new(), ledger: Arc::default(), cap }
+    }
+
+    /// The live snapshot of `key` rendered at `stamp`, if there is one.
+    pub fn reuse(&self, key: (VFile, Reader), stamp: RenderStamp) -> Option<Arc<Snapshot>> {
+        let (s, w) = self.latest.get(&key)?;
+        (*s == stamp).then(|| w.upgrade()).flatten()
+    }
+
+    /// Keeps a new rendering of `key`. `capped`: the reader is held to the cap; past it, it
+    /// gets the newest live snapshot of `key` (older, still one consistent state), or
+    /// `None` when there is none.
+    pub fn admit(
+        &mut self,
+        key: (VFile, Reader),
+        stamp: RenderStamp,
+        bytes: Vec<u8>,
+        capped: bool,
+    ) -> Option<Arc<Snapshot>> {
+        if let Some(s) = self.reuse(key, stamp) {
+            // Another reader rendered the same state meanwhile.
+            return Some(s);
+        }
+        if capped && self.bytes() + bytes.len() > self.cap {
+            return self.latest.get(&key).and_then(|(_, w)| w.upgrade());
+        }
+        self.ledger.fetch_add(bytes.len(), Ordering::Relaxed);
+        let snap =
+            Arc::new(Snapshot { bytes: bytes.into_boxed_slice(), ledger: self.ledger.clone() });
+        if self.latest.len() >= 256 {
+            self.latest.retain(|_, (_, w)| w.strong_count() > 0);
+        }
+        self.latest.insert(key, (stamp, Arc::downgrade(&snap)));
+        Some(snap)
+    }
+
+    /// Bytes of all snapshots alive.
+    pub fn bytes(&self) -> usize {
+        self.ledger.load(Ordering::Relaxed)
+    }
+}
 
 impl Cache {
     /// Builds the service over the covered root (an `O_PATH` fd), restoring saved state and
@@ -196,8 +386,14 @@ impl Cache {
             settings,
             config,
             root,
-            saved: Mutex::new(0),
+            saved: Mutex::new(Saved::default()),
             dirty: Condvar::new(),
+            saved_version: AtomicU64::new(0),
+            saved_at: AtomicU64::new(0),
+            writes: AtomicU64::new(0),
+            shown_refs: Mutex::new(None),
+            refreshing: AtomicBool::new(false),
+            snapshots: Mutex::new(SnapshotStore::new(SNAPSHOT_BYTES_MAX)),
             queue: Mutex::new(Queue::new()),
             due: Condvar::new(),
             invalidate: OnceLock::new(),
@@ -237,10 +433,7 @@ impl Cache {
 
     /// Queues a checksum job for `ino` at `at`.
     pub fn verify_at(&self, ino: u64, at: SystemTime) {
-        let mut q = self.jobs.lock();
-        let earliest = q.peek().is_none_or(|Reverse((t, _))| at < *t);
-        q.push(Reverse((at, ino)));
-        if earliest {
+        if self.jobs.lock().push(ino, at) {
             self.job_due.notify_one();
         }
     }
@@ -252,7 +445,7 @@ impl Cache {
     }
 
     pub fn take_verify_due(&self, now: SystemTime) -> Vec<u64> {
-        take_due(&mut self.jobs.lock(), now)
+        self.jobs.lock().take_due(now)
     }
 
     pub fn wait_for_verify(&self) {
@@ -288,10 +481,7 @@ impl Cache {
     }
 
     pub fn schedule_at(&self, ino: u64, at: SystemTime) {
-        let mut q = self.queue.lock();
-        let earliest = q.peek().is_none_or(|Reverse((t, _))| at < *t);
-        q.push(Reverse((at, ino)));
-        if earliest {
+        if self.queue.lock().push(ino, at) {
             self.due.notify_one();
         }
     }
@@ -303,7 +493,7 @@ impl Cache {
 
     /// Pops every eviction deadline due at `now` (each inode once).
     pub fn take_due(&self, now: SystemTime) -> Vec<u64> {
-        take_due(&mut self.queue.lock(), now)
+        self.queue.lock().take_due(now)
     }
 
     /// Blocks until the earliest deadline passes (or an earlier one is queued).
@@ -336,8 +526,8 @@ impl Cache {
                         info!(
                             "pid {} ({}) holds {} open{} outside the mount",
                             h.pid,
-                            h.program,
-                            img.name.as_deref().unwrap_or_default().to_string_lossy(),
+                            crate::text::escape(h.program.as_bytes()),
+                            crate::text::escape(img.name.as_deref().unwrap_or_default().as_bytes()),
                             if *write { " for writing" } else { "" }
                         );
                     }
@@ -620,30 +810,115 @@ impl Cache {
         }
     }
 
-    /// Renders a status file. Whatever it shows is persisted first.
+    /// Backing-file names for display: the instance disks are read at most every
+    /// `SHOWN_REFS_TTL` for status files (one reader refreshes, the others use the previous
+    /// copy meanwhile). Returns the copy and its generation.
+    fn shown_referenced(&self) -> (u64, Arc<BTreeSet<OsString>>) {
+        let old = self.shown_refs.lock().clone();
+        if let Some((at, generation, set)) = &old {
+            if at.elapsed() < SHOWN_REFS_TTL || self.refreshing.load(Ordering::Acquire) {
+                return (*generation, set.clone());
+            }
+        }
+        let mine = !self.refreshing.swap(true, Ordering::AcqRel);
+        if !mine {
+            if let Some((_, generation, set)) = old {
+                return (generation, set);
+            }
+        }
+        let set = Arc::new(self.referenced().unwrap_or_default());
+        if !mine {
+            return (0, set);
+        }
+        let generation = old.map_or(1, |o| o.1 + 1);
+        *self.shown_refs.lock() = Some((Instant::now(), generation, set.clone()));
+        self.refreshing.store(false, Ordering::Release);
+        (generation, set)
+    }
+
+    /// The stamp a rendering made now would have (reads no file).
+    fn render_stamp(&self) -> RenderStamp {
+        let version = self.state.lock().version;
+        let counters = status::counters_sum(&self.counters.lock());
+        let referenced = self.shown_refs.lock().as_ref().map_or(0, |o| o.1);
+        RenderStamp {
+            version,
+            counters,
+            writes: self.writes.load(Ordering::Relaxed),
+            referenced,
+            second: crate::clock::unix_secs(self.now()),
+        }
+    }
+
+    /// Whether the state file holds `version`, and when it was written.
+    fn persisted(&self, version: u64) -> Persisted {
+        let at = self.saved_at.load(Ordering::Relaxed);
+        Persisted {
+            on_disk: self.saved_version.load(Ordering::Relaxed) == version,
+            at: (at > 0).then(|| crate::clock::from_unix_secs(at)),
+            writes: self.writes.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The text of a status file for `reader`, shared with every other handle that opened
+    /// it in the same state (same stamp). `None`: non-root readers hold more than
+    /// `SNAPSHOT_BYTES_MAX` of snapshots, none of this file; the open fails (`EAGAIN`).
+    pub fn snapshot(&self, file: VFile, reader: Reader) -> Option<Arc<Snapshot>> {
+        let key = (file, reader);
+        let now = self.render_stamp();
+        if let Some(s) = self.snapshots.lock().reuse(key, now) {
+            return Some(s);
+        }
+        let (bytes, stamp) = self.render_as(file, reader);
+        self.snapshots.lock().admit(key, stamp, bytes, reader != Reader::Root)
+    }
+
+    /// Bytes of status-file snapshots alive.
+    pub fn snapshot_bytes(&self) -> usize {
+        self.snapshots.lock().bytes()
+    }
+
+    /// Renders a status file as root sees it.
     pub fn render(&self, file: VFile) -> Vec<u8> {
+        self.render_as(file, Reader::Root).0
+    }
+
+    /// Renders a status file for `reader`, with the stamp of what it shows.
+    fn render_as(&self, file: VFile, reader: Reader) -> (Vec<u8>, RenderStamp) {
         self.refresh_outside_for_status();
         self.refresh_sizes();
-        let referenced = match file {
-            VFile::Events | VFile::Config | VFile::Control => BTreeSet::new(),
-            _ => self.referenced().unwrap_or_default(),
+        let (referenced_gen, referenced) = match file {
+            VFile::Events | VFile::Config | VFile::Control => {
+                (self.shown_refs.lock().as_ref().map_or(0, |o| o.1), Arc::default())
+            }
+            _ => self.shown_referenced(),
         };
         let now = self.now();
-        let text = {
+        let (text, stamp) = {
             let state = self.state.lock();
             let counters = self.counters.lock();
+            let persisted = self.persisted(state.version);
+            let stamp = RenderStamp {
+                version: state.version,
+                counters: status::counters_sum(&counters),
+                writes: persisted.writes,
+                referenced: referenced_gen,
+                second: crate::clock::unix_secs(now),
+            };
             let view = View {
                 state: &state,
                 policy: &self.policy,
                 referenced: &referenced,
                 now,
                 counters: &counters,
+                reader,
+                persisted,
             };
-            match file {
+            let text = match file {
                 VFile::Status => status::table(&view),
                 VFile::StatusJson => status::json(&view),
                 VFile::Metrics => status::metrics(&view),
-                VFile::Events => status::events(&state),
+                VFile::Events => status::events(&state, reader),
                 VFile::Config => {
                     let on = self.passthrough.load(std::sync::atomic::Ordering::Relaxed);
                     let mut pairs = self.config.clone();
@@ -655,21 +930,35 @@ impl Cache {
                     Some(img) if img.name.is_some() => status::image(&view, img),
                     _ => String::new(),
                 },
-            }
+            };
+            (text, stamp)
         };
-        self.persist();
-        text.into_bytes()
+        // Not written here: the persister writes within `PERSIST_EVERY`, and the text says
+        // whether it is on disk yet.
+        self.changed();
+        (text.into_bytes(), stamp)
     }
 
-    /// Writes the state file if anything changed since the last write.
+    /// Writes the state file now if anything changed since the last write (control
+    /// commands, shutdown).
     pub fn persist(&self) {
+        self.write_state(false);
+    }
+
+    /// Writes the state file if anything changed; `paced`: not if the last write is less
+    /// than `PERSIST_EVERY` ago.
+    fn write_state(&self, paced: bool) {
         if !self.owns_mount() {
+            // Another daemon may own the directory now.
             return;
         }
         let mut saved = self.saved.lock();
+        if paced && saved.written.is_some_and(|w| w.elapsed() < PERSIST_EVERY) {
+            return;
+        }
         let (version, text) = {
             let s = self.state.lock();
-            if s.version == *saved {
+            if s.version == saved.version {
                 return;
             }
             (s.version, s.persist_text())
@@ -680,32 +969,43 @@ impl Cache {
             OsStr::new(STATE_FILE),
             text.as_bytes(),
         ) {
-            Ok(()) => *saved = version,
+            Ok(()) => {
+                saved.version = version;
+                self.saved_version.store(version, Ordering::Relaxed);
+                self.saved_at.store(crate::clock::unix_secs(self.now()), Ordering::Relaxed);
+                self.writes.fetch_add(1, Ordering::Relaxed);
+            }
             Err(e) => warn!("writing {STATE_FILE}: {e}"),
         }
+        saved.written = Some(Instant::now());
     }
 
-    /// The persister: writes changes within a fraction of a second, coalescing bursts.
+    /// The persister: writes changes within a fraction of a second of the first one
+    /// (coalescing bursts), never more than once per `PERSIST_EVERY`.
     pub fn spawn_persister(self: &Arc<Self>) {
         let me = Arc::downgrade(self);
         std::thread::Builder::new()
             .name("persist".into())
             .spawn(move || loop {
                 let Some(c) = me.upgrade() else { return };
-                {
+                let pause = {
                     let mut saved = c.saved.lock();
-                    if c.state.lock().version == *saved {
+                    if c.state.lock().version == saved.version {
                         c.dirty.wait_for(&mut saved, Duration::from_secs(5));
                     }
-                }
-                std::thread::sleep(Duration::from_millis(200));
-                c.persist();
+                    let since = saved.written.map_or(PERSIST_EVERY, |w| w.elapsed());
+                    Duration::from_millis(200).max(PERSIST_EVERY.saturating_sub(since))
+                };
+                drop(c);
+                std::thread::sleep(pause);
+                let Some(c) = me.upgrade() else { return };
+                c.write_state(true);
             })
             .expect("spawn persister");
     }
 
-    /// Something worth persisting changed: the persister writes it shortly (coalescing bursts;
-    /// a status render writes it at once before showing it).
+    /// Something worth persisting changed: the persister writes it shortly (coalescing
+    /// bursts, at most once per `PERSIST_EVERY`).
     pub fn changed(&self) {
         self.dirty.notify_one();
     }
@@ -720,7 +1020,8 @@ impl Cache {
             Command::Pin(n) | Command::Unpin(n) => {
                 let pin = matches!(cmd, Command::Pin(_));
                 if self.state.lock().set_pin(n, pin, now) {
-                    info!("{} {}", if pin { "pinned" } else { "unpinned" }, n.to_string_lossy());
+                    let shown = crate::text::escape(n.as_bytes());
+                    info!("{} {shown}", if pin { "pinned" } else { "unpinned" });
                     if !pin {
                         self.schedule(self.ino_of(n).unwrap_or(0));
                     }
@@ -741,26 +1042,14 @@ impl Cache {
     }
 }
 
-/// Pops every entry of a deadline heap due at `now` (each inode once).
-fn take_due(q: &mut Queue, now: SystemTime) -> Vec<u64> {
-    let mut out = Vec::new();
-    while q.peek().is_some_and(|Reverse((t, _))| *t <= now) {
-        let Reverse((_, ino)) = q.pop().expect("peeked");
-        if !out.contains(&ino) {
-            out.push(ino);
-        }
-    }
-    out
-}
-
-/// Sleeps until the earliest entry of a deadline heap is due.
+/// Sleeps until the earliest entry of a deadline queue is due.
 fn wait_due(q: &Mutex<Queue>, wake: &Condvar, clock: &dyn Clock) {
     let mut q = q.lock();
     loop {
         let now = clock.now();
         let wait = match q.peek() {
-            Some(Reverse((t, _))) if *t <= now => return,
-            Some(Reverse((t, _))) => t.duration_since(now).unwrap_or_default(),
+            Some(t) if t <= now => return,
+            Some(t) => t.duration_since(now).unwrap_or_default(),
             None => Duration::from_secs(3600),
         };
         wake.wait_for(&mut q, wait.min(Duration::from_secs(3600)));
@@ -818,5 +1107,76 @@ mod tests {
         assert_eq!(parse_command(b"pin a/b"), Err(ControlError::BadName));
         assert_eq!(parse_command(b"pin .."), Err(ControlError::BadName));
         assert_eq!(parse_command(b"pin "), Err(ControlError::BadName));
+    }
+
+    #[test]
+    fn snapshots_are_shared_counted_and_capped() {
+        let mut store = SnapshotStore::new(1000);
+        let key = (VFile::StatusJson, Reader::Other);
+        let stamp = RenderStamp { version: 1, ..RenderStamp::default() };
+        let first = store.admit(key, stamp, vec![b'x'; 400], true).unwrap();
+        // Two thousand opens of the same state share one copy.
+        let held: Vec<_> = (0..2000).map(|_| store.reuse(key, stamp).unwrap()).collect();
+        assert!(held.iter().all(|h| Arc::ptr_eq(h, &first)));
+        assert_eq!(store.bytes(), 400);
+        // A new state renders anew; past the cap a capped reader gets the newest copy.
+        let newer = RenderStamp { version: 2, ..stamp };
+        let second = store.admit(key, newer, vec![b'y'; 400], true).unwrap();
+        assert_eq!(store.bytes(), 800);
+        let third = store.admit(key, RenderStamp { version: 3, ..stamp }, vec![b'z'; 400], true);
+        assert!(Arc::ptr_eq(&third.unwrap(), &second), "over the cap: the newest live copy");
+        assert_eq!(store.bytes(), 800);
+        // Another file with nothing alive: refused.
+        let other = (VFile::Metrics, Reader::Other);
+        assert!(store.admit(other, stamp, vec![b'm'; 400], true).is_none());
+        // Root is not held to the cap.
+        assert!(store
+            .admit((VFile::Metrics, Reader::Root), stamp, vec![b'r'; 400], false)
+            .is_some());
+        // Closing every handle frees the bytes.
+        drop((first, held, second));
+        assert_eq!(store.bytes(), 0);
+        assert!(store.reuse(key, newer).is_none(), "nothing is kept without a handle");
+    }
+
+    #[test]
+    fn a_million_reschedules_keep_one_entry_per_inode() {
+        let mut q = Queue::new();
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let inodes = [11u64, 12, 13, 0];
+        let mut seed = 0x1234_5678_u64;
+        for i in 0..1_000_000u64 {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let ino = inodes[(seed >> 33) as usize % inodes.len()];
+            // Deadlines move later with every release, as idle deadlines do.
+            q.push(ino, t0 + Duration::from_millis(i));
+            assert!(q.len() <= inodes.len() && q.by_time.len() <= inodes.len(), "at {i}");
+        }
+        assert_eq!(q.len(), inodes.len());
+        // The earliest asked-for deadline of each inode is kept.
+        assert_eq!(q.peek(), Some(t0));
+        let due = q.take_due(t0 + Duration::from_secs(10_000));
+        let mut sorted = due.clone();
+        sorted.sort();
+        sorted.dedup();
+        assert_eq!(sorted.len(), due.len(), "each inode once: {due:?}");
+        assert_eq!(sorted.len(), inodes.len());
+        assert!(q.is_empty() && q.by_time.is_empty());
+    }
+
+    #[test]
+    fn an_earlier_deadline_replaces_a_later_one() {
+        let mut q = Queue::new();
+        let t = |s| SystemTime::UNIX_EPOCH + Duration::from_secs(s);
+        assert!(q.push(5, t(100)));
+        assert!(!q.push(6, t(200)));
+        assert!(!q.push(5, t(150)), "a later time for a queued inode changes nothing");
+        assert_eq!(q.take_due(t(120)), vec![5]);
+        assert!(q.push(6, t(180)), "the only entry is the earliest");
+        assert_eq!(q.peek(), Some(t(180)), "an earlier time replaces the queued one");
+        assert_eq!(q.len(), 1);
+        assert!(q.take_due(t(179)).is_empty());
+        assert_eq!(q.take_due(t(180)), vec![6]);
+        assert!(q.take_due(t(1000)).is_empty(), "the replaced entry is gone too");
     }
 }

@@ -9,6 +9,7 @@
 //! as soon as nothing uses or references it).
 
 use std::os::fd::AsFd;
+use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -47,7 +48,7 @@ pub fn check_one(cache: &Cache, ino: u64) -> bool {
             // Renamed between reading the name and opening it, or not readable right now.
             let renamed = matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ESTALE));
             if !renamed {
-                warn!("checksum of {}: {e}", name.to_string_lossy());
+                warn!("checksum of {}: {e}", crate::text::escape(name.as_bytes()));
             }
             retry(cache, ino, write_gen, if renamed { Duration::ZERO } else { RETRY_AFTER });
             return false;
@@ -90,7 +91,7 @@ pub fn check_one(cache: &Cache, ino: u64) -> bool {
             return false;
         }
         Err(e) => {
-            error!("checksum of {}: read: {e}", name.to_string_lossy());
+            error!("checksum of {}: read: {e}", crate::text::escape(name.as_bytes()));
             retry(cache, ino, write_gen, RETRY_AFTER);
             return false;
         }
@@ -100,7 +101,8 @@ pub fn check_one(cache: &Cache, ino: u64) -> bool {
         c.verifier_bytes += before.size;
         c.verifier_seconds += started.elapsed().as_secs_f64();
     }
-    let shown = cache.settings.cache_dir.join(&name);
+    // Escaped: a name must not add lines to the log.
+    let shown = cache.settings.cache_dir.join(crate::text::escape(name.as_bytes()));
     // Written meanwhile by someone the daemon does not see: what was read is no one state of
     // the file, neither a checksum nor a verdict.
     if backing::stat(file.as_fd()).map(|after| cache::stamp(&after)).ok() != Some(stamp) {

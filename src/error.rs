@@ -25,6 +25,8 @@ pub enum Error {
     AccessDenied,
     /// A control command refused (already logged with its reason); carries its errno.
     Refused(i32),
+    /// Non-root readers hold too many status-file snapshots: try again after closing some.
+    TooManySnapshots,
 }
 
 impl Error {
@@ -39,10 +41,12 @@ impl Error {
             Error::NotSupported => libc::EOPNOTSUPP,
             Error::AccessDenied => libc::EACCES,
             Error::Refused(errno) => *errno,
+            Error::TooManySnapshots => libc::EAGAIN,
         }
     }
 
-    /// Expected, caller-caused failures log at debug; the rest at warn.
+    /// Expected, caller-caused failures log at debug (any user can repeat them as often as
+    /// they like: a `stat` of a 300-byte name is not worth a line); the rest at warn.
     pub fn log_level(&self) -> log::Level {
         match self {
             Error::Io(e) => match e.raw_os_error() {
@@ -60,13 +64,21 @@ impl Error {
                     | libc::EOPNOTSUPP
                     | libc::ENOSYS
                     | libc::EINVAL
-                    | libc::EXDEV,
+                    | libc::EXDEV
+                    | libc::ENAMETOOLONG
+                    | libc::ELOOP
+                    | libc::EBUSY
+                    | libc::ETXTBSY
+                    | libc::EAGAIN
+                    | libc::EINTR,
                 ) => log::Level::Debug,
                 _ => log::Level::Warn,
             },
-            Error::Reserved | Error::InvalidName | Error::AccessDenied | Error::Refused(_) => {
-                log::Level::Debug
-            }
+            Error::Reserved
+            | Error::InvalidName
+            | Error::AccessDenied
+            | Error::Refused(_)
+            | Error::TooManySnapshots => log::Level::Debug,
             Error::UnknownNode(_) | Error::BadHandle(_) | Error::NotSupported => log::Level::Warn,
         }
     }
@@ -94,6 +106,7 @@ impl fmt::Display for Error {
             Error::NotSupported => write!(f, "operation not supported here"),
             Error::AccessDenied => write!(f, "access denied"),
             Error::Refused(e) => write!(f, "refused ({})", io::Error::from_raw_os_error(*e)),
+            Error::TooManySnapshots => write!(f, "too many status snapshots held open"),
         }
     }
 }
@@ -118,6 +131,7 @@ mod tests {
             (Error::NotSupported, libc::EOPNOTSUPP),
             (Error::AccessDenied, libc::EACCES),
             (Error::Refused(libc::EBUSY), libc::EBUSY),
+            (Error::TooManySnapshots, libc::EAGAIN),
         ];
         for (e, errno) in cases {
             assert_eq!(e.errno(), errno, "{e:?}");
@@ -134,5 +148,11 @@ mod tests {
             Error::Io(io::Error::from_raw_os_error(libc::EIO)).log_level(),
             log::Level::Warn
         );
+        // Anyone can stat a name longer than NAME_MAX as often as they like.
+        assert_eq!(
+            Error::Io(io::Error::from_raw_os_error(libc::ENAMETOOLONG)).log_level(),
+            log::Level::Debug
+        );
+        assert_eq!(Error::TooManySnapshots.log_level(), log::Level::Debug);
     }
 }

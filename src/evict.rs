@@ -131,13 +131,13 @@ pub fn try_evict(
         Ok(LockResult::Taken(l)) => l,
         Ok(LockResult::Busy) => return Err(Refused::NovaLock),
         Err(e) => {
-            warn!("evicting {}: nova lock file: {e}", name.to_string_lossy());
+            warn!("evicting {}: nova lock file: {e}", shown(&name));
             return Err(Refused::LockError);
         }
     };
     let referenced = cache.referenced().map_err(|_| Refused::GuardError)?.contains(&name);
     cache.refresh_outside(Some(&[ino])).map_err(|e| {
-        warn!("evicting {}: {e}", name.to_string_lossy());
+        warn!("evicting {}: {e}", shown(&name));
         Refused::HoldersUnknown
     })?;
     let now = cache.now();
@@ -150,7 +150,6 @@ pub fn try_evict(
         cache.state.lock().evict_failed(ino);
         return Err(why);
     }
-    let shown = name.to_string_lossy().into_owned();
     {
         let mut state = cache.state.lock();
         state.evicted(ino);
@@ -163,7 +162,7 @@ pub fn try_evict(
     }
     info!(
         "evicted {} ({} bytes, {})",
-        cache.settings.cache_dir.join(&shown).display(),
+        cache.settings.cache_dir.join(shown(&name)).display(),
         size,
         reason.as_str()
     );
@@ -189,7 +188,7 @@ fn remove(cache: &Cache, name: &OsStr, ino: u64) -> Result<(), Refused> {
     check(name)?;
     let unlink = |n: &OsStr| {
         backing::unlink_at(root, n, false).map_err(|e| {
-            error!("evicting {}: unlink: {e}", name.to_string_lossy());
+            error!("evicting {}: unlink: {e}", shown(name));
             Refused::Vanished
         })
     };
@@ -197,7 +196,7 @@ fn remove(cache: &Cache, name: &OsStr, ino: u64) -> Result<(), Refused> {
         return unlink(name);
     };
     if let Err(e) = backing::rename_at(root, name, root, &private, libc::RENAME_NOREPLACE) {
-        error!("evicting {}: rename to {}: {e}", name.to_string_lossy(), private.to_string_lossy());
+        error!("evicting {}: rename to {}: {e}", shown(name), shown(&private));
         return Err(Refused::Vanished);
     }
     match check(&private) {
@@ -207,7 +206,7 @@ fn remove(cache: &Cache, name: &OsStr, ino: u64) -> Result<(), Refused> {
             if let Err(e) = backing::rename_at(root, &private, root, name, libc::RENAME_NOREPLACE) {
                 error!(
                     "evicting {}: putting back a file renamed onto it meanwhile: {e}; it is at {}",
-                    name.to_string_lossy(),
+                    shown(name),
                     cache.settings.cache_dir.join(&private).display()
                 );
             }
@@ -216,14 +215,27 @@ fn remove(cache: &Cache, name: &OsStr, ino: u64) -> Result<(), Refused> {
     }
 }
 
-fn record_refusal(cache: &Cache, ino: u64, why: Refused) {
+/// Counts a refusal; logs it and records its event when its reason changed since the last
+/// one for the file (a referenced file past its deadline is refused again at every retry),
+/// or always for an operator's `evict` (whose command reads the reason from `events`).
+fn record_refusal(cache: &Cache, ino: u64, why: Refused, operator: bool) {
     let now = cache.now();
     *cache.counters.lock().refusals.entry(why.metric()).or_default() += 1;
     let mut state = cache.state.lock();
+    let news = state.note_refusal(ino, why.as_str());
     if let Some(name) = state.image(ino).and_then(|i| i.name.clone()) {
-        warn!("not evicting {}: {}", name.to_string_lossy(), why.as_str());
-        state.event(now, EventKind::Refused, &name, why.as_str().to_string());
+        if news {
+            warn!("not evicting {}: {}", shown(&name), why.as_str());
+        }
+        if news || operator {
+            state.event(now, EventKind::Refused, &name, why.as_str().to_string());
+        }
     }
+}
+
+/// A name as the log shows it: escaped, so that it cannot add lines.
+fn shown(name: &OsStr) -> String {
+    crate::text::escape(name.as_encoded_bytes())
 }
 
 /// Evaluates every due entry of the deadline queue at the cache's `now`. Returns how many
@@ -256,7 +268,7 @@ pub fn run_once(cache: &Cache) -> usize {
             Err(Refused::Blocked(Blocker::NotDue)) => cache.schedule(ino),
             Err(Refused::Vanished | Refused::Detached) => {}
             Err(why) => {
-                record_refusal(cache, ino, why);
+                record_refusal(cache, ino, why, false);
                 // Nothing announces that a lock was dropped, an instance deleted or a process
                 // from before the mount gone: look again after a pause that grows with the
                 // threshold.
@@ -314,7 +326,7 @@ pub fn evict_named(cache: &Cache, name: &OsStr) -> Result<(), ControlError> {
     match try_evict(cache, ino, Reason::Operator, Some(0)) {
         Ok(_) => Ok(()),
         Err(why) => {
-            record_refusal(cache, ino, why);
+            record_refusal(cache, ino, why, true);
             Err(ControlError::Refused(why.as_str()))
         }
     }

@@ -145,13 +145,22 @@ struct DirHandle {
     entries: Mutex<Vec<DirEntry>>,
 }
 
-/// An open status file: rendered once at open, so a `cat` sees one consistent snapshot; or
-/// the control file, which collects what is written.
+/// An open status file: a snapshot rendered at open (shared with every other handle that
+/// opened the same file in the same state, see `Cache::snapshot`), so a `cat` sees one
+/// consistent state; or the control file, where each write carries whole commands.
 #[derive(Debug)]
-struct StatusHandle {
-    bytes: Vec<u8>,
-    control: bool,
+enum StatusHandle {
+    Snapshot(Arc<cache::Snapshot>),
+    Control,
 }
+
+/// The longest control line taken (a verb and a name of at most 255 bytes fit many times).
+pub const CONTROL_LINE_MAX: usize = 4096;
+/// The largest write taken by `control`: well below the kernel's `max_write`, so a write is
+/// never split into two requests in the middle of a line.
+pub const CONTROL_WRITE_MAX: usize = 64 * 1024;
+/// How much of a refused control line the log shows (escaped).
+const LOGGED_MAX: usize = 80;
 
 /// The answer to an open or create.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -187,7 +196,7 @@ pub struct OverlayFs {
     nodes: RwLock<HashMap<u64, Arc<Node>>>,
     handles: RwLock<HashMap<u64, Arc<Handle>>>,
     dirs: RwLock<HashMap<u64, Arc<DirHandle>>>,
-    status: RwLock<HashMap<u64, Arc<Mutex<StatusHandle>>>>,
+    status: RwLock<HashMap<u64, Arc<StatusHandle>>>,
     fh_prefix: u64,
     next_fh: AtomicU64,
     passthrough: OnceLock<Passthrough>,
@@ -635,9 +644,14 @@ impl OverlayFs {
         if write != control || (control && caller.uid != 0) {
             return Err(Error::AccessDenied);
         }
-        let bytes = if control { Vec::new() } else { self.cache.render(f) };
+        let handle = if control {
+            StatusHandle::Control
+        } else {
+            let reader = if caller.uid == 0 { cache::Reader::Root } else { cache::Reader::Other };
+            StatusHandle::Snapshot(self.cache.snapshot(f, reader).ok_or(Error::TooManySnapshots)?)
+        };
         let fh = self.new_fh();
-        self.status.write().insert(fh, Arc::new(Mutex::new(StatusHandle { bytes, control })));
+        self.status.write().insert(fh, Arc::new(handle));
         Ok(Opened { fh, backing: None, direct_io: true })
     }
 
@@ -793,16 +807,17 @@ impl OverlayFs {
         Ok(())
     }
 
-    fn status_handle(&self, fh: u64) -> Option<Arc<Mutex<StatusHandle>>> {
+    fn status_handle(&self, fh: u64) -> Option<Arc<StatusHandle>> {
         self.status.read().get(&fh).cloned()
     }
 
     pub fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
         if let Some(s) = self.status_handle(fh) {
-            let s = s.lock();
-            let start = (offset as usize).min(s.bytes.len());
-            let end = (start + size as usize).min(s.bytes.len());
-            return Ok(s.bytes[start..end].to_vec());
+            let StatusHandle::Snapshot(snap) = &*s else { return Err(Error::AccessDenied) };
+            let bytes = snap.bytes();
+            let start = usize::try_from(offset).unwrap_or(usize::MAX).min(bytes.len());
+            let end = start.saturating_add(size as usize).min(bytes.len());
+            return Ok(bytes[start..end].to_vec());
         }
         let h = self.handle(fh)?;
         if h.flags & libc::O_DIRECT != 0 {
@@ -813,7 +828,7 @@ impl OverlayFs {
 
     pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32> {
         if let Some(s) = self.status_handle(fh) {
-            return self.write_control(&mut s.lock(), data);
+            return self.write_control(&s, data);
         }
         let h = self.handle(fh)?;
         if h.flags & libc::O_DIRECT != 0 {
@@ -822,19 +837,32 @@ impl OverlayFs {
         Ok(backing::pwrite(h.file()?, offset, data)? as u32)
     }
 
-    /// Runs each complete line written to `control`; a refused command fails the write
-    /// with its errno and changes nothing.
-    fn write_control(&self, s: &mut StatusHandle, data: &[u8]) -> Result<u32> {
-        if !s.control {
+    /// Runs the commands of one write to `control`, in order. A write carries whole lines
+    /// (a last line without a newline is complete too: `printf 'pin X' > control` fails in
+    /// the shell, not silently at close); nothing is kept for the next write. The first
+    /// refused line fails the write with its errno, and the lines after it are not run. A
+    /// write over `CONTROL_WRITE_MAX` bytes or with a line over `CONTROL_LINE_MAX` bytes is
+    /// refused whole (`EINVAL`), before any of it runs.
+    fn write_control(&self, s: &StatusHandle, data: &[u8]) -> Result<u32> {
+        if !matches!(s, StatusHandle::Control) {
             return Err(Error::AccessDenied);
         }
-        s.bytes.extend_from_slice(data);
-        while let Some(i) = s.bytes.iter().position(|&b| b == b'\n') {
-            let line: Vec<u8> = s.bytes.drain(..=i).collect();
+        let lines: Vec<&[u8]> = data.split(|&b| b == b'\n').collect();
+        let longest = lines.iter().map(|l| l.len()).max().unwrap_or(0);
+        if data.len() > CONTROL_WRITE_MAX || longest > CONTROL_LINE_MAX {
+            warn!(
+                "control: refused a write of {} bytes (lines of at most {CONTROL_LINE_MAX} \
+                 bytes, writes of at most {CONTROL_WRITE_MAX}): {}",
+                data.len(),
+                crate::text::excerpt(data, LOGGED_MAX)
+            );
+            return Err(Error::Refused(libc::EINVAL));
+        }
+        for line in lines {
             if line.iter().all(u8::is_ascii_whitespace) {
                 continue;
             }
-            self.control_line(&line)?;
+            self.control_line(line)?;
         }
         Ok(data.len() as u32)
     }
@@ -842,19 +870,14 @@ impl OverlayFs {
     fn control_line(&self, line: &[u8]) -> Result<()> {
         let result = cache::parse_command(line).and_then(|c| self.cache.control(c));
         result.map_err(|e| {
-            log::warn!("control: {:?} refused: {e:?}", String::from_utf8_lossy(line).trim_end());
+            warn!("control: {} refused: {e}", crate::text::excerpt(line, LOGGED_MAX));
             Error::Refused(e.errno())
         })
     }
 
     pub fn flush(&self, fh: u64) -> Result<()> {
-        if let Some(s) = self.status_handle(fh) {
-            // A last line without a newline runs at close.
-            let mut s = s.lock();
-            if s.control && !s.bytes.is_empty() {
-                let line = std::mem::take(&mut s.bytes);
-                return self.control_line(&line);
-            }
+        if self.status_handle(fh).is_some() {
+            // Control commands ran at `write`: nothing is left for the close.
             return Ok(());
         }
         self.handle(fh).map(drop)

@@ -108,7 +108,7 @@ fn fail(op: &str, e: Error) -> Errno {
 
 /// Open flags of a regular file: nothing is buffered in the daemon (passthrough data goes
 /// to the covered file, daemon I/O is synchronous), so `close` need not send a FLUSH.
-/// Status files keep FLUSH: the control file runs a last unterminated line at close.
+/// Status files are read with direct I/O: their size is not known before they are rendered.
 fn fopen_flags(o: &Opened) -> FopenFlags {
     if o.direct_io {
         FopenFlags::FOPEN_DIRECT_IO

@@ -25,4 +25,5 @@ pub mod run;
 pub mod state;
 pub mod status;
 pub mod sync;
+pub mod text;
 pub mod verify;

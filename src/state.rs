@@ -74,6 +74,8 @@ impl Policy {
 pub struct OpenRef {
     pub holder: Holder,
     pub write: bool,
+    /// When the handle was opened.
+    pub since: SystemTime,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -197,6 +199,8 @@ pub struct Image {
     pub write_gen: u64,
     /// Being removed: opens that come now get `ENOENT` (the eviction has won the race).
     pub evicting: bool,
+    /// The reason of the last refused eviction that was logged (see `note_refusal`).
+    pub last_refusal: Option<&'static str>,
 }
 
 impl Image {
@@ -214,6 +218,7 @@ impl Image {
             verified: Verified::Never,
             write_gen: 0,
             evicting: false,
+            last_refusal: None,
         }
     }
 
@@ -296,6 +301,7 @@ impl EventKind {
 pub struct Event {
     pub at: SystemTime,
     pub kind: EventKind,
+    /// The file's name, escaped (`text::escape`): an event is one line whatever the name.
     pub name: String,
     pub detail: String,
 }
@@ -348,8 +354,8 @@ pub struct CacheState {
     evicted: std::collections::HashSet<u64>,
 }
 
-fn lossy(name: &OsStr) -> String {
-    name.to_string_lossy().into_owned()
+fn shown(name: &OsStr) -> String {
+    crate::text::escape(name.as_bytes())
 }
 
 impl CacheState {
@@ -377,7 +383,7 @@ impl CacheState {
         if self.events.len() == EVENTS_KEPT {
             self.events.pop_front();
         }
-        self.events.push_back(Event { at, kind, name: lossy(name), detail });
+        self.events.push_back(Event { at, kind, name: shown(name), detail });
     }
 
     fn changed(&mut self) {
@@ -487,7 +493,7 @@ impl CacheState {
                 if write {
                     img.begin_write();
                 }
-                img.opens.insert(fh, OpenRef { holder, write });
+                img.opens.insert(fh, OpenRef { holder, write, since: now });
                 self.fh_ino.insert(fh, ino);
                 RefEffect::None
             }
@@ -806,6 +812,17 @@ impl CacheState {
         }
         img.evicting = true;
         Ok(())
+    }
+
+    /// An eviction of `ino` was refused for `reason`: true if that is news (the first refusal,
+    /// or another reason than the last one), i.e. worth a log line and an event. A file
+    /// refused again and again for the same reason (a stopped VM's base, every
+    /// `--resized-min-age`) is logged once, not every time it is looked at.
+    pub fn note_refusal(&mut self, ino: u64, reason: &'static str) -> bool {
+        let Some(img) = self.images.get_mut(&ino) else { return false };
+        let news = img.last_refusal != Some(reason);
+        img.last_refusal = Some(reason);
+        news
     }
 
     pub fn evict_failed(&mut self, ino: u64) {
@@ -1284,5 +1301,34 @@ mod tests {
         assert_eq!(nanos_time("-"), None);
         assert_eq!(nanos_time("12a"), None);
         assert_eq!(nanos_time(""), None);
+    }
+
+    #[test]
+    fn a_refusal_is_news_only_when_its_reason_changes() {
+        let mut s = CacheState::new();
+        s.observe(OsStr::new("swap_512"), 7, 10, t(0));
+        assert!(s.note_refusal(7, "referenced"), "the first refusal is news");
+        for _ in 0..1000 {
+            assert!(!s.note_refusal(7, "referenced"), "the same reason again is not");
+        }
+        assert!(s.note_refusal(7, "locked by nova"), "another reason is");
+        assert!(s.note_refusal(7, "referenced"), "and back again");
+        assert!(!s.note_refusal(99, "referenced"), "an unknown inode is never news");
+    }
+
+    #[test]
+    fn an_open_records_when_it_was_made() {
+        let mut s = CacheState::new();
+        s.observe(OsStr::new("swap_512"), 7, 10, t(0));
+        let holder = Holder { pid: 1, program: "qemu-img".into(), instance: None, start_time: 0 };
+        s.reference(RefChange::Open { fh: 1, ino: 7, holder, write: false }, t(42));
+        assert_eq!(s.image(7).unwrap().opens[&1].since, t(42));
+    }
+
+    #[test]
+    fn event_names_are_escaped() {
+        let mut s = CacheState::new();
+        s.event(t(1), EventKind::Pinned, OsStr::new("evil\nstate: idle"), String::new());
+        assert_eq!(s.events().next().unwrap().name, "evil\\x0astate:\\x20idle");
     }
 }

@@ -8,11 +8,14 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsString;
 use std::fmt::Write;
+use std::os::unix::ffi::OsStrExt;
 use std::time::SystemTime;
 
 use crate::clock::rfc3339;
 use crate::kind::Kind;
+use crate::procfs::Holder;
 use crate::state::{Blocker, CacheState, Image, Policy, Use, Verified};
+use crate::text::{escape, label_value, shorten};
 use crate::verify::hex;
 
 /// Monotonic counters for `metrics`.
@@ -30,6 +33,27 @@ pub struct Counters {
     pub passthrough_fallbacks: u64,
 }
 
+/// Who reads a status file. Everything about the files (names, kinds, sizes, reference
+/// counts, states, ages, deadlines, verification results) is for everyone; what says more
+/// than a directory listing would (SHA-1s, and who holds a file: pids, programs, instance
+/// names) is for root only (docs/STATUS.md, "Who sees what").
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Reader {
+    Root,
+    Other,
+}
+
+/// Whether the state file on disk holds what a status file shows.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Persisted {
+    /// Everything this rendering shows is in the state file.
+    pub on_disk: bool,
+    /// When the state file was last written by this daemon.
+    pub at: Option<SystemTime>,
+    /// State-file writes by this daemon.
+    pub writes: u64,
+}
+
 pub struct View<'a> {
     pub state: &'a CacheState,
     pub policy: &'a Policy,
@@ -37,22 +61,97 @@ pub struct View<'a> {
     pub referenced: &'a BTreeSet<OsString>,
     pub now: SystemTime,
     pub counters: &'a Counters,
+    pub reader: Reader,
+    pub persisted: Persisted,
 }
 
-/// One file's computed row.
+/// The width of the `NAME` column of `status`: longer names are cut (the full name is in
+/// `images/NAME` and `status.json`).
+pub const NAME_WIDTH: usize = 64;
+
+/// Shown instead of what a non-root reader may not see.
+const HIDDEN: &str = "hidden";
+
+/// One holder of a file, for display.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct HolderRow {
+    pid: u32,
+    /// Escaped.
+    program: String,
+    /// Escaped.
+    instance: Option<String>,
+    /// When its handle was opened (`None`: from before the mount).
+    since: Option<SystemTime>,
+}
+
+impl HolderRow {
+    fn same_holder(&self, o: &HolderRow) -> bool {
+        (self.pid, &self.program, &self.instance, self.since.is_none())
+            == (o.pid, &o.program, &o.instance, o.since.is_none())
+    }
+
+    fn text(&self) -> String {
+        let mut s = format!("{} {}", self.pid, self.program);
+        if let Some(i) = &self.instance {
+            s.push(' ');
+            s.push_str(i);
+        }
+        if self.since.is_none() {
+            s.push_str(" (before mount)");
+        }
+        s
+    }
+
+    fn json(&self) -> String {
+        format!(
+            "{{\"pid\":{},\"program\":{},\"instance\":{},\"since\":{},\"before_mount\":{}}}",
+            self.pid,
+            json_str(&self.program),
+            self.instance.as_deref().map_or("null".into(), json_str),
+            self.since.map_or("null".into(), |t| json_str(&rfc3339(t))),
+            self.since.is_none()
+        )
+    }
+}
+
+/// One file's computed row. Names are escaped (`text::escape`); `None` is withheld from
+/// this reader.
 struct Row {
     name: String,
     kind: Kind,
     size: u64,
     refs: usize,
-    holders: String,
+    holders: Option<Vec<HolderRow>>,
     age: u64,
     last_used: String,
     min_age: u64,
     state: Use,
     evicts_at: String,
-    sha1: String,
+    sha1: Option<String>,
     verified: String,
+}
+
+impl Row {
+    fn holders_text(&self) -> String {
+        match &self.holders {
+            None => HIDDEN.into(),
+            Some(h) if h.is_empty() => "-".into(),
+            Some(h) => h.iter().map(HolderRow::text).collect::<Vec<_>>().join("; "),
+        }
+    }
+
+    fn sha1_text(&self) -> &str {
+        self.sha1.as_deref().unwrap_or(HIDDEN)
+    }
+}
+
+fn holder_row(h: &Holder, since: Option<SystemTime>) -> HolderRow {
+    HolderRow {
+        pid: h.pid,
+        program: escape(h.program.as_bytes()),
+        instance: h.instance.as_ref().map(|i| escape(i.as_bytes())),
+        since,
+    }
 }
 
 impl View<'_> {
@@ -67,25 +166,31 @@ impl View<'_> {
             None => "never".to_string(),
             Some(d) => rfc3339(d.max(self.now)),
         };
-        let mut holders: Vec<String> = img
-            .opens
-            .values()
-            .map(|o| holder_text(&o.holder, false))
-            .chain(img.early.iter().map(|(h, _)| holder_text(h, true)))
-            .collect();
-        holders.dedup();
+        let root = self.reader == Reader::Root;
+        let holders = root.then(|| {
+            let mut holders: Vec<HolderRow> = img
+                .opens
+                .values()
+                .map(|o| holder_row(&o.holder, Some(o.since)))
+                .chain(img.early.iter().map(|(h, _)| holder_row(h, None)))
+                .collect();
+            // QEMU may open a file twice: consecutive handles of one holder show once.
+            holders.dedup_by(|b, a| a.same_holder(b));
+            holders
+        });
+        let sha1 = img.shown_checksum().map(|c| hex(&c.sha1)).unwrap_or_else(|| "pending".into());
         Row {
-            name: name.to_string_lossy().into_owned(),
+            name: escape(name.as_bytes()),
             kind: img.kind,
             size: img.size,
             refs: img.refs(),
-            holders: if holders.is_empty() { "-".into() } else { holders.join("; ") },
+            holders,
             age: img.age(self.now),
             last_used: rfc3339(img.last_used),
             min_age: self.policy.min_age(img.kind),
             state,
             evicts_at,
-            sha1: img.shown_checksum().map(|c| hex(&c.sha1)).unwrap_or_else(|| "pending".into()),
+            sha1: root.then_some(sha1),
             verified: match img.verified {
                 Verified::Never => "never".into(),
                 Verified::Pending => "pending".into(),
@@ -95,21 +200,9 @@ impl View<'_> {
         }
     }
 
-    fn rows(&self) -> Vec<Row> {
-        self.state.images().map(|i| self.row(i)).collect()
+    fn rows(&self) -> impl Iterator<Item = Row> + '_ {
+        self.state.images().map(|i| self.row(i))
     }
-}
-
-fn holder_text(h: &crate::procfs::Holder, early: bool) -> String {
-    let mut s = format!("{} {}", h.pid, h.program);
-    if let Some(i) = &h.instance {
-        s.push(' ');
-        s.push_str(i);
-    }
-    if early {
-        s.push_str(" (before mount)");
-    }
-    s
 }
 
 /// `images/NAME`.
@@ -122,13 +215,13 @@ pub fn image(view: &View, img: &Image) -> String {
         r.kind.as_str(),
         r.size,
         r.refs,
-        r.holders,
+        r.holders_text(),
         r.age,
         r.last_used,
         r.min_age,
         r.state.as_str(),
         r.evicts_at,
-        r.sha1,
+        r.sha1_text(),
         r.verified
     )
 }
@@ -138,11 +231,11 @@ pub fn table(view: &View) -> String {
     let head = ["NAME", "KIND", "SIZE", "REFS", "AGE", "STATE", "EVICTS_AT", "SHA1", "VERIFIED"];
     let rows: Vec<[String; 9]> = view
         .rows()
-        .into_iter()
         .map(|r| {
-            let short = if r.sha1.len() == 40 { r.sha1[..12].to_string() } else { r.sha1 };
+            let sha1 = r.sha1_text();
+            let short = if sha1.len() == 40 { sha1[..12].to_string() } else { sha1.to_string() };
             [
-                r.name,
+                shorten(&r.name, NAME_WIDTH),
                 r.kind.as_str().into(),
                 r.size.to_string(),
                 r.refs.to_string(),
@@ -201,13 +294,24 @@ fn json_str(s: &str) -> String {
     o
 }
 
-/// `status.json`: the rows of `images/NAME` as JSON (numbers as numbers).
+/// `status.json`: the rows of `images/NAME` as JSON (numbers as numbers, `holders` as an
+/// array of objects, withheld values as `null`), and whether the state file holds them.
 pub fn json(view: &View) -> String {
-    let mut out = format!("{{\"generated_at\":{},\"images\":[", json_str(&rfc3339(view.now)));
-    for (i, r) in view.rows().iter().enumerate() {
+    let p = view.persisted;
+    let mut out = format!(
+        "{{\"generated_at\":{},\"persisted\":{},\"persisted_at\":{},\"images\":[",
+        json_str(&rfc3339(view.now)),
+        p.on_disk,
+        json_str(&p.at.map_or("never".into(), rfc3339)),
+    );
+    for (i, r) in view.rows().enumerate() {
         if i > 0 {
             out.push(',');
         }
+        let holders = match &r.holders {
+            None => "null".to_string(),
+            Some(h) => format!("[{}]", h.iter().map(HolderRow::json).collect::<Vec<_>>().join(",")),
+        };
         let _ = write!(
             out,
             "{{\"name\":{},\"kind\":{},\"size\":{},\"refs\":{},\"holders\":{},\"age\":{},\
@@ -216,13 +320,13 @@ pub fn json(view: &View) -> String {
             json_str(r.kind.as_str()),
             r.size,
             r.refs,
-            json_str(&r.holders),
+            holders,
             r.age,
             json_str(&r.last_used),
             r.min_age,
             json_str(r.state.as_str()),
             json_str(&r.evicts_at),
-            json_str(&r.sha1),
+            r.sha1.as_deref().map_or("null".into(), json_str),
             json_str(&r.verified)
         );
     }
@@ -231,12 +335,23 @@ pub fn json(view: &View) -> String {
 }
 
 /// `events`: oldest first, newest last.
-pub fn events(state: &CacheState) -> String {
+/// Names are stored escaped; a non-root reader sees `hidden` for every SHA-1 in the details.
+pub fn events(state: &CacheState, reader: Reader) -> String {
     let mut out = String::new();
     for e in state.events() {
         let _ = write!(out, "{} {} {}", rfc3339(e.at), e.kind.as_str(), e.name);
         if !e.detail.is_empty() {
-            let _ = write!(out, " {}", e.detail);
+            out.push(' ');
+            if reader == Reader::Root {
+                out.push_str(&e.detail);
+            } else {
+                let words: Vec<&str> = e
+                    .detail
+                    .split(' ')
+                    .map(|w| if crate::verify::parse_hex(w).is_some() { HIDDEN } else { w })
+                    .collect();
+                out.push_str(&words.join(" "));
+            }
         }
         out.push('\n');
     }
@@ -244,8 +359,9 @@ pub fn events(state: &CacheState) -> String {
 }
 
 /// `config`: `key: value` lines.
+/// `config`: `key: value` lines, values escaped (paths are shown as every name is).
 pub fn config(pairs: &[(String, String)]) -> String {
-    pairs.iter().map(|(k, v)| format!("{k}: {v}\n")).collect()
+    pairs.iter().map(|(k, v)| format!("{k}: {}\n", escape(v.as_bytes()))).collect()
 }
 
 fn metric(out: &mut String, name: &str, kind: &str, help: &str) {
@@ -268,10 +384,12 @@ pub fn metrics(view: &View) -> String {
     let mut out = String::new();
     metric(&mut out, "files", "gauge", "Cache files by kind and state.");
     for ((k, s), (n, _)) in &files {
+        let (k, s) = (label_value(k), label_value(s));
         let _ = writeln!(out, "imagecachefs_files{{kind=\"{k}\",state=\"{s}\"}} {n}");
     }
     metric(&mut out, "bytes", "gauge", "Bytes of cache files by kind and state.");
     for ((k, s), (_, b)) in &files {
+        let (k, s) = (label_value(k), label_value(s));
         let _ = writeln!(out, "imagecachefs_bytes{{kind=\"{k}\",state=\"{s}\"}} {b}");
     }
     metric(&mut out, "references", "gauge", "Open references to cache files.");
@@ -279,10 +397,12 @@ pub fn metrics(view: &View) -> String {
     let c = view.counters;
     metric(&mut out, "evictions_total", "counter", "Cache files evicted, by reason.");
     for (r, n) in &c.evictions {
+        let r = label_value(r);
         let _ = writeln!(out, "imagecachefs_evictions_total{{reason=\"{r}\"}} {n}");
     }
     metric(&mut out, "eviction_refusals_total", "counter", "Evictions refused, by reason.");
     for (r, n) in &c.refusals {
+        let r = label_value(r);
         let _ = writeln!(out, "imagecachefs_eviction_refusals_total{{reason=\"{r}\"}} {n}");
     }
     metric(&mut out, "reclaimed_bytes_total", "counter", "Bytes freed by evictions.");
@@ -314,5 +434,198 @@ pub fn metrics(view: &View) -> String {
         "Inodes served by the daemon because the kernel refused passthrough.",
     );
     let _ = writeln!(out, "imagecachefs_passthrough_fallbacks_total {}", c.passthrough_fallbacks);
+    let p = view.persisted;
+    metric(&mut out, "state_writes_total", "counter", "Writes of the state file.");
+    let _ = writeln!(out, "imagecachefs_state_writes_total {}", p.writes);
+    metric(
+        &mut out,
+        "state_persisted",
+        "gauge",
+        "1 if the state file holds everything this rendering shows, else 0.",
+    );
+    let _ = writeln!(out, "imagecachefs_state_persisted {}", u8::from(p.on_disk));
+    metric(
+        &mut out,
+        "state_persisted_timestamp_seconds",
+        "gauge",
+        "When the state file was last written (0: not yet by this daemon).",
+    );
+    let at = p.at.map_or(0, crate::clock::unix_secs);
+    let _ = writeln!(out, "imagecachefs_state_persisted_timestamp_seconds {at}");
     out
+}
+
+/// A change detector for the counters: every counter only grows, so any change moves the
+/// sum.
+pub fn counters_sum(c: &Counters) -> u64 {
+    let maps = c.evictions.values().chain(c.refusals.values());
+    maps.fold(0u64, |a, n| a.wrapping_add(*n))
+        .wrapping_add(c.reclaimed_bytes)
+        .wrapping_add(c.verifications)
+        .wrapping_add(c.mismatches)
+        .wrapping_add(c.verifier_bytes)
+        .wrapping_add(c.passthrough_fallbacks)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::RefChange;
+    use proptest::prelude::*;
+    use std::os::unix::ffi::OsStringExt;
+    use std::time::Duration;
+
+    fn t(secs: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(secs)
+    }
+
+    /// A state with one file per name, each held by one handle of the matching holder.
+    fn state_of(names: &[Vec<u8>], holders: &[(String, Option<String>)]) -> CacheState {
+        let mut s = CacheState::new();
+        for (i, n) in names.iter().enumerate() {
+            let ino = 100 + i as u64;
+            s.observe(&OsString::from_vec(n.clone()), ino, 4096, t(1_000));
+            let (program, instance) = holders[i % holders.len()].clone();
+            let holder = Holder { pid: 4242, program, instance, start_time: 1 };
+            s.reference(RefChange::Open { fh: ino, ino, holder, write: false }, t(1_500));
+            let stamp = crate::state::Stamp { ino, size: 4096, mtime: t(1_000) };
+            s.record_hash(ino, 0, [0xab; 20], stamp, t(1_600));
+        }
+        s
+    }
+
+    fn view<'a>(
+        s: &'a CacheState,
+        policy: &'a Policy,
+        referenced: &'a BTreeSet<OsString>,
+        counters: &'a Counters,
+        reader: Reader,
+    ) -> View<'a> {
+        View {
+            state: s,
+            policy,
+            referenced,
+            now: t(2_000),
+            counters,
+            reader,
+            persisted: Persisted::default(),
+        }
+    }
+
+    fn names() -> impl Strategy<Value = Vec<Vec<u8>>> {
+        // Any bytes but '/' and NUL, as a file name may hold; up to 255 bytes.
+        let name = proptest::collection::vec(
+            any::<u8>().prop_filter("", |b| *b != b'/' && *b != 0),
+            1..256,
+        );
+        proptest::collection::btree_set(name, 1..6).prop_map(|s| s.into_iter().collect())
+    }
+
+    fn holders() -> impl Strategy<Value = Vec<(String, Option<String>)>> {
+        proptest::collection::vec((any::<String>(), proptest::option::of(any::<String>())), 1..4)
+    }
+
+    proptest! {
+        #[test]
+        fn no_name_or_program_adds_a_line_a_key_or_a_column(names in names(), holders in holders()) {
+            let s = state_of(&names, &holders);
+            let (policy, referenced, counters) = (Policy::default(), BTreeSet::new(), Counters::default());
+            for reader in [Reader::Root, Reader::Other] {
+                let v = view(&s, &policy, &referenced, &counters, reader);
+                let table = table(&v);
+                prop_assert_eq!(table.lines().count(), 1 + names.len(), "{}", table);
+                for line in table.lines() {
+                    // Nine columns, the last (`VERIFIED`) "ok <time>" or "never".
+                    let cells = line.split_whitespace().count();
+                    prop_assert!(cells == 9 || cells == 10, "{}", line);
+                    prop_assert!(line.split_whitespace().next().unwrap().len() <= NAME_WIDTH);
+                }
+                for img in s.images() {
+                    let text = image(&v, img);
+                    let keys: Vec<&str> = text.lines().map(|l| l.split_once(": ").unwrap().0).collect();
+                    prop_assert_eq!(keys.len(), 12, "{}", text);
+                    let name = text.lines().next().unwrap().strip_prefix("name: ").unwrap();
+                    prop_assert_eq!(
+                        crate::text::unescape(name),
+                        Some(img.name.as_ref().unwrap().as_bytes().to_vec())
+                    );
+                }
+                let json = json(&v);
+                prop_assert_eq!(json.lines().count(), 1);
+                let doc: serde_json::Value = serde_json::from_str(&json).map_err(|e| {
+                    TestCaseError::fail(format!("{e}: {json}"))
+                })?;
+                let imgs = doc["images"].as_array().unwrap();
+                prop_assert_eq!(imgs.len(), names.len());
+                for (img, want) in imgs.iter().zip(s.images()) {
+                    let name = img["name"].as_str().unwrap();
+                    prop_assert_eq!(
+                        crate::text::unescape(name),
+                        Some(want.name.as_ref().unwrap().as_bytes().to_vec())
+                    );
+                    match reader {
+                        Reader::Root => {
+                            let h = img["holders"].as_array().unwrap();
+                            prop_assert_eq!(h.len(), 1);
+                            prop_assert_eq!(h[0]["pid"].as_u64(), Some(4242));
+                            let program = h[0]["program"].as_str().unwrap();
+                            let o = want.opens.values().next().unwrap();
+                            prop_assert_eq!(crate::text::unescape(program), Some(o.holder.program.as_bytes().to_vec()));
+                            prop_assert_eq!(h[0]["since"].as_str(), Some("1970-01-01T00:25:00Z"));
+                            prop_assert_eq!(img["sha1"].as_str().map(str::len), Some(40));
+                        }
+                        Reader::Other => {
+                            prop_assert!(img["holders"].is_null());
+                            prop_assert!(img["sha1"].is_null());
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn non_root_readers_see_no_holders_and_no_sha1() {
+        let holders = [("qemu-system-x86_64".to_string(), Some("instance-0000002a".to_string()))];
+        let s = state_of(&[b"0d5e6b61602d758984b3bf038267614d6016eb2a".to_vec()], &holders);
+        let (policy, referenced, counters) =
+            (Policy::default(), BTreeSet::new(), Counters::default());
+        let img = s.images().next().unwrap();
+        let root = image(&view(&s, &policy, &referenced, &counters, Reader::Root), img);
+        assert!(root.contains("holders: 4242 qemu-system-x86_64 instance-0000002a\n"), "{root}");
+        assert!(root.contains(&format!("sha1: {}\n", "ab".repeat(20))), "{root}");
+        let other = view(&s, &policy, &referenced, &counters, Reader::Other);
+        let text = image(&other, img);
+        assert!(
+            text.contains("holders: hidden\nage:") && text.contains("sha1: hidden\n"),
+            "{text}"
+        );
+        assert!(text.contains("refs: 1\n"), "the count is for everyone: {text}");
+        for out in [text, table(&other), json(&other), events(&s, Reader::Other)] {
+            assert!(!out.contains("abab") && !out.contains("4242"), "{out}");
+            assert!(!out.contains("instance-0000002a"), "{out}");
+        }
+        assert!(events(&s, Reader::Root).contains(&"ab".repeat(20)));
+    }
+
+    #[test]
+    fn a_forged_name_stays_on_its_row() {
+        let s =
+            state_of(&[b"evil\nstate: idle".to_vec(), vec![b'x'; 255]], &[("a\nb".into(), None)]);
+        let (policy, referenced, counters) =
+            (Policy::default(), BTreeSet::new(), Counters::default());
+        let v = view(&s, &policy, &referenced, &counters, Reader::Root);
+        let table = table(&v);
+        assert_eq!(table.lines().count(), 3, "{table}");
+        assert!(table.contains("evil\\x0astate:\\x20idle "), "{table}");
+        let widest = table.lines().map(str::len).max().unwrap();
+        assert!(
+            widest < NAME_WIDTH + 120,
+            "a 255-byte name widens no row past its column: {table}"
+        );
+        let img = s.by_name(std::ffi::OsStr::new("evil\nstate: idle")).unwrap();
+        let text = image(&v, img);
+        assert_eq!(text.lines().filter(|l| l.starts_with("state: ")).count(), 1, "{text}");
+        assert!(text.contains("holders: 4242 a\\x0ab\n"), "{text}");
+    }
 }

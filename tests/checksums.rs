@@ -367,7 +367,12 @@ fn digests_and_verdicts_survive_kill_9_and_remount() {
     verify(&n, H3);
     wait_verified(&n, H3, "mismatch ", Duration::from_secs(15));
     let before: Vec<String> = [H1, H2, H3].iter().map(|name| n.status(name).unwrap()).collect();
-    // Crash at once: nothing that was reported may be lost.
+    // The state file is written within a second of a change; status.json says when what it
+    // shows is on disk. Crash as soon as it does: nothing that was reported may be lost.
+    let json = n.dir.join(".imagecache/status.json");
+    wait_until(Duration::from_secs(10), "status.json to say it is on disk", || {
+        fs::read_to_string(&json).ok()?.contains("\"persisted\":true").then_some(())
+    });
     let stale = m.kill9_leave_stale();
     holder.kill();
     drop(stale);

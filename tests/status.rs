@@ -777,3 +777,54 @@ fn touch_is_a_use_and_reading_status_is_not() {
     assert!((img.time("last_used") - t).abs() <= 2, "{}", img.text);
     drop(m);
 }
+
+/// The control file reports a command's error from `write(2)`, also without a final newline
+/// (`printf 'pin nosuch' > control` fails in the shell); a refused line ends its write, and
+/// the lines after it neither run nor stick to the next write; a line over 4 KiB is refused
+/// whole.
+#[test]
+fn control_errors_come_from_write_and_lines_never_glue() {
+    let l = Layout::new();
+    let m = Mount::new(&l.base, &[]);
+    let names = [HASH, HASH2, "swap_512"];
+    for n in names {
+        fs::write(l.base.join(n), b"x\n").unwrap();
+    }
+    for n in names {
+        wait_sha1(&m, n);
+    }
+    let control = sfile(&l.base, "control");
+    let printf = |data: &str| {
+        run(tool("sh").args(["-c", r#"printf "$1" > "$2""#, "sh", data]).arg(&control))
+    };
+    let state = |n: &str| read_image(&l.base, n).get("state").to_string();
+
+    // (dash's printf says "I/O error" whatever the errno; the errno is checked below.)
+    let (code, _, err) = printf("pin nosuch");
+    assert!(code != 0 && !err.is_empty(), "printf 'pin nosuch' > control: exit {code} {err}");
+    let (code, _, err) = printf(&format!("pin {HASH}"));
+    assert_eq!(code, 0, "a command without a newline: {err}");
+    assert_eq!(state(HASH), "pinned", "ran at write(2), before close");
+
+    // The first refused line ends the write: the line after it does not run.
+    let (code, _, err) = printf(&format!("unpin {HASH}\\npin nosuch\\npin {HASH2}"));
+    assert!(code != 0 && !err.is_empty(), "{code} {err}");
+    assert_eq!(state(HASH), "idle", "the line before the refused one ran");
+    assert_eq!(state(HASH2), "idle", "the line after the refused one did not");
+    // Nothing is left over to glue onto the next write.
+    let mut f = OpenOptions::new().write(true).open(&control).unwrap();
+    let e = f.write_all(b"pin no").unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::ENOENT), "{e}");
+    f.write_all(b"pin swap_512").unwrap();
+    drop(f);
+    assert_eq!(state("swap_512"), "pinned", "the second write is a command of its own");
+
+    // An over-long line: EINVAL, and none of the write runs.
+    let long = format!("pin {HASH2}\npin {}\n", "x".repeat(5000));
+    let e = fs::write(&control, long).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EINVAL), "{e}");
+    assert_eq!(state(HASH2), "idle", "a refused write ran one of its lines");
+    let log = m.log_text();
+    assert!(!log.contains(&"x".repeat(200)), "the long line was logged in full");
+    drop(m);
+}
