@@ -160,13 +160,7 @@ impl MountConfig {
             ("verify_interval".into(), self.verify_interval.to_string()),
             ("verify_rate_mib".into(), self.verify_rate_mib.to_string()),
             ("threads".into(), self.threads.to_string()),
-            (
-                "storage".into(),
-                match &p.shared {
-                    Some(kind) => format!("shared ({kind}): nothing is evicted"),
-                    None => "local".into(),
-                },
-            ),
+            ("storage".into(), if p.shared.is_some() { "shared" } else { "local" }.into()),
         ]
     }
 }

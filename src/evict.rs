@@ -280,8 +280,16 @@ pub fn run_once(cache: &Cache) -> usize {
             }
         }
     }
+    if cache.settings.min_free.is_some() {
+        // Instance disks grow and other writers fill the filesystem without a release here:
+        // free space is looked at again soon (one statvfs, no directory walk).
+        cache.schedule_at(0, crate::clock::add(now, PRESSURE_CHECK));
+    }
     evicted + relieve_pressure(cache)
 }
+
+/// How often free space is checked under `--min-free`, whatever happens in the cache.
+pub const PRESSURE_CHECK: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Under `--min-free`, evicts unreferenced, unguarded files least recently used first (none
 /// idle for less than `--pressure-min-age`) until the target is met.
@@ -337,6 +345,8 @@ pub fn spawn(cache: Arc<Cache>) {
     std::thread::Builder::new()
         .name("evict".into())
         .spawn(move || {
+            // At mount: deadlines that passed while no daemon ran, and free space.
+            run_once(&cache);
             while cache.owns_mount() {
                 cache.wait_for_due();
                 run_once(&cache);

@@ -417,7 +417,9 @@ fn serve(cfg: &MountConfig, on_ready: impl FnOnce()) -> Result<(), Refusal> {
     let shared = match cfg.storage {
         StorageChoice::Detect => mount::shared_kind(&fstype, fs_type),
         StorageChoice::Local => None,
-        StorageChoice::Shared => Some(mount::shared_kind(&fstype, fs_type).unwrap_or(fstype)),
+        StorageChoice::Shared => {
+            Some(mount::shared_kind(&fstype, fs_type).unwrap_or_else(|| fstype.clone()))
+        }
     };
     if let Some(kind) = &shared {
         log::warn!(
@@ -451,7 +453,11 @@ fn serve(cfg: &MountConfig, on_ready: impl FnOnce()) -> Result<(), Refusal> {
         Arc::new(SystemClock),
         crate::procfs::ProcRoot::default(),
         settings,
-        shown_cfg.pairs(),
+        {
+            let mut pairs = shown_cfg.pairs();
+            pairs.push(("filesystem".into(), if fstype.is_empty() { "-".into() } else { fstype }));
+            pairs
+        },
     )
     .map_err(|e| Refusal(format!("reading {}: {e}", dir.display())))?;
     mount::mount(&prepared)?;

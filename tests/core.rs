@@ -261,6 +261,21 @@ fn pressure_evicts_least_recently_used_first_down_to_a_floor() {
     assert!(events(&c).contains("evicted cccc reason pressure"));
 }
 
+/// Under `--min-free`, free space is looked at again `PRESSURE_CHECK` after each pass, even if
+/// nothing happens in the cache (instance disks grow elsewhere on the filesystem).
+#[test]
+fn free_space_is_checked_on_a_timer_under_min_free() {
+    let w = World::new(&["aaaa"]);
+    let c = w.open(Policy { evict: false, ..policy() }, Some(MinFree::Percent(99.99)));
+    evict::run_once(&c);
+    let later = w.start + evict::PRESSURE_CHECK;
+    assert!(c.take_due(later).contains(&0), "a free-space check is queued");
+    let quiet = World::new(&["aaaa"]);
+    let c = quiet.open(Policy { evict: false, ..policy() }, None);
+    evict::run_once(&c);
+    assert!(!c.take_due(later).contains(&0), "no timer without --min-free");
+}
+
 #[test]
 fn state_survives_a_restart() {
     let w = World::new(&[ORIG, SWAP]);

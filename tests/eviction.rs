@@ -699,3 +699,20 @@ fn a_forged_header_in_a_raw_disk_protects_nothing_and_a_real_overlay_still_does(
     n.wait_evicted(H2, Duration::from_secs(3 * T + 5));
     drop(m);
 }
+
+/// `--min-free` is looked at when the mount comes up, not only when something is written
+/// through it: with a target no filesystem meets, idle files past the pressure floor go at
+/// once, while nobody touches the mount; the one held open stays.
+#[test]
+fn disk_pressure_is_relieved_at_mount_without_any_activity() {
+    let n = Nova::new();
+    write_file(&n.at(H1), &pseudo_random(64 << 10, 11));
+    write_file(&n.at(H2), &pseudo_random(64 << 10, 12));
+    let mut holder = Proc::python(READER, &[&n.at(H2)]);
+    holder.wait_line("ready");
+    let m = n.mount((LONG, LONG, LONG), &["--min-free", "99.99%", "--pressure-min-age", "0"]);
+    n.wait_evicted(H1, Duration::from_secs(10));
+    n.stays(&m, H2, Duration::from_millis(500), "a process from before the mount holds it");
+    holder.assert_alive();
+    assert!(n.has_event(&format!("evicted {H1} reason pressure")), "{}", n.events());
+}

@@ -245,7 +245,8 @@ fn a_cache_on_shared_storage_evicts_nothing() {
             dir.join(".imagecache/config").exists().then_some(())
         });
         let config = fs::read_to_string(dir.join(".imagecache/config")).unwrap();
-        assert!(config.contains("storage: shared (fuse.imagecachefs)"), "{config}");
+        assert!(config.contains("storage: shared\n"), "{config}");
+        assert!(config.contains("filesystem: fuse.imagecachefs\n"), "{config}");
         assert!(m.log_text().contains("shared storage"), "{}", m.log_text());
         let text = fs::read_to_string(dir.join(".imagecache/images").join(H1)).unwrap();
         assert_eq!(field(&text, "evicts_at").as_deref(), Some("never"), "{text}");
