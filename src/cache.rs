@@ -14,7 +14,7 @@ use std::ffi::{OsStr, OsString};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::OnceLock;
 use std::sync::{Arc, Weak};
 use std::time::SystemTime;
@@ -116,6 +116,9 @@ pub enum Command {
     Unpin(OsString),
     Verify(OsString),
     Evict(OsString),
+    /// `unmount`: stop as on `SIGTERM` (write the state a last time, detach lazily), so that
+    /// `imagecachefs unmount` loses nothing this daemon knew.
+    Unmount,
 }
 
 /// Why a control command was refused (each maps to an errno the CLI explains).
@@ -161,6 +164,9 @@ impl std::fmt::Display for ControlError {
 pub fn parse_command(line: &[u8]) -> Result<Command, ControlError> {
     let line = line.strip_suffix(b"\n").unwrap_or(line);
     let bad = |verb: &[u8]| ControlError::BadCommand(crate::text::excerpt(verb, 40));
+    if line == b"unmount" {
+        return Ok(Command::Unmount);
+    }
     let (verb, name) = match line.iter().position(|&b| b == b' ') {
         Some(i) => (&line[..i], &line[i + 1..]),
         None => return Err(bad(line)),
@@ -209,11 +215,9 @@ pub struct Cache {
     saved_version: AtomicU64,
     saved_at: AtomicU64,
     writes: AtomicU64,
-    /// Backing-file names read for display, when, and a generation number. Memory only
-    /// under it: the instance disks are read with no lock held (`refreshing` elects the
-    /// one reader that refreshes).
-    shown_refs: Mutex<Option<ShownRefs>>,
-    refreshing: AtomicBool,
+    /// The instance disks' backing-file names, read on a thread of their own (they may sit
+    /// on a filesystem that hangs).
+    disks: crate::disks::Disks,
     /// Status-file snapshots alive. Memory only under it; taken after the state lock is
     /// released, never before it.
     snapshots: Mutex<SnapshotStore>,
@@ -254,12 +258,17 @@ pub const PERSIST_EVERY: Duration = Duration::from_secs(1);
 /// (eviction never uses this copy: it reads the instance disks at decision time).
 pub const SHOWN_REFS_TTL: Duration = Duration::from_secs(5);
 
+/// How long a status file waits for a fresh read of the instance disks before it shows the
+/// previous one (which it says nothing about: `referenced` is a hint, never a decision).
+pub const SHOWN_REFS_WAIT: Duration = Duration::from_millis(500);
+
+/// How long an eviction waits for a read of the instance disks begun after it took Nova's
+/// lock; without one in time the file stays (the disks may be on a hung filesystem).
+pub const DISKS_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Bytes of distinct status-file snapshots that non-root readers can keep alive together
 /// (a `status.json` of 3,000 images is about 1.5 MB).
 pub const SNAPSHOT_BYTES_MAX: usize = 64 << 20;
-
-/// Backing-file names read for display: when, their generation, the names.
-type ShownRefs = (Instant, u64, Arc<BTreeSet<OsString>>);
 
 /// The last state-file write.
 #[derive(Debug, Default)]
@@ -377,6 +386,8 @@ impl Cache {
             Ok(None) => {}
             Err(e) => warn!("reading {STATE_FILE}: {e}; starting with empty state"),
         }
+        let disks =
+            crate::disks::Disks::spawn(settings.instances_dir.clone(), settings.cache_dir.clone());
         let cache = Arc::new(Cache {
             state: Mutex::new(state),
             counters: Mutex::new(Counters::default()),
@@ -391,8 +402,7 @@ impl Cache {
             saved_version: AtomicU64::new(0),
             saved_at: AtomicU64::new(0),
             writes: AtomicU64::new(0),
-            shown_refs: Mutex::new(None),
-            refreshing: AtomicBool::new(false),
+            disks,
             snapshots: Mutex::new(SnapshotStore::new(SNAPSHOT_BYTES_MAX)),
             queue: Mutex::new(Queue::new()),
             due: Condvar::new(),
@@ -763,13 +773,11 @@ impl Cache {
         s.images().filter_map(|i| Some((i.name.clone()?, i.ino))).collect()
     }
 
-    /// Names instance disks use as backing files (read at decision time; a few hundred bytes
-    /// per disk). An error means "unknown": eviction must not go ahead on it.
-    pub fn referenced(&self) -> std::io::Result<BTreeSet<OsString>> {
-        crate::guard::backing_names(&self.settings.instances_dir, &self.settings.cache_dir)
-            .inspect_err(|e| {
-                warn!("reading instance disks under {}: {e}", self.settings.instances_dir.display())
-            })
+    /// Names instance disks use as backing files, from a read begun now (a few hundred bytes
+    /// per disk, on the disk reader's thread; waited for `DISKS_TIMEOUT` at most). An error
+    /// means "unknown": eviction must not go ahead on it.
+    pub fn referenced(&self) -> Result<Arc<BTreeSet<OsString>>, String> {
+        self.disks.fresh(DISKS_TIMEOUT)
     }
 
     /// For a status file: re-derives holders outside the mount, if there are any, at most
@@ -810,37 +818,19 @@ impl Cache {
         }
     }
 
-    /// Backing-file names for display: the instance disks are read at most every
-    /// `SHOWN_REFS_TTL` for status files (one reader refreshes, the others use the previous
-    /// copy meanwhile). Returns the copy and its generation.
+    /// Backing-file names for display: a read at most `SHOWN_REFS_TTL` old, waiting
+    /// `SHOWN_REFS_WAIT` at most for a new one. Returns the names and the read's number.
     fn shown_referenced(&self) -> (u64, Arc<BTreeSet<OsString>>) {
-        let old = self.shown_refs.lock().clone();
-        if let Some((at, generation, set)) = &old {
-            if at.elapsed() < SHOWN_REFS_TTL || self.refreshing.load(Ordering::Acquire) {
-                return (*generation, set.clone());
-            }
+        match self.disks.recent(SHOWN_REFS_TTL, SHOWN_REFS_WAIT) {
+            Some(read) => (read.seq, read.names.unwrap_or_default()),
+            None => (0, Arc::default()),
         }
-        let mine = !self.refreshing.swap(true, Ordering::AcqRel);
-        if !mine {
-            if let Some((_, generation, set)) = old {
-                return (generation, set);
-            }
-        }
-        let set = Arc::new(self.referenced().unwrap_or_default());
-        if !mine {
-            return (0, set);
-        }
-        let generation = old.map_or(1, |o| o.1 + 1);
-        *self.shown_refs.lock() = Some((Instant::now(), generation, set.clone()));
-        self.refreshing.store(false, Ordering::Release);
-        (generation, set)
     }
-
     /// The stamp a rendering made now would have (reads no file).
     fn render_stamp(&self) -> RenderStamp {
         let version = self.state.lock().version;
         let counters = status::counters_sum(&self.counters.lock());
-        let referenced = self.shown_refs.lock().as_ref().map_or(0, |o| o.1);
+        let referenced = self.disks.last_seq();
         RenderStamp {
             version,
             counters,
@@ -889,7 +879,7 @@ impl Cache {
         self.refresh_sizes();
         let (referenced_gen, referenced) = match file {
             VFile::Events | VFile::Config | VFile::Control => {
-                (self.shown_refs.lock().as_ref().map_or(0, |o| o.1), Arc::default())
+                (self.disks.last_seq(), Arc::default())
             }
             _ => self.shown_referenced(),
         };
@@ -1036,6 +1026,12 @@ impl Cache {
                 self.request_verify(ino);
                 Ok(())
             }
+            Command::Unmount => {
+                // The signal thread does it, as for SIGTERM: a worker must not wait for it.
+                info!("control: unmount requested");
+                unsafe { libc::kill(libc::getpid(), libc::SIGTERM) };
+                Ok(())
+            }
         };
         self.persist();
         result
@@ -1084,11 +1080,19 @@ pub fn evicting_name(name: &OsStr) -> Option<OsString> {
 fn evicting_original(private: &OsStr) -> Option<OsString> {
     use std::os::unix::ffi::OsStringExt;
     let hex = private.as_bytes().strip_prefix(EVICTING.as_bytes())?;
+    if hex.len() % 2 != 0 {
+        return None;
+    }
     let bytes: Option<Vec<u8>> = hex
         .chunks(2)
         .map(|c| std::str::from_utf8(c).ok().and_then(|h| u8::from_str_radix(h, 16).ok()))
         .collect();
-    bytes.filter(|b| !b.is_empty()).map(OsString::from_vec)
+    // Only a plain name in the cache directory: anyone who owns the directory could plant
+    // such a file while it is not covered, and the name is where it would be moved.
+    let name = OsString::from_vec(bytes?);
+    let b = name.as_bytes();
+    let plain = !b.is_empty() && b != b"." && b != b".." && !b.contains(&b'/') && !b.contains(&0);
+    (plain && !is_own_file(&name) && name != crate::fs::STATUS_DIR).then_some(name)
 }
 
 #[cfg(test)]
@@ -1096,11 +1100,31 @@ mod tests {
     use super::*;
 
     #[test]
+    fn an_eviction_name_decodes_only_to_a_plain_name_in_the_directory() {
+        let name = OsStr::new("0d5e6b61602d758984b3bf038267614d6016eb2a");
+        let private = evicting_name(name).expect("fits");
+        assert!(is_own_file(&private));
+        assert_eq!(evicting_original(&private).as_deref(), Some(name));
+        let planted = |target: &str| {
+            OsString::from(format!("{EVICTING}{}", crate::verify::hex(target.as_bytes())))
+        };
+        for bad in ["/etc/ld.so.preload", "../../escaped", "a/b", "..", ".", "", ".imagecache"] {
+            assert_eq!(evicting_original(&planted(bad)), None, "{bad:?}");
+        }
+        assert_eq!(evicting_original(&planted(STATE_FILE)), None);
+        assert_eq!(evicting_original(OsStr::new(".imagecachefs.evicting.abc")), None, "odd");
+        assert_eq!(evicting_original(OsStr::new(".imagecachefs.evicting.zz")), None);
+        assert!(evicting_name(OsStr::new(&"x".repeat(200))).is_none(), "too long to encode");
+    }
+
+    #[test]
     fn control_lines_parse_or_refuse() {
         assert_eq!(parse_command(b"pin abc\n"), Ok(Command::Pin("abc".into())));
         assert_eq!(parse_command(b"evict swap_512"), Ok(Command::Evict("swap_512".into())));
         assert_eq!(parse_command(b"unpin x"), Ok(Command::Unpin("x".into())));
         assert_eq!(parse_command(b"verify x"), Ok(Command::Verify("x".into())));
+        assert_eq!(parse_command(b"unmount\n"), Ok(Command::Unmount));
+        assert!(matches!(parse_command(b"unmount x"), Err(ControlError::BadCommand(_))));
         assert!(matches!(parse_command(b"remove x"), Err(ControlError::BadCommand(_))));
         assert!(matches!(parse_command(b"pin"), Err(ControlError::BadCommand(_))));
         assert_eq!(parse_command(b"pin ../x"), Err(ControlError::BadName));

@@ -135,7 +135,13 @@ pub fn try_evict(
             return Err(Refused::LockError);
         }
     };
-    let referenced = cache.referenced().map_err(|_| Refused::GuardError)?.contains(&name);
+    let referenced = cache
+        .referenced()
+        .map_err(|e| {
+            warn!("evicting {}: {e}", shown(&name));
+            Refused::GuardError
+        })?
+        .contains(&name);
     cache.refresh_outside(Some(&[ino])).map_err(|e| {
         warn!("evicting {}: {e}", shown(&name));
         Refused::HoldersUnknown
@@ -146,7 +152,10 @@ pub fn try_evict(
         state.begin_evict(ino, &cache.policy, referenced, now, floor).map_err(Refused::Blocked)?;
         state.image(ino).map(|i| i.size).unwrap_or(0)
     };
-    if let Err(why) = remove(cache, &name, ino) {
+    // The facts above took time: a detach meanwhile hands the directory to another daemon.
+    let removed =
+        if cache.owns_mount() { remove(cache, &name, ino) } else { Err(Refused::Detached) };
+    if let Err(why) = removed {
         cache.state.lock().evict_failed(ino);
         return Err(why);
     }

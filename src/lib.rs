@@ -11,6 +11,7 @@ pub mod checksums;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod disks;
 pub mod error;
 pub mod evict;
 pub mod fs;

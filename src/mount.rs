@@ -33,24 +33,26 @@ fn refuse<T>(msg: String) -> Result<T, Refusal> {
     Err(Refusal(msg))
 }
 
-/// The absolute path of `dir` without looking inside `dir` itself (it may be a dead mount):
-/// the parent is canonicalised and the last component kept — unless that component is a
-/// symlink (never a mount point itself), which is followed, since a mount lands where the
-/// link leads and the mount table names that place.
+/// The absolute path of `dir` without touching `dir` itself (it may be a dead mount):
+/// the parent is canonicalised and the last component kept. A symlink stays a symlink: the
+/// cache directory keeps the name Nova and instance disks use for it.
 pub fn absolute(dir: &Path) -> io::Result<PathBuf> {
     let abs =
         if dir.is_absolute() { dir.to_path_buf() } else { std::env::current_dir()?.join(dir) };
-    let abs = match (abs.parent(), abs.file_name()) {
-        (Some(parent), Some(name)) => parent.canonicalize()?.join(name),
-        _ => abs, // "/"
-    };
-    let is_link = std::fs::symlink_metadata(&abs).is_ok_and(|m| m.file_type().is_symlink());
-    if is_link {
-        if let Ok(target) = abs.canonicalize() {
-            return Ok(target);
-        }
+    match (abs.parent(), abs.file_name()) {
+        (Some(parent), Some(name)) => Ok(parent.canonicalize()?.join(name)),
+        _ => Ok(abs), // "/"
     }
-    Ok(abs)
+}
+
+/// Where a mount over `dir` lands, and the mount table names it: `dir` itself, or where it
+/// leads if it is a symlink (a symlink is never a mount point; `mount(2)` follows it).
+pub fn mount_point(dir: &Path) -> PathBuf {
+    let is_link = std::fs::symlink_metadata(dir).is_ok_and(|m| m.file_type().is_symlink());
+    match is_link.then(|| dir.canonicalize()) {
+        Some(Ok(target)) => target,
+        _ => dir.to_path_buf(),
+    }
 }
 
 /// One line of `/proc/self/mountinfo`.
@@ -101,6 +103,7 @@ pub fn parse_mountinfo(text: &str) -> Vec<MountInfo> {
 }
 
 /// The topmost mount at exactly `dir` (the last one listed), if any.
+/// (`dir` as the mount table names it: see [`mount_point`].)
 pub fn top_mount(dir: &Path) -> Option<MountInfo> {
     let text = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
     parse_mountinfo(&text).into_iter().rfind(|m| m.mount_point == dir)
@@ -118,7 +121,7 @@ pub enum Found {
 }
 
 pub fn probe(dir: &Path) -> Found {
-    match top_mount(dir) {
+    match top_mount(&mount_point(dir)) {
         Some(m) if m.fstype == FSTYPE => {
             // statfs always reaches the daemon (stat may be answered from the kernel's cache).
             let c = CString::new(dir.as_os_str().as_bytes()).expect("a path has no NUL");
@@ -235,11 +238,27 @@ pub fn detach(dir: &Path) -> io::Result<()> {
 pub fn unmount(dir: &Path) -> Result<(), Refusal> {
     let shown = dir.display();
     let abs = absolute(dir).map_err(|e| Refusal(format!("{shown}: {e}")))?;
+    let mp = mount_point(&abs);
     match probe(&abs) {
         Found::Plain => refuse(format!("{shown} is not an imagecachefs mount")),
-        Found::Live | Found::Stale => {
-            detach(&abs).map_err(|e| Refusal(format!("detaching {shown}: {e}")))
+        Found::Live => {
+            // The daemon stops itself (writing its state a last time); if it does not answer
+            // in time, the mount is detached from here.
+            let before = top_mount(&mp).map(|m| m.id);
+            let asked = OpenOptions::new()
+                .write(true)
+                .open(abs.join(".imagecache/control"))
+                .and_then(|mut f| std::io::Write::write_all(&mut f, b"unmount\n"));
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while asked.is_ok() && std::time::Instant::now() < deadline {
+                if top_mount(&mp).map(|m| m.id) != before {
+                    return Ok(());
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            detach(&mp).map_err(|e| Refusal(format!("detaching {shown}: {e}")))
         }
+        Found::Stale => detach(&mp).map_err(|e| Refusal(format!("detaching {shown}: {e}"))),
     }
 }
 

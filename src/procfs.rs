@@ -81,41 +81,52 @@ impl std::fmt::Display for Incomplete {
 /// The longest a walk may take, and the most descriptors it looks at, before it gives up.
 const WALK_TIME: Duration = Duration::from_secs(5);
 const WALK_FDS: usize = 1 << 20;
+/// Passes over `/proc` before a walk that keeps finding new processes gives up.
+const WALK_PASSES: usize = 8;
 
 /// What the walk knows of a mount id: its device, and whether it is an imagecachefs overlay.
 #[derive(Clone, Copy, Debug)]
 struct MountOf {
     dev: u64,
-    overlay: bool,
+    /// A filesystem stacked on others (an imagecachefs overlay, overlayfs), whose inode
+    /// numbers may be the covered ones: its descriptors count by inode and name.
+    stacked: bool,
 }
 
 /// Mount ids seen during one walk (they are unique across mount namespaces).
 #[derive(Default)]
 struct Mounts {
     by_id: HashMap<u64, MountOf>,
-    /// Mount namespaces whose mountinfo was read already.
-    namespaces: std::collections::HashSet<OsString>,
+    /// Mount tables read already, by mount namespace and root (a chrooted process sees only
+    /// the mounts below its root).
+    read: std::collections::HashSet<(OsString, OsString)>,
 }
 
 impl Mounts {
-    /// The mount `id` as process `pid` sees it; reads that process's mountinfo once per
-    /// mount namespace. Nothing here reaches a filesystem: mountinfo is the kernel's table.
+    /// The mount `id` as the process at `proc_dir` sees it; reads its mountinfo once per
+    /// mount namespace and root. Nothing here reaches a filesystem: mountinfo is the kernel's
+    /// table.
     fn get(&mut self, proc_dir: &Path, id: u64) -> Option<MountOf> {
         if let Some(m) = self.by_id.get(&id) {
             return Some(*m);
         }
-        let ns = fs::read_link(proc_dir.join("ns/mnt")).map(|p| p.into_os_string()).ok();
-        if let Some(ns) = ns {
-            if !self.namespaces.insert(ns) {
+        let link = |what: &str| fs::read_link(proc_dir.join(what)).map(|p| p.into_os_string());
+        if let (Ok(ns), Ok(root)) = (link("ns/mnt"), link("root")) {
+            if !self.read.insert((ns, root)) {
                 return None;
             }
         }
-        let text = fs::read_to_string(proc_dir.join("mountinfo")).ok()?;
+        self.load(proc_dir);
+        self.by_id.get(&id).copied()
+    }
+
+    fn load(&mut self, proc_dir: &Path) {
+        let Ok(text) = fs::read_to_string(proc_dir.join("mountinfo")) else { return };
         for m in crate::mount::parse_mountinfo(&text) {
             let dev = libc::makedev(m.dev.0, m.dev.1);
-            self.by_id.insert(m.id, MountOf { dev, overlay: m.fstype == crate::mount::FSTYPE });
+            let stacked = m.fstype == crate::mount::FSTYPE || m.fstype == "overlay";
+            self.by_id.insert(m.id, MountOf { dev, stacked });
         }
-        self.by_id.get(&id).copied()
     }
 }
 
@@ -150,36 +161,52 @@ impl ProcRoot {
             return Ok(found);
         }
         let started = Instant::now();
-        let entries = fs::read_dir(&self.0).map_err(|_| Incomplete("/proc is unreadable"))?;
         let me = std::process::id();
         let mut mounts = Mounts::default();
+        // Our own mount table first: every mount of our namespace, whatever the root of the
+        // process whose descriptor names it.
+        mounts.load(&self.0.join(me.to_string()));
         let mut budget = WALK_FDS;
-        for entry in entries.flatten() {
-            if started.elapsed() > WALK_TIME {
-                return Err(Incomplete("the /proc walk ran out of time"));
-            }
-            let Some(pid) = parse_pid(entry.file_name().as_bytes()) else { continue };
-            if pid == me {
-                continue;
-            }
-            let Some(start_time) = self.start_time(pid) else { continue };
-            let held = self.held_by(pid, want, &mut mounts, &mut budget)?;
-            if held.is_empty() {
-                continue;
-            }
-            match self.process(pid) {
-                Some(holder) if holder.start_time == start_time => {
-                    found.extend(held.into_iter().map(|(ino, name, write)| Held {
-                        ino,
-                        name,
-                        holder: holder.clone(),
-                        write,
-                    }))
+        let mut seen = std::collections::HashSet::new();
+        // A holder may fork and exit while the walk runs: its child, a process the first pass
+        // has not seen, is looked at by the next pass, until a pass finds no new process.
+        for _ in 0..WALK_PASSES {
+            let mut new = 0;
+            let entries = fs::read_dir(&self.0).map_err(|_| Incomplete("/proc is unreadable"))?;
+            for entry in entries.flatten() {
+                if started.elapsed() > WALK_TIME {
+                    return Err(Incomplete("the /proc walk ran out of time"));
                 }
-                _ => {}
+                let Some(pid) = parse_pid(entry.file_name().as_bytes()) else { continue };
+                if pid == me {
+                    continue;
+                }
+                let Some(start_time) = self.start_time(pid) else { continue };
+                if !seen.insert((pid, start_time)) {
+                    continue;
+                }
+                new += 1;
+                let held = self.held_by(pid, want, &mut mounts, &mut budget)?;
+                if held.is_empty() {
+                    continue;
+                }
+                match self.process(pid) {
+                    Some(holder) if holder.start_time == start_time => {
+                        found.extend(held.into_iter().map(|(ino, name, write)| Held {
+                            ino,
+                            name,
+                            holder: holder.clone(),
+                            write,
+                        }))
+                    }
+                    _ => {}
+                }
+            }
+            if new == 0 {
+                return Ok(found);
             }
         }
-        Ok(found)
+        Err(Incomplete("processes kept appearing during the /proc walk"))
     }
 
     /// The wanted files `pid` holds, with write access.
@@ -211,7 +238,7 @@ impl ProcRoot {
             let counts = match mounts.get(&proc_dir, mnt) {
                 Some(m) if m.dev == want.dev => true,
                 Some(m) if Some(m.dev) == want.own_dev => false,
-                Some(m) if m.overlay => link_name(&target) == name.as_bytes(),
+                Some(m) if m.stacked => link_name(&target) == name.as_bytes(),
                 Some(_) => false,
                 // A mount that vanished from the table while the descriptor stays open (a
                 // lazily detached mount): count it if it names the file, to be safe.

@@ -380,6 +380,9 @@ fn makedev(dev: (u32, u32)) -> u64 {
 fn serve(cfg: &MountConfig, on_ready: impl FnOnce()) -> Result<(), Refusal> {
     let prepared = mount::prepare(&cfg.dir)?;
     let dir = prepared.dir.clone();
+    // Where the mount lands (a symlinked directory's target), resolved before the mount:
+    // afterwards resolving it would ask this daemon, which serves nothing yet.
+    let mount_point = mount::mount_point(&dir);
     // Every path is absolute by now; do not keep the caller's directory busy.
     let _ = std::env::set_current_dir("/");
     if backing::open_path_at(prepared.dir_fd.as_fd(), OsStr::new(STATUS_DIR)).is_ok() {
@@ -462,7 +465,7 @@ fn serve(cfg: &MountConfig, on_ready: impl FnOnce()) -> Result<(), Refusal> {
     .map_err(|e| Refusal(format!("reading {}: {e}", dir.display())))?;
     mount::mount(&prepared)?;
     let fail = |msg: String| {
-        let _ = mount::detach(&dir);
+        let _ = mount::detach(&mount_point);
         Refusal(msg)
     };
     let mount::Prepared { dir_fd, dev, .. } = prepared;
@@ -479,7 +482,7 @@ fn serve(cfg: &MountConfig, on_ready: impl FnOnce()) -> Result<(), Refusal> {
     fuse_cfg.acl = fuser::SessionACL::All;
     let session = fuser::Session::from_fd(adapter, dev, fuser::SessionACL::All, fuse_cfg)
         .map_err(|e| fail(format!("FUSE handshake on {}: {e}", dir.display())))?;
-    let ours = mount::top_mount(&dir);
+    let ours = mount::top_mount(&mount_point);
     let our_dev = ours.as_ref().map(|m| makedev(m.dev));
     if let Some(d) = our_dev {
         cache.set_own_dev(d);
@@ -498,7 +501,7 @@ fn serve(cfg: &MountConfig, on_ready: impl FnOnce()) -> Result<(), Refusal> {
         if core.passthrough_enabled() { "on" } else { "OFF" }
     );
     on_ready();
-    spawn_signal_thread(signals, dir.clone(), our_dev, core.clone(), cache.clone());
+    spawn_signal_thread(signals, mount_point, our_dev, core.clone(), cache.clone());
     session.run().map_err(|e| Refusal(format!("FUSE session on {}: {e}", dir.display())))?;
     cache.persist();
     info!("session on {} ended; exiting", dir.display());

@@ -327,3 +327,49 @@ fn corruption_is_found_and_the_file_goes_once_unused() {
         events(&c).contains("evicted 0d5e6b61602d758984b3bf038267614d6016eb2a_10 reason corrupt")
     );
 }
+
+/// `create` of a name that already exists in the covered directory (it appeared there after
+/// the kernel's lookup said it was absent): the caller gets it only if its mode lets the
+/// caller open it, never as a new file of its own (no change of owner), and `O_EXCL` gets
+/// `EEXIST` as on the covered filesystem. The core is driven directly: no kernel could
+/// reproduce the race reliably.
+#[test]
+fn create_of_a_name_that_exists_behind_the_mount_is_not_handed_over() {
+    use imagecachefs::fs::{Caller, OverlayFs, ROOT};
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let w = World::new(&[]);
+    let c = w.open(policy(), None);
+    let root = CString::new(w.base().as_os_str().as_bytes()).unwrap();
+    let fd =
+        unsafe { libc::open(root.as_ptr(), libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC) };
+    assert!(fd >= 0);
+    let core = OverlayFs::new(unsafe { OwnedFd::from_raw_fd(fd) }, c, 1).unwrap();
+    let secret = w.base().join("secret");
+    fs::write(&secret, b"root's").unwrap();
+    fs::set_permissions(&secret, fs::Permissions::from_mode(0o600)).unwrap();
+    let nobody = Caller { pid: std::process::id(), uid: 65534, gid: 65534 };
+    let name = OsStr::new("secret");
+    let create = |flags: i32, who: Caller| {
+        core.create(ROOT, name, 0o644, 0o022, flags | libc::O_CREAT, who).map(|(_, o)| o.fh)
+    };
+    let errno = |r: Result<u64, imagecachefs::error::Error>| r.err().map(|e| e.errno());
+    assert_eq!(errno(create(libc::O_WRONLY, nobody)), Some(libc::EACCES));
+    assert_eq!(errno(create(libc::O_WRONLY | libc::O_EXCL, nobody)), Some(libc::EEXIST));
+    let meta = fs::metadata(&secret).unwrap();
+    assert_eq!((meta.uid(), meta.mode() & 0o777), (0, 0o600), "the file was given away");
+    assert_eq!(fs::read(&secret).unwrap(), b"root's");
+    // A mode that lets the caller in: opened as it is, its owner kept.
+    fs::set_permissions(&secret, fs::Permissions::from_mode(0o666)).unwrap();
+    let fh = create(libc::O_WRONLY | libc::O_APPEND, nobody).expect("may write it");
+    core.release(fh).unwrap();
+    assert_eq!(fs::metadata(&secret).unwrap().uid(), 0, "the file was given away");
+    assert_eq!(fs::read(&secret).unwrap(), b"root's", "opened without truncating");
+    // A new name is the caller's.
+    let fh = core
+        .create(ROOT, OsStr::new("mine"), 0o644, 0o022, libc::O_CREAT | libc::O_WRONLY, nobody)
+        .expect("a new file")
+        .1
+        .fh;
+    core.release(fh).unwrap();
+    assert_eq!(fs::metadata(w.base().join("mine")).unwrap().uid(), 65534);
+}
