@@ -136,13 +136,13 @@ impl Handle {
     }
 }
 
-/// An open directory: a listing taken at offset 0 and served from there. `file` is `None`
-/// for the status tree's directories.
+/// An open directory: a listing taken at offset 0 (or at the handle's first read, wherever
+/// that starts) and served from there. `file` is `None` for the status tree's directories.
 #[derive(Debug)]
 struct DirHandle {
     id: u64,
     file: Option<File>,
-    entries: Mutex<Vec<DirEntry>>,
+    entries: Mutex<Option<Vec<DirEntry>>>,
 }
 
 /// An open status file: a snapshot rendered at open (shared with every other handle that
@@ -923,7 +923,7 @@ impl OverlayFs {
             }
         };
         let fh = self.new_fh();
-        let dh = DirHandle { id, file, entries: Mutex::new(Vec::new()) };
+        let dh = DirHandle { id, file, entries: Mutex::new(None) };
         self.dirs.write().insert(fh, Arc::new(dh));
         Ok(fh)
     }
@@ -960,14 +960,17 @@ impl OverlayFs {
     }
 
     /// Entries from `offset` on (offset `i` is the i-th entry; `.` and `..` come first).
-    /// Offset 0 takes a fresh listing.
+    /// Offset 0 takes a fresh listing, and so does the first read of a handle at any other
+    /// offset: the kernel starts a handle there when the listing it cached is dropped in the
+    /// middle of a read, or after a `seekdir` to a position another handle returned.
     pub fn readdir(&self, fh: u64, offset: u64) -> Result<Vec<DirEntry>> {
         let dh = self.dir_handle(fh)?;
         let mut entries = dh.entries.lock();
-        if offset == 0 {
-            *entries = self.list(&dh)?;
-        }
-        Ok(entries.iter().skip(offset as usize).cloned().collect())
+        let listing = match &mut *entries {
+            Some(listing) if offset != 0 => listing,
+            stale => stale.insert(self.list(&dh)?),
+        };
+        Ok(listing.iter().skip(offset as usize).cloned().collect())
     }
 
     /// The directory's own attributes and a lookup of one of its entries (for readdirplus).
