@@ -172,6 +172,15 @@ pub struct Opened {
     pub direct_io: bool,
 }
 
+/// The answer to an opendir.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OpenedDir {
+    pub fh: u64,
+    /// The kernel may keep this directory's listing and serve later listings itself, until
+    /// the directory changes (see `opendir`).
+    pub cache: bool,
+}
+
 /// Attribute changes of a `setattr`; `None` leaves a field alone.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct SetAttr {
@@ -911,7 +920,12 @@ impl OverlayFs {
         Ok(n.min(u32::MAX as usize) as u32)
     }
 
-    pub fn opendir(&self, id: u64) -> Result<u64> {
+    /// Opens a directory. A covered directory's listing may be cached by the kernel: it
+    /// drops the cache when the directory changes through the mount, when the daemon evicts
+    /// a file (`KernelNotifier`), and when it sees a new mtime on the directory (re-read at
+    /// most one attribute TTL later, for changes made behind the mount). The status tree's
+    /// listings change with the cache's state, so they are never cached.
+    pub fn opendir(&self, id: u64) -> Result<OpenedDir> {
         let file = match vnode(id) {
             Some(VNode::Dir | VNode::Images) => None,
             Some(VNode::File(_)) => {
@@ -923,9 +937,10 @@ impl OverlayFs {
             }
         };
         let fh = self.new_fh();
+        let cache = file.is_some();
         let dh = DirHandle { id, file, entries: Mutex::new(None) };
         self.dirs.write().insert(fh, Arc::new(dh));
-        Ok(fh)
+        Ok(OpenedDir { fh, cache })
     }
 
     /// The listing of a directory: `.`, `..`, then its entries.
