@@ -136,13 +136,13 @@ impl Handle {
     }
 }
 
-/// An open directory: a listing taken at offset 0 and served from there. `file` is `None`
-/// for the status tree's directories.
+/// An open directory: a listing taken at offset 0 (or at the handle's first read, wherever
+/// that starts) and served from there. `file` is `None` for the status tree's directories.
 #[derive(Debug)]
 struct DirHandle {
     id: u64,
     file: Option<File>,
-    entries: Mutex<Vec<DirEntry>>,
+    entries: Mutex<Option<Vec<DirEntry>>>,
 }
 
 /// An open status file: a snapshot rendered at open (shared with every other handle that
@@ -170,6 +170,15 @@ pub struct Opened {
     pub backing: Option<u32>,
     /// Reads and writes bypass the page cache (status files: their size is not known).
     pub direct_io: bool,
+}
+
+/// The answer to an opendir.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OpenedDir {
+    pub fh: u64,
+    /// The kernel may keep this directory's listing and serve later listings itself, until
+    /// the directory changes (see `opendir`).
+    pub cache: bool,
 }
 
 /// Attribute changes of a `setattr`; `None` leaves a field alone.
@@ -911,7 +920,12 @@ impl OverlayFs {
         Ok(n.min(u32::MAX as usize) as u32)
     }
 
-    pub fn opendir(&self, id: u64) -> Result<u64> {
+    /// Opens a directory. A covered directory's listing may be cached by the kernel: it
+    /// drops the cache when the directory changes through the mount, when the daemon evicts
+    /// a file (`KernelNotifier`), and when it sees a new mtime on the directory (re-read at
+    /// most one attribute TTL later, for changes made behind the mount). The status tree's
+    /// listings change with the cache's state, so they are never cached.
+    pub fn opendir(&self, id: u64) -> Result<OpenedDir> {
         let file = match vnode(id) {
             Some(VNode::Dir | VNode::Images) => None,
             Some(VNode::File(_)) => {
@@ -923,9 +937,10 @@ impl OverlayFs {
             }
         };
         let fh = self.new_fh();
-        let dh = DirHandle { id, file, entries: Mutex::new(Vec::new()) };
+        let cache = file.is_some();
+        let dh = DirHandle { id, file, entries: Mutex::new(None) };
         self.dirs.write().insert(fh, Arc::new(dh));
-        Ok(fh)
+        Ok(OpenedDir { fh, cache })
     }
 
     /// The listing of a directory: `.`, `..`, then its entries.
@@ -960,14 +975,17 @@ impl OverlayFs {
     }
 
     /// Entries from `offset` on (offset `i` is the i-th entry; `.` and `..` come first).
-    /// Offset 0 takes a fresh listing.
+    /// Offset 0 takes a fresh listing, and so does the first read of a handle at any other
+    /// offset: the kernel starts a handle there when the listing it cached is dropped in the
+    /// middle of a read, or after a `seekdir` to a position another handle returned.
     pub fn readdir(&self, fh: u64, offset: u64) -> Result<Vec<DirEntry>> {
         let dh = self.dir_handle(fh)?;
         let mut entries = dh.entries.lock();
-        if offset == 0 {
-            *entries = self.list(&dh)?;
-        }
-        Ok(entries.iter().skip(offset as usize).cloned().collect())
+        let listing = match &mut *entries {
+            Some(listing) if offset != 0 => listing,
+            stale => stale.insert(self.list(&dh)?),
+        };
+        Ok(listing.iter().skip(offset as usize).cloned().collect())
     }
 
     /// The directory's own attributes and a lookup of one of its entries (for readdirplus).

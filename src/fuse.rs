@@ -139,6 +139,10 @@ impl Filesystem for FuseAdapter {
             InitFlags::FUSE_HANDLE_KILLPRIV_V2,
             InitFlags::FUSE_DO_READDIRPLUS,
             InitFlags::FUSE_READDIRPLUS_AUTO,
+            // A listing starting at offset 0 re-reads the directory's attributes once they
+            // expired, so a directory changed behind the mount drops its cached listing
+            // (`opendir`) within one TTL. Passthrough files keep no pages in the mount.
+            InitFlags::FUSE_AUTO_INVAL_DATA,
         ] {
             if let Err(missing) = config.add_capabilities(flag) {
                 debug!("kernel lacks {missing:?}");
@@ -405,7 +409,14 @@ impl Filesystem for FuseAdapter {
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         match self.core.opendir(ino.0) {
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            // The kernel serves repeated listings from its cache of this one, and keeps that
+            // cache across opens: it drops it itself when the directory changes through the
+            // mount or shows a new mtime, and `KernelNotifier` drops it after evictions.
+            Ok(d) if d.cache => reply.opened(
+                FileHandle(d.fh),
+                FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE,
+            ),
+            Ok(d) => reply.opened(FileHandle(d.fh), FopenFlags::empty()),
             Err(e) => reply.error(fail("opendir", e)),
         }
     }
@@ -670,8 +681,8 @@ impl Filesystem for FuseAdapter {
     }
 }
 
-/// Kernel cache invalidation after the daemon itself removed a name (eviction). Sent from
-/// the eviction thread, never from a request handler.
+/// Kernel cache invalidation after the daemon itself removed a name (eviction): the name's
+/// entry and the cache directory's cached listing.
 /// Sends the kernel its cache invalidations from a thread of its own. A notification waits
 /// for the directory's lock in the kernel, which a lookup may hold while it waits for a free
 /// FUSE worker: so no worker, and no thread a worker waits on, ever sends one or waits for
@@ -691,6 +702,12 @@ impl KernelNotifier {
                         if let Err(e) = notifier.inval_entry(root, &name) {
                             debug!("notify inval_entry {name:?}: {e}");
                         }
+                    }
+                    // The root's cached listing: the kernel drops it with the entry only if
+                    // the name has a dentry, which a listing alone does not make. Dropping
+                    // the root's pages (and attributes) drops the listing in any case.
+                    if let Err(e) = notifier.inval_inode(root, 0, 0) {
+                        debug!("notify inval_inode of the cache directory: {e}");
                     }
                 }
             })
