@@ -208,10 +208,10 @@ fn remove(cache: &Cache, name: &OsStr, ino: u64) -> Result<(), Refused> {
         error!("evicting {}: rename to {}: {e}", shown(name), shown(&private));
         return Err(Refused::Vanished);
     }
-    match check(&private) {
-        Ok(()) => unlink(&private),
+    match check(&private).and_then(|()| unlink(&private)) {
+        Ok(()) => Ok(()),
         Err(why) => {
-            // Not ours (or linked meanwhile): it goes back under its name.
+            // Not ours (or linked meanwhile, or the unlink failed): back under its name.
             if let Err(e) = backing::rename_at(root, &private, root, name, libc::RENAME_NOREPLACE) {
                 error!(
                     "evicting {}: putting back a file renamed onto it meanwhile: {e}; it is at {}",
