@@ -382,8 +382,12 @@ pub fn parse_instance(cmdline: &[u8]) -> Option<String> {
         .filter(|name| !name.is_empty())
         .or_else(uuid)
         .filter(|name| !name.is_empty())
-        .map(|name| String::from_utf8_lossy(&name).into_owned())
+        // Any user chooses a command line: what is kept of it per open handle is bounded.
+        .map(|name| String::from_utf8_lossy(&name[..name.len().min(INSTANCE_MAX)]).into_owned())
 }
+
+/// The longest instance name kept (libvirt's are `instance-0000002a` or a UUID).
+pub const INSTANCE_MAX: usize = 255;
 
 /// Splits a QEMU option string on `,`, where `,,` stands for a literal comma.
 fn split_qemu_opts(value: &[u8]) -> Vec<Vec<u8>> {
@@ -559,6 +563,10 @@ mod tests {
             Some("u-1")
         );
         assert_eq!(parse_instance(&argv(&["qemu-img", "info", "/x"])), None);
+        // Any user chooses a command line: what is kept of it is bounded.
+        let long = "i".repeat(131_000);
+        let kept = parse_instance(&argv(&["qemu", "-name", &long])).unwrap();
+        assert_eq!(kept.len(), INSTANCE_MAX);
         assert_eq!(parse_instance(&argv(&["qemu", "-name"])), None);
         assert_eq!(parse_instance(b"qemu\x00-name"), None);
         assert_eq!(parse_instance(b""), None);

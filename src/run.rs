@@ -40,8 +40,11 @@ struct LogFile {
     file: Mutex<File>,
 }
 
+/// Opens (or creates, readable by its group, never by others: the daemon runs with umask 0)
+/// the log file.
 fn open_log(path: &Path) -> std::io::Result<File> {
-    OpenOptions::new().create(true).append(true).open(path)
+    use std::os::unix::fs::OpenOptionsExt;
+    OpenOptions::new().create(true).append(true).mode(0o640).open(path)
 }
 
 /// The logger's handle on [`LOG_FILE`]: each record is one `write_all`.

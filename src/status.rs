@@ -85,11 +85,6 @@ struct HolderRow {
 }
 
 impl HolderRow {
-    fn same_holder(&self, o: &HolderRow) -> bool {
-        (self.pid, &self.program, &self.instance, self.since.is_none())
-            == (o.pid, &o.program, &o.instance, o.since.is_none())
-    }
-
     fn text(&self) -> String {
         let mut s = format!("{} {}", self.pid, self.program);
         if let Some(i) = &self.instance {
@@ -121,7 +116,9 @@ struct Row {
     kind: Kind,
     size: u64,
     refs: usize,
-    holders: Option<Vec<HolderRow>>,
+    /// The holders shown (at most `HOLDERS_SHOWN`, one per process) and how many more there
+    /// are; `None`: withheld from this reader.
+    holders: Option<(Vec<HolderRow>, usize)>,
     age: u64,
     last_used: String,
     min_age: u64,
@@ -135,8 +132,14 @@ impl Row {
     fn holders_text(&self) -> String {
         match &self.holders {
             None => HIDDEN.into(),
-            Some(h) if h.is_empty() => "-".into(),
-            Some(h) => h.iter().map(HolderRow::text).collect::<Vec<_>>().join("; "),
+            Some((h, _)) if h.is_empty() => "-".into(),
+            Some((h, more)) => {
+                let mut text = h.iter().map(HolderRow::text).collect::<Vec<_>>().join("; ");
+                if *more > 0 {
+                    let _ = write!(text, "; (+{more} more)");
+                }
+                text
+            }
         }
     }
 
@@ -144,6 +147,9 @@ impl Row {
         self.sha1.as_deref().unwrap_or(HIDDEN)
     }
 }
+
+/// Processes shown per file in `holders` (`refs` counts them all).
+pub const HOLDERS_SHOWN: usize = 32;
 
 fn holder_row(h: &Holder, since: Option<SystemTime>) -> HolderRow {
     HolderRow {
@@ -168,15 +174,26 @@ impl View<'_> {
         };
         let root = self.reader == Reader::Root;
         let holders = root.then(|| {
-            let mut holders: Vec<HolderRow> = img
+            // One row per process (QEMU opens a file more than once), and a bounded number of
+            // rows: the cost of a status file does not grow with what one user holds open.
+            let mut seen = std::collections::HashSet::new();
+            let (mut rows, mut more) = (Vec::new(), 0);
+            let all = img
                 .opens
                 .values()
-                .map(|o| holder_row(&o.holder, Some(o.since)))
-                .chain(img.early.iter().map(|(h, _)| holder_row(h, None)))
-                .collect();
-            // QEMU may open a file twice: consecutive handles of one holder show once.
-            holders.dedup_by(|b, a| a.same_holder(b));
-            holders
+                .map(|o| (&o.holder, Some(o.since)))
+                .chain(img.early.iter().map(|(h, _)| (h, None)));
+            for (h, since) in all {
+                if !seen.insert((h.pid, h.start_time)) {
+                    continue;
+                }
+                if rows.len() < HOLDERS_SHOWN {
+                    rows.push(holder_row(h, since));
+                } else {
+                    more += 1;
+                }
+            }
+            (rows, more)
         });
         let sha1 = img.shown_checksum().map(|c| hex(&c.sha1)).unwrap_or_else(|| "pending".into());
         Row {
@@ -310,7 +327,9 @@ pub fn json(view: &View) -> String {
         }
         let holders = match &r.holders {
             None => "null".to_string(),
-            Some(h) => format!("[{}]", h.iter().map(HolderRow::json).collect::<Vec<_>>().join(",")),
+            Some((h, _)) => {
+                format!("[{}]", h.iter().map(HolderRow::json).collect::<Vec<_>>().join(","))
+            }
         };
         let _ = write!(
             out,
@@ -492,6 +511,33 @@ mod tests {
             s.record_hash(ino, 0, [0xab; 20], stamp, t(1_600));
         }
         s
+    }
+
+    #[test]
+    fn holders_show_once_per_process_and_at_most_a_bounded_number() {
+        let mut s = CacheState::new();
+        s.observe(std::ffi::OsStr::new("swap_512"), 7, 10, t(1_000));
+        let h = |pid| Holder { pid, program: "qemu-img".into(), instance: None, start_time: 1 };
+        for fh in 0..500u64 {
+            let change = RefChange::Open { fh, ino: 7, holder: h(1_000), write: false };
+            s.reference(change, t(1_500));
+        }
+        for pid in 0..100u32 {
+            let change = RefChange::Open {
+                fh: 1_000 + u64::from(pid),
+                ino: 7,
+                holder: h(pid),
+                write: false,
+            };
+            s.reference(change, t(1_500));
+        }
+        let (policy, refs, counters) = (Policy::default(), BTreeSet::new(), Counters::default());
+        let v = view(&s, &policy, &refs, &counters, Reader::Root);
+        let text = image(&v, s.image(7).unwrap());
+        let holders = text.lines().find(|l| l.starts_with("holders: ")).unwrap();
+        assert_eq!(holders.matches("qemu-img").count(), HOLDERS_SHOWN, "{holders}");
+        assert!(holders.ends_with(&format!("(+{} more)", 101 - HOLDERS_SHOWN)), "{holders}");
+        assert!(text.contains("refs: 600\n"), "{text}");
     }
 
     fn view<'a>(

@@ -108,6 +108,11 @@ fn sighup_reopens_a_rotated_log_file() {
     wait_until(WAIT, "a new log file after SIGHUP", || {
         read(&log).contains("SIGHUP: reopened the log file").then_some(())
     });
+    // Not writable by others, whatever the daemon's umask (0, for the files it creates for
+    // callers): nobody must not add lines to it.
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&log).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o640, "the reopened log file's mode");
     // The next lines go to the new file only.
     send(m.pid(), libc::SIGUSR2);
     wait_until(WAIT, "USR2's line in the new file", || {
