@@ -151,11 +151,15 @@ struct DirHandle {
 #[derive(Debug)]
 enum StatusHandle {
     Snapshot(Arc<cache::Snapshot>),
-    Control,
+    /// The control file, with the unterminated end of a large write (see `write_control`).
+    Control(Mutex<Vec<u8>>),
 }
 
 /// The longest control line taken (a verb and a name of at most 255 bytes fit many times).
 pub const CONTROL_LINE_MAX: usize = 4096;
+/// A write to `control` at least this long that does not end with a newline keeps its last
+/// line for the next write (a block of a longer stream); a shorter one is complete.
+pub const CONTROL_BLOCK: usize = 4096;
 /// The largest write taken by `control`: well below the kernel's `max_write`, so a write is
 /// never split into two requests in the middle of a line.
 pub const CONTROL_WRITE_MAX: usize = 64 * 1024;
@@ -654,7 +658,7 @@ impl OverlayFs {
             return Err(Error::AccessDenied);
         }
         let handle = if control {
-            StatusHandle::Control
+            StatusHandle::Control(Mutex::new(Vec::new()))
         } else {
             let reader = if caller.uid == 0 { cache::Reader::Root } else { cache::Reader::Other };
             StatusHandle::Snapshot(self.cache.snapshot(f, reader).ok_or(Error::TooManySnapshots)?)
@@ -846,18 +850,26 @@ impl OverlayFs {
         Ok(backing::pwrite(h.file()?, offset, data)? as u32)
     }
 
-    /// Runs the commands of one write to `control`, in order. A write carries whole lines
-    /// (a last line without a newline is complete too: `printf 'pin X' > control` fails in
-    /// the shell, not silently at close); nothing is kept for the next write. The first
-    /// refused line fails the write with its errno, and the lines after it are not run. A
-    /// write over `CONTROL_WRITE_MAX` bytes or with a line over `CONTROL_LINE_MAX` bytes is
-    /// refused whole (`EINVAL`), before any of it runs.
+    /// Runs the commands of one write to `control`, in order. A small write carries whole
+    /// lines: a last line without a newline is complete too (`printf 'pin X' > control` fails
+    /// in the shell, not silently at close). A write of `CONTROL_BLOCK` bytes or more that
+    /// does not end with a newline is a block of a longer stream (`dd`, a buffered writer):
+    /// its last line is kept for the next write, or run at close — never cut into a shorter
+    /// name that may be another file. The first refused line fails the write with its errno,
+    /// the lines after it are not run, and nothing is kept. A write over `CONTROL_WRITE_MAX`
+    /// bytes or with a line over `CONTROL_LINE_MAX` bytes is refused whole (`EINVAL`), before
+    /// any of it runs.
     fn write_control(&self, s: &StatusHandle, data: &[u8]) -> Result<u32> {
-        if !matches!(s, StatusHandle::Control) {
+        let StatusHandle::Control(pending) = s else {
             return Err(Error::AccessDenied);
-        }
-        let lines: Vec<&[u8]> = data.split(|&b| b == b'\n').collect();
+        };
+        let mut pending = pending.lock();
+        let mut all = std::mem::take(&mut *pending);
+        all.extend_from_slice(data);
+        let keep_tail = data.len() >= CONTROL_BLOCK && !data.ends_with(b"\n");
+        let mut lines: Vec<&[u8]> = all.split(|&b| b == b'\n').collect();
         let longest = lines.iter().map(|l| l.len()).max().unwrap_or(0);
+        let tail = if keep_tail { lines.pop() } else { None };
         if data.len() > CONTROL_WRITE_MAX || longest > CONTROL_LINE_MAX {
             warn!(
                 "control: refused a write of {} bytes (lines of at most {CONTROL_LINE_MAX} \
@@ -873,6 +885,7 @@ impl OverlayFs {
             }
             self.control_line(line)?;
         }
+        *pending = tail.map(<[u8]>::to_vec).unwrap_or_default();
         Ok(data.len() as u32)
     }
 
@@ -885,9 +898,14 @@ impl OverlayFs {
     }
 
     pub fn flush(&self, fh: u64) -> Result<()> {
-        if self.status_handle(fh).is_some() {
-            // Control commands ran at `write`: nothing is left for the close.
-            return Ok(());
+        if let Some(s) = self.status_handle(fh) {
+            // The end of a block-wise stream of commands runs at close.
+            let StatusHandle::Control(pending) = &*s else { return Ok(()) };
+            let line = std::mem::take(&mut *pending.lock());
+            if line.iter().all(u8::is_ascii_whitespace) {
+                return Ok(());
+            }
+            return self.control_line(&line);
         }
         self.handle(fh).map(drop)
     }

@@ -819,6 +819,30 @@ fn control_errors_come_from_write_and_lines_never_glue() {
     drop(f);
     assert_eq!(state("swap_512"), "pinned", "the second write is a command of its own");
 
+    // Commands streamed in blocks (dd, a buffered writer): a line cut at a block's end is
+    // never run as a shorter name, which may be another file; it is completed by the next
+    // block, or run at close.
+    let resized = format!("{HASH2}_10");
+    fs::write(l.base.join(&resized), b"x\n").unwrap();
+    wait_sha1(&m, &resized);
+    let head = format!("pin {HASH2}");
+    let mut block = vec![b'\n'; 4096 - head.len()];
+    block.extend_from_slice(head.as_bytes());
+    let mut f = OpenOptions::new().write(true).open(&control).unwrap();
+    f.write_all(&block).unwrap();
+    assert_eq!(state(HASH2), "idle", "a line cut at the block's end ran");
+    f.write_all(b"_10\n").unwrap();
+    drop(f);
+    assert_eq!((state(HASH2).as_str(), state(&resized).as_str()), ("idle", "pinned"));
+    let tail = "unpin swap_512";
+    let mut block = vec![b'\n'; 4096 - tail.len()];
+    block.extend_from_slice(tail.as_bytes());
+    let mut f = OpenOptions::new().write(true).open(&control).unwrap();
+    f.write_all(&block).unwrap();
+    assert_eq!(state("swap_512"), "pinned", "kept for the next write");
+    drop(f);
+    assert_eq!(state("swap_512"), "idle", "the last line ran at close");
+
     // An over-long line: EINVAL, and none of the write runs.
     let long = format!("pin {HASH2}\npin {}\n", "x".repeat(5000));
     let e = fs::write(&control, long).unwrap_err();
