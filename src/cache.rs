@@ -266,6 +266,9 @@ pub const SHOWN_REFS_WAIT: Duration = Duration::from_millis(500);
 /// lock; without one in time the file stays (the disks may be on a hung filesystem).
 pub const DISKS_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long a rendering is handed again to non-root readers rather than made anew.
+pub const NON_ROOT_REUSE: Duration = Duration::from_secs(1);
+
 /// Bytes of distinct status-file snapshots that non-root readers can keep alive together
 /// (a `status.json` of 3,000 images is about 1.5 MB).
 pub const SNAPSHOT_BYTES_MAX: usize = 64 << 20;
@@ -313,13 +316,21 @@ pub struct RenderStamp {
 #[derive(Debug)]
 pub struct SnapshotStore {
     latest: HashMap<(VFile, Reader), (RenderStamp, Weak<Snapshot>)>,
+    /// The last rendering of each file for non-root readers, kept a moment whether or not a
+    /// handle holds it: they get it again rather than a new rendering (`NON_ROOT_REUSE`).
+    recent: HashMap<(VFile, Reader), (Instant, Arc<Snapshot>)>,
     ledger: Arc<AtomicUsize>,
     cap: usize,
 }
 
 impl SnapshotStore {
     pub fn new(cap: usize) -> Self {
-        SnapshotStore { latest: HashMap::new(), ledger: Arc::default(), cap }
+        SnapshotStore {
+            latest: HashMap::new(),
+            recent: HashMap::new(),
+            ledger: Arc::default(),
+            cap,
+        }
     }
 
     /// The live snapshot of `key` rendered at `stamp`, if there is one.
@@ -353,6 +364,19 @@ impl SnapshotStore {
         }
         self.latest.insert(key, (stamp, Arc::downgrade(&snap)));
         Some(snap)
+    }
+
+    /// A rendering of `key` made less than `age` ago, if one is kept.
+    pub fn recent(&self, key: (VFile, Reader), age: Duration) -> Option<Arc<Snapshot>> {
+        self.recent.get(&key).filter(|(at, _)| at.elapsed() < age).map(|(_, s)| s.clone())
+    }
+
+    /// Keeps `snap` as the recent rendering of `key` (older ones of other keys let go).
+    pub fn keep_recent(&mut self, key: (VFile, Reader), snap: Arc<Snapshot>, age: Duration) {
+        if self.recent.len() >= 256 {
+            self.recent.retain(|_, (at, _)| at.elapsed() < age);
+        }
+        self.recent.insert(key, (Instant::now(), snap));
     }
 
     /// Bytes of all snapshots alive.
@@ -828,7 +852,7 @@ impl Cache {
     }
     /// The stamp a rendering made now would have (reads no file).
     fn render_stamp(&self) -> RenderStamp {
-        let version = self.state.lock().version;
+        let version = self.state.lock().shown;
         let counters = status::counters_sum(&self.counters.lock());
         let referenced = self.disks.last_seq();
         RenderStamp {
@@ -855,12 +879,25 @@ impl Cache {
     /// `SNAPSHOT_BYTES_MAX` of snapshots, none of this file; the open fails (`EAGAIN`).
     pub fn snapshot(&self, file: VFile, reader: Reader) -> Option<Arc<Snapshot>> {
         let key = (file, reader);
+        let capped = reader != Reader::Root;
+        if capped {
+            // Any user may open status files in a loop: for them a rendering is made at most
+            // once per `NON_ROOT_REUSE` per file, whatever changed meanwhile.
+            if let Some(s) = self.snapshots.lock().recent(key, NON_ROOT_REUSE) {
+                return Some(s);
+            }
+        }
         let now = self.render_stamp();
         if let Some(s) = self.snapshots.lock().reuse(key, now) {
             return Some(s);
         }
         let (bytes, stamp) = self.render_as(file, reader);
-        self.snapshots.lock().admit(key, stamp, bytes, reader != Reader::Root)
+        let mut store = self.snapshots.lock();
+        let snap = store.admit(key, stamp, bytes, capped);
+        if let (true, Some(s)) = (capped, &snap) {
+            store.keep_recent(key, s.clone(), NON_ROOT_REUSE);
+        }
+        snap
     }
 
     /// Bytes of status-file snapshots alive.
@@ -889,7 +926,7 @@ impl Cache {
             let counters = self.counters.lock();
             let persisted = self.persisted(state.version);
             let stamp = RenderStamp {
-                version: state.version,
+                version: state.shown,
                 counters: status::counters_sum(&counters),
                 writes: persisted.writes,
                 referenced: referenced_gen,

@@ -349,6 +349,8 @@ pub struct CacheState {
     saved: HashMap<OsString, Saved>,
     /// Bumped on every change worth persisting.
     pub version: u64,
+    /// Bumped on every change a status file shows (those, and opens).
+    pub shown: u64,
     /// Inodes evicted while the kernel may still hold a stale entry for them: an open that
     /// arrives late gets `ENOENT`. Cleared when the number names a file again.
     evicted: std::collections::HashSet<u64>,
@@ -388,6 +390,7 @@ impl CacheState {
 
     fn changed(&mut self) {
         self.version += 1;
+        self.shown += 1;
     }
 
     /// A regular file seen under `name` in the cache directory (lookup, create, rename, start).
@@ -494,6 +497,7 @@ impl CacheState {
                     img.begin_write();
                 }
                 img.opens.insert(fh, OpenRef { holder, write, since: now });
+                self.shown += 1;
                 self.fh_ino.insert(fh, ino);
                 RefEffect::None
             }

@@ -373,3 +373,26 @@ fn create_of_a_name_that_exists_behind_the_mount_is_not_handed_over() {
     core.release(fh).unwrap();
     assert_eq!(fs::metadata(w.base().join("mine")).unwrap().uid(), 65534);
 }
+
+/// Status files for non-root readers are rendered at most once a second per file, whatever
+/// changes meanwhile (any user may open them in a loop); root always gets the state of now.
+#[test]
+fn non_root_readers_get_a_rendering_at_most_once_a_second() {
+    use imagecachefs::cache::{Reader, VFile};
+    let w = World::new(&[ORIG]);
+    let c = w.open(policy(), None);
+    let first = c.snapshot(VFile::StatusJson, Reader::Other).unwrap();
+    let o = ino(&c, ORIG);
+    assert!(c.opened(o, 1, 1, false));
+    c.released(1, None);
+    let again = c.snapshot(VFile::StatusJson, Reader::Other).unwrap();
+    assert!(Arc::ptr_eq(&first, &again), "a second rendering within the second");
+    drop((first, again));
+    let kept = c.snapshot(VFile::StatusJson, Reader::Other).unwrap();
+    assert!(!kept.bytes().is_empty(), "kept while no handle holds it");
+    let root = c.snapshot(VFile::StatusJson, Reader::Root).unwrap();
+    assert!(!Arc::ptr_eq(&kept, &root));
+    assert!(c.opened(o, 2, 1, false));
+    let root2 = c.snapshot(VFile::StatusJson, Reader::Root).unwrap();
+    assert!(!Arc::ptr_eq(&root, &root2), "root sees every change");
+}
