@@ -216,16 +216,51 @@ fn expand(ini: &Ini, text: &str, depth: usize) -> Result<String, String> {
             .map(|v| v.text.as_str())
             .ok_or_else(|| format!("{text:?} refers to ${name}, which this file does not set"))?;
         out.push_str(&expand(ini, value, depth + 1)?);
+        if out.len() > EXPANDED_MAX {
+            return Err(format!(
+                "{}: substitutions expand to more than {EXPANDED_MAX} bytes",
+                crate::text::excerpt(text.as_bytes(), 80)
+            ));
+        }
         rest = after;
     }
     out.push_str(rest);
     Ok(out)
 }
 
+/// The longest value substitutions may expand to (a path is at most 4096 bytes).
+const EXPANDED_MAX: usize = 64 * 1024;
+/// The largest nova.conf read (Nova's own sample with every option is about 400 KiB).
+const FILE_MAX: u64 = 4 << 20;
+
+/// A regular file of at most `FILE_MAX` bytes (not a FIFO, which would block, nor a device
+/// that never ends).
+fn read_bounded(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    if meta.len() > FILE_MAX {
+        return Err(std::io::Error::other(format!("larger than {FILE_MAX} bytes")));
+    }
+    let mut bytes = Vec::new();
+    file.take(FILE_MAX + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > FILE_MAX {
+        return Err(std::io::Error::other(format!("larger than {FILE_MAX} bytes")));
+    }
+    Ok(bytes)
+}
+
 /// Reads and parses a nova.conf; a file that cannot be read is an error on line 0.
 pub fn load(path: &Path) -> Result<NovaImageCache, ConfError> {
     let error = |line, message| ConfError { path: path.to_path_buf(), line, message };
-    let bytes = std::fs::read(path).map_err(|e| error(0, format!("cannot read: {e}")))?;
+    let bytes = read_bounded(path).map_err(|e| error(0, format!("cannot read: {e}")))?;
     let text = String::from_utf8(bytes).map_err(|e| {
         let valid = &e.as_bytes()[..e.utf8_error().valid_up_to()];
         error(1 + valid.iter().filter(|&&b| b == b'\n').count(), "not valid UTF-8".to_owned())
@@ -433,6 +468,34 @@ lock_path = /var/lib/nova/tmp
         let (line, msg) = err("[DEFAULT]\n\ninstances_path = $state_path/instances\n");
         assert_eq!(line, 3);
         assert!(msg.contains("$state_path"), "{msg}");
+    }
+
+    #[test]
+    fn a_substitution_bomb_is_refused_quickly() {
+        let mut text = String::from("[DEFAULT]\nx0 = aaaaaaaaaaaaaaaa\n");
+        for i in 1..4 {
+            text.push_str(&format!("x{i} = {}\n", format!("$x{} ", i - 1).repeat(1000)));
+        }
+        text.push_str("instances_path = $x3\n");
+        let started = std::time::Instant::now();
+        let (_, msg) = err(&text);
+        assert!(msg.contains("expand to more than"), "{msg}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    }
+
+    #[test]
+    fn only_a_regular_file_of_bounded_size_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo.conf");
+        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        for path in [fifo.as_path(), Path::new("/dev/zero")] {
+            let e = load(path).unwrap_err();
+            assert!(e.to_string().contains("not a regular file"), "{e}");
+        }
+        let big = dir.path().join("big.conf");
+        std::fs::write(&big, vec![b'#'; (FILE_MAX + 1) as usize]).unwrap();
+        assert!(load(&big).unwrap_err().to_string().contains("larger than"));
     }
 
     #[test]
