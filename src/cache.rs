@@ -169,6 +169,10 @@ pub fn parse_command(line: &[u8]) -> Result<Command, ControlError> {
     }
     let (verb, name) = match line.iter().position(|&b| b == b' ') {
         Some(i) => (&line[..i], &line[i + 1..]),
+        // A known verb without a name: the name is what is missing.
+        None if [&b"pin"[..], b"unpin", b"verify", b"evict"].contains(&line) => {
+            return Err(ControlError::BadName)
+        }
         None => return Err(bad(line)),
     };
     if name.is_empty() || name == b"." || name == b".." || name.contains(&b'/') || name.contains(&0)
@@ -218,6 +222,8 @@ pub struct Cache {
     /// The instance disks' backing-file names, read on a thread of their own (they may sit
     /// on a filesystem that hangs).
     disks: crate::disks::Disks,
+    /// Free space is below the `--min-free` target and what may go has gone (said once).
+    pub pressure_short: std::sync::atomic::AtomicBool,
     /// Status-file snapshots alive. Memory only under it; taken after the state lock is
     /// released, never before it.
     snapshots: Mutex<SnapshotStore>,
@@ -427,6 +433,7 @@ impl Cache {
             saved_at: AtomicU64::new(0),
             writes: AtomicU64::new(0),
             disks,
+            pressure_short: Default::default(),
             snapshots: Mutex::new(SnapshotStore::new(SNAPSHOT_BYTES_MAX)),
             queue: Mutex::new(Queue::new()),
             due: Condvar::new(),
@@ -1163,7 +1170,7 @@ mod tests {
         assert_eq!(parse_command(b"unmount\n"), Ok(Command::Unmount));
         assert!(matches!(parse_command(b"unmount x"), Err(ControlError::BadCommand(_))));
         assert!(matches!(parse_command(b"remove x"), Err(ControlError::BadCommand(_))));
-        assert!(matches!(parse_command(b"pin"), Err(ControlError::BadCommand(_))));
+        assert_eq!(parse_command(b"pin"), Err(ControlError::BadName));
         assert_eq!(parse_command(b"pin ../x"), Err(ControlError::BadName));
         assert_eq!(parse_command(b"pin a/b"), Err(ControlError::BadName));
         assert_eq!(parse_command(b"pin .."), Err(ControlError::BadName));

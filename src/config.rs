@@ -50,7 +50,8 @@ impl MinFree {
         if let Some(p) = s.strip_suffix('%') {
             let v: f64 = p.trim().parse().map_err(|_| bad())?;
             return if (0.0..100.0).contains(&v) {
-                Ok(MinFree::Percent(v))
+                // `-0` is 0 (adding 0.0 turns the negative zero into the positive one).
+                Ok(MinFree::Percent(v + 0.0))
             } else {
                 Err(format!("{s:?} is not a percentage from 0 up to (not including) 100"))
             };
@@ -174,6 +175,8 @@ mod tests {
         assert_eq!(MinFree::parse("20G"), Ok(MinFree::Bytes(20 << 30)));
         assert_eq!(MinFree::parse("512m"), Ok(MinFree::Bytes(512 << 20)));
         assert_eq!(MinFree::parse("4096"), Ok(MinFree::Bytes(4096)));
+        let Ok(MinFree::Percent(zero)) = MinFree::parse("-0%") else { panic!("-0% is 0%") };
+        assert!(zero.is_sign_positive(), "shown as 0%, not -0%");
         assert_eq!(MinFree::parse("15%"), Ok(MinFree::Percent(15.0)));
         for bad in ["", "G", "12X", "-1", "100%", "200%", "-5%", "nan%", "inf%", "abc%", "8388608T"]
         {

@@ -49,10 +49,24 @@ pub struct Disks {
 impl Disks {
     /// Starts the thread that reads the disks under `instances` for names in `cache_dir`.
     pub fn spawn(instances: PathBuf, cache_dir: PathBuf) -> Self {
+        // A failure is logged when it starts or changes, not at every read.
+        let last = std::sync::Mutex::new(String::new());
         Self::spawn_with(move || {
-            crate::guard::backing_names(&instances, &cache_dir).inspect_err(|e| {
-                log::warn!("reading instance disks under {}: {e}", instances.display())
-            })
+            let read = crate::guard::backing_names(&instances, &cache_dir);
+            let now = read.as_ref().err().map(|e| e.to_string()).unwrap_or_default();
+            let mut last = last.lock().unwrap_or_else(|p| p.into_inner());
+            if *last != now {
+                match &read {
+                    Err(e) => {
+                        log::warn!("reading instance disks under {}: {e}", instances.display())
+                    }
+                    Ok(_) => {
+                        log::info!("instance disks under {} readable again", instances.display())
+                    }
+                }
+                *last = now;
+            }
+            read
         })
     }
 

@@ -72,6 +72,8 @@ pub enum Refused {
     Linked,
     /// This daemon's mount was detached: it no longer decides.
     Detached,
+    /// Another eviction of the same file (the eviction thread's, an operator's) is under way.
+    InProgress,
 }
 
 impl Refused {
@@ -85,6 +87,7 @@ impl Refused {
             Refused::HoldersUnknown => "processes holding it could not all be checked",
             Refused::Linked => "it has another name (hard link)",
             Refused::Detached => "this daemon no longer owns the mount",
+            Refused::InProgress => "another eviction of it is under way",
         }
     }
 
@@ -104,6 +107,7 @@ impl Refused {
             Refused::HoldersUnknown => "holders_unknown",
             Refused::Linked => "linked",
             Refused::Detached => "detached",
+            Refused::InProgress => "in_progress",
         }
     }
 }
@@ -130,20 +134,22 @@ pub fn try_evict(
     let _lock = match guard::try_nova_lock(&cache.settings.instances_dir, &name) {
         Ok(LockResult::Taken(l)) => l,
         Ok(LockResult::Busy) => return Err(Refused::NovaLock),
+        Ok(LockResult::HeldHere) => return Err(Refused::InProgress),
         Err(e) => {
-            warn!("evicting {}: nova lock file: {e}", shown(&name));
+            // Logged with the refusal, once per reason; the details only at debug.
+            log::debug!("evicting {}: nova lock file: {e}", shown(&name));
             return Err(Refused::LockError);
         }
     };
     let referenced = cache
         .referenced()
         .map_err(|e| {
-            warn!("evicting {}: {e}", shown(&name));
+            log::debug!("evicting {}: {e}", shown(&name));
             Refused::GuardError
         })?
         .contains(&name);
     cache.refresh_outside(Some(&[ino])).map_err(|e| {
-        warn!("evicting {}: {e}", shown(&name));
+        log::debug!("evicting {}: {e}", shown(&name));
         Refused::HoldersUnknown
     })?;
     let now = cache.now();
@@ -275,7 +281,7 @@ pub fn run_once(cache: &Cache) -> usize {
             // A release or an unpin schedules the file again; nothing to retry.
             Err(Refused::Blocked(Blocker::InUse | Blocker::Writing | Blocker::Pinned)) => {}
             Err(Refused::Blocked(Blocker::NotDue)) => cache.schedule(ino),
-            Err(Refused::Vanished | Refused::Detached) => {}
+            Err(Refused::Vanished | Refused::Detached | Refused::InProgress) => {}
             Err(why) => {
                 record_refusal(cache, ino, why, false);
                 // Nothing announces that a lock was dropped, an instance deleted or a process
@@ -309,6 +315,9 @@ pub fn relieve_pressure(cache: &Cache) -> usize {
     let target = min_free.bytes(total);
     let mut free = vfs.f_bavail * vfs.f_frsize;
     if free >= target {
+        if cache.pressure_short.swap(false, std::sync::atomic::Ordering::Relaxed) {
+            info!("free space {free} bytes meets the --min-free target {target} again");
+        }
         return 0;
     }
     let mut candidates: Vec<(SystemTime, u64)> = {
@@ -331,8 +340,14 @@ pub fn relieve_pressure(cache: &Cache) -> usize {
             free += size;
         }
     }
-    if free < target {
-        warn!("free space {free} bytes is still below the --min-free target {target}: the rest is needed");
+    // Said when it starts and when it ends, not at every check.
+    let short = free < target;
+    if cache.pressure_short.swap(short, std::sync::atomic::Ordering::Relaxed) != short {
+        if short {
+            warn!("free space {free} bytes is still below the --min-free target {target}: the rest is needed");
+        } else {
+            info!("free space {free} bytes meets the --min-free target {target} again");
+        }
     }
     evicted
 }

@@ -179,8 +179,10 @@ impl Drop for NovaLock {
 pub enum LockResult {
     /// The lock is ours until the [`NovaLock`] is dropped.
     Taken(NovaLock),
-    /// Another process (Nova creating, copying from or removing the file) or this one holds it.
+    /// Another process (Nova creating, copying from or removing the file) holds it.
     Busy,
+    /// This process holds it already (another eviction of the same file is under way).
+    HeldHere,
 }
 
 /// Nova's external lock for a cache file: `<instances_dir>/locks/nova-<name>`, taken with
@@ -203,7 +205,7 @@ pub fn try_nova_lock(instances_dir: &Path, name: &OsStr) -> io::Result<LockResul
     file_name.push(name);
     let path = locks.path.join(file_name);
     if !held().insert(path.clone()) {
-        return Ok(LockResult::Busy);
+        return Ok(LockResult::HeldHere);
     }
     match lock_file(&path, &locks) {
         Ok(Some(file)) => Ok(LockResult::Taken(NovaLock { file: Some(file), path })),
@@ -1119,7 +1121,7 @@ mod tests {
         drop(holder);
         let lock = match try_nova_lock(tmp.path(), name(HASH_A)).unwrap() {
             LockResult::Taken(lock) => lock,
-            LockResult::Busy => panic!("busy after the holder was killed"),
+            LockResult::Busy | LockResult::HeldHere => panic!("busy after the holder was killed"),
         };
         assert_eq!(lock.path(), fs::canonicalize(&path).unwrap());
         drop(lock);
@@ -1147,7 +1149,7 @@ mod tests {
         };
         // Another spelling of the same directory is the same lock file.
         let spelled = tmp.path().join(".");
-        assert!(matches!(try_nova_lock(&spelled, name(HASH_A)).unwrap(), LockResult::Busy));
+        assert!(matches!(try_nova_lock(&spelled, name(HASH_A)).unwrap(), LockResult::HeldHere));
         // The refused attempt opened nothing, so the first lock still excludes Nova.
         assert!(!nova_can_lock(&tmp.path().join("locks").join(format!("nova-{HASH_A}"))));
         assert!(matches!(try_nova_lock(tmp.path(), name(HASH_B)).unwrap(), LockResult::Taken(_)));

@@ -228,6 +228,22 @@ pub fn mount_command(cfg: MountConfig, verbose: u8) -> i32 {
     }
 }
 
+/// Said once the mount is live, while a terminal still reads it: a background daemon with no
+/// `--log-file` logs to syslog, and where no one listens its log is lost.
+fn warn_if_no_syslog(cfg: &MountConfig) {
+    if cfg.log_file.is_some() {
+        return;
+    }
+    let socket = std::env::var_os(SYSLOG_SOCKET_ENV).unwrap_or_else(|| SYSLOG_SOCKET.into());
+    if std::fs::symlink_metadata(&socket).is_err() {
+        eprintln!(
+            "imagecachefs: warning: no syslog socket at {}: the daemon's log is lost; give \
+             --log-file",
+            Path::new(&socket).display()
+        );
+    }
+}
+
 /// Starts the daemon as a detached child and waits until it reports the mount live.
 fn start_background(cfg: &MountConfig) -> i32 {
     let mut fds = [0; 2];
@@ -277,7 +293,10 @@ fn start_background(cfg: &MountConfig) -> i32 {
     let mut msg = String::new();
     let _ = (&rd).take(4096).read_to_string(&mut msg);
     match msg.lines().next() {
-        Some("ok") => 0,
+        Some("ok") => {
+            warn_if_no_syslog(cfg);
+            0
+        }
         Some(line) => {
             eprintln!("imagecachefs: {line}");
             1
@@ -435,10 +454,7 @@ fn serve(cfg: &MountConfig, on_ready: impl FnOnce()) -> Result<(), Refusal> {
         );
     }
     let policy = crate::state::Policy { shared: shared.clone(), ..cfg.policy.clone() };
-    let instances_dir = cfg
-        .instances_dir
-        .clone()
-        .unwrap_or_else(|| dir.parent().map(Path::to_path_buf).unwrap_or_else(|| "/".into()));
+    let instances_dir = instances_dir_of(cfg, &dir);
     let instances_dir_shown = instances_dir.clone();
     let settings = Settings {
         cache_dir: dir.clone(),
@@ -625,12 +641,22 @@ fn spawn_mount_watch(id: u64, cache: Arc<Cache>) {
 /// `imagecachefs mount DIR --check`: the configuration parsed (flags, nova.conf, bounds,
 /// instances directory), printed as the `config` status file would show it; nothing mounted.
 pub fn check_command(cfg: &MountConfig) -> i32 {
+    let dir = mount::absolute(&cfg.dir).unwrap_or_else(|_| cfg.dir.clone());
+    let shown = MountConfig { instances_dir: Some(instances_dir_of(cfg, &dir)), ..cfg.clone() };
     let mut out = String::new();
-    for (k, v) in cfg.pairs() {
+    for (k, v) in shown.pairs() {
         out.push_str(&format!("{k}: {v}\n"));
     }
     let _ = std::io::stdout().write_all(out.as_bytes());
     0
+}
+
+/// Where instance directories are: `--instances-dir` (or nova.conf's), else the cache
+/// directory's parent (`dir` absolute).
+fn instances_dir_of(cfg: &MountConfig, dir: &Path) -> PathBuf {
+    cfg.instances_dir
+        .clone()
+        .unwrap_or_else(|| dir.parent().map(Path::to_path_buf).unwrap_or_else(|| "/".into()))
 }
 
 /// `dir` made absolute; a path that does not exist (and is no mount) is refused as such.

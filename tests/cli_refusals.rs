@@ -488,3 +488,14 @@ fn mount_check_prints_the_configuration_and_mounts_nothing() {
     assert!(mounts_at(&s.base).is_empty(), "--check mounts nothing");
     assert!(daemon_pids(&s.base).is_empty(), "--check starts no daemon");
 }
+
+/// `mount --check` shows the configuration the daemon would run with, instances directory
+/// included (the cache directory's parent by default), as the live `config` does.
+#[test]
+fn check_shows_the_default_instances_directory() {
+    let s = Scratch::new();
+    let (code, out, err) = icfs(&["mount".as_ref(), s.base.as_os_str(), "--check".as_ref()]);
+    assert_eq!(code, 0, "{err}");
+    let want = format!("instances_dir: {}\n", s.tmp.path().display());
+    assert!(out.contains(&want), "{out}");
+}
