@@ -255,6 +255,12 @@ if [ -z "$bin" ]; then
     fail "imagecachefs is not on PATH (install it, or set IMAGECACHEFS_BIN): its configuration check did not run"
 elif why=$("${check[@]}" 2>&1 >/dev/null); then
     ok "imagecachefs mount --check accepts the configuration"
+    # Shared storage (NFS, CephFS, GlusterFS, ...): the daemon evicts nothing there.
+    shown=$("${check[@]}" 2>/dev/null || true)
+    if printf '%s\n' "$shown" | grep -qx 'storage: shared'; then
+        fs=$(printf '%s\n' "$shown" | sed -n 's/^filesystem: //p')
+        warn "${dir:-$cache_dir} is on shared storage ($fs): imagecachefs will evict nothing there (--storage local if only this host uses it)"
+    fi
 else
     fail "imagecachefs refuses the configuration: ${why#imagecachefs: }"
 fi

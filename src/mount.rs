@@ -262,13 +262,18 @@ pub fn unmount(dir: &Path) -> Result<(), Refusal> {
     }
 }
 
-/// The mount the covered directory lives on (read before our mount covers it).
-pub fn covered_mount(p: &Prepared) -> Option<MountInfo> {
+/// The mount type (mountinfo's `fstype`, empty if unknown) and `statfs` magic of the
+/// filesystem `fd` (a directory opened before our mount covers it) lives on.
+pub fn filesystem_of(fd: std::os::fd::BorrowedFd<'_>) -> (String, i64) {
     use std::os::fd::AsRawFd;
-    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", p.dir_fd.as_raw_fd()));
-    let id = crate::procfs::parse_fdinfo(&info.ok()?).mnt?;
-    let text = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    parse_mountinfo(&text).into_iter().find(|m| m.id == id)
+    let magic = backing::statfs_type(fd).unwrap_or(0);
+    let fstype = (|| {
+        let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd()));
+        let id = crate::procfs::parse_fdinfo(&info.ok()?).mnt?;
+        let text = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+        parse_mountinfo(&text).into_iter().find(|m| m.id == id).map(|m| m.fstype)
+    })();
+    (fstype.unwrap_or_default(), magic)
 }
 
 /// Filesystem types whose files other hosts may see and change (network and cluster
@@ -314,11 +319,6 @@ pub fn shared_kind(fstype: &str, magic: i64) -> Option<String> {
         return Some(if fstype.is_empty() { format!("magic {magic:#x}") } else { fstype.into() });
     }
     None
-}
-
-/// Keeps the directory fd's filesystem type for the passthrough stacking decision.
-pub fn covered_fs_type(p: &Prepared) -> i64 {
-    backing::statfs_type(p.dir_fd.as_fd()).unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -645,3 +645,31 @@ fn try_it_runs_the_whole_tour_and_leaves_nothing_behind() {
         "the tour's daemon is still running"
     );
 }
+
+/// A cache directory on shared storage (a FUSE filesystem: another imagecachefs stands in
+/// for a cluster client) is a warning: the daemon would evict nothing there.
+#[test]
+fn preflight_warns_about_shared_storage() {
+    let s = Scratch::new();
+    let outer = Mount::new(&s.base, &["--no-evict"]);
+    let dir = s.base.join("instances/_base");
+    fs::create_dir_all(&dir).unwrap();
+    let conf = good_nova_conf(&s);
+    let (code, out, err) = run_timeout(
+        Command::new(script("preflight.sh"))
+            .arg("--cache-dir")
+            .arg(&dir)
+            .arg("--nova-conf")
+            .arg(&conf)
+            .env("IMAGECACHEFS_BIN", bin()),
+        Duration::from_secs(30),
+    );
+    let ctx = format!("exit {code}\nstdout: {out}\nstderr: {err}");
+    assert_eq!(code, 0, "{ctx}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("warn") && l.contains("shared storage (fuse.imagecachefs)")),
+        "{ctx}"
+    );
+    drop(outer);
+}
