@@ -1053,9 +1053,12 @@ impl Cache {
         let result = match &cmd {
             Command::Pin(n) | Command::Unpin(n) => {
                 let pin = matches!(cmd, Command::Pin(_));
+                let was = self.state.lock().by_name(n).map(|i| i.pinned);
                 if self.state.lock().set_pin(n, pin, now) {
-                    let shown = crate::text::escape(n.as_bytes());
-                    info!("{} {shown}", if pin { "pinned" } else { "unpinned" });
+                    if was != Some(pin) {
+                        let shown = crate::text::escape(n.as_bytes());
+                        info!("{} {shown}", if pin { "pinned" } else { "unpinned" });
+                    }
                     if !pin {
                         self.schedule(self.ino_of(n).unwrap_or(0));
                     }

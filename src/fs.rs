@@ -794,7 +794,17 @@ impl OverlayFs {
 
     /// Drops a handle; the last one of an inode closes its backing id.
     pub fn release(&self, fh: u64) -> Result<()> {
-        if self.status.write().remove(&fh).is_some() {
+        let status = self.status.write().remove(&fh);
+        if let Some(s) = status {
+            // The end of a block-wise stream of commands runs when the file is closed for
+            // good (its last descriptor: not at each `close` of a dup or a child's copy).
+            if let StatusHandle::Control(pending) = &*s {
+                let line = std::mem::take(&mut *pending.lock());
+                if !line.iter().all(u8::is_ascii_whitespace) {
+                    // Refusals are logged; a release has no caller left to tell.
+                    let _ = self.control_line(&line);
+                }
+            }
             return Ok(());
         }
         let h = self.handles.write().remove(&fh).ok_or(Error::BadHandle(fh))?;
@@ -854,8 +864,9 @@ impl OverlayFs {
     /// lines: a last line without a newline is complete too (`printf 'pin X' > control` fails
     /// in the shell, not silently at close). A write of `CONTROL_BLOCK` bytes or more that
     /// does not end with a newline is a block of a longer stream (`dd`, a buffered writer):
-    /// its last line is kept for the next write, or run at close — never cut into a shorter
-    /// name that may be another file. The first refused line fails the write with its errno,
+    /// its last line is kept for the next write, or run when the file is released (its last
+    /// descriptor closed; a refusal then is only logged) — never cut into a shorter name that
+    /// may be another file. The first refused line fails the write with its errno,
     /// the lines after it are not run, and nothing is kept. A write over `CONTROL_WRITE_MAX`
     /// bytes or with a line over `CONTROL_LINE_MAX` bytes is refused whole (`EINVAL`), before
     /// any of it runs.
@@ -898,14 +909,10 @@ impl OverlayFs {
     }
 
     pub fn flush(&self, fh: u64) -> Result<()> {
-        if let Some(s) = self.status_handle(fh) {
-            // The end of a block-wise stream of commands runs at close.
-            let StatusHandle::Control(pending) = &*s else { return Ok(()) };
-            let line = std::mem::take(&mut *pending.lock());
-            if line.iter().all(u8::is_ascii_whitespace) {
-                return Ok(());
-            }
-            return self.control_line(&line);
+        if self.status_handle(fh).is_some() {
+            // A control line kept from a large write runs at release, not at each `close`:
+            // a dup or a child's copy closing must not run half a command.
+            return Ok(());
         }
         self.handle(fh).map(drop)
     }

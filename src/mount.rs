@@ -243,22 +243,61 @@ pub fn unmount(dir: &Path) -> Result<(), Refusal> {
         Found::Plain => refuse(format!("{shown} is not an imagecachefs mount")),
         Found::Live => {
             // The daemon stops itself (writing its state a last time); if it does not answer
-            // in time, the mount is detached from here.
+            // in time, the mount is detached from here — only if it is still the same mount:
+            // another unmount may have detached it meanwhile, and what lies under it (a bind
+            // mount of the directory, the filesystem itself) is not ours to detach.
             let before = top_mount(&mp).map(|m| m.id);
-            let asked = OpenOptions::new()
-                .write(true)
-                .open(abs.join(".imagecache/control"))
-                .and_then(|mut f| std::io::Write::write_all(&mut f, b"unmount\n"));
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-            while asked.is_ok() && std::time::Instant::now() < deadline {
-                if top_mount(&mp).map(|m| m.id) != before {
-                    return Ok(());
+            let wait = std::time::Duration::from_secs(10);
+            let deadline = std::time::Instant::now() + wait;
+            if ask_to_stop(&abs, wait) {
+                while std::time::Instant::now() < deadline {
+                    if top_mount(&mp).map(|m| m.id) != before {
+                        return Ok(());
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(10));
                 }
-                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            if top_mount(&mp).map(|m| m.id) != before {
+                return Ok(());
             }
             detach(&mp).map_err(|e| Refusal(format!("detaching {shown}: {e}")))
         }
         Found::Stale => detach(&mp).map_err(|e| Refusal(format!("detaching {shown}: {e}"))),
+    }
+}
+
+/// Writes `unmount` to the daemon's control file from a child process, and says whether it
+/// was taken within `timeout`. A child, because the write may never return (the daemon busy
+/// on a hung filesystem): a stuck child is left behind, never this command.
+fn ask_to_stop(dir: &Path, timeout: std::time::Duration) -> bool {
+    let Ok(control) = CString::new(dir.join(".imagecache/control").as_os_str().as_bytes()) else {
+        return false;
+    };
+    const LINE: &[u8] = b"unmount\n";
+    // SAFETY: the child makes only async-signal-safe calls (open, write, _exit) on memory
+    // prepared before the fork.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        unsafe {
+            let fd = libc::open(control.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+            let ok =
+                fd >= 0 && libc::write(fd, LINE.as_ptr().cast(), LINE.len()) == LINE.len() as isize;
+            libc::_exit(if ok { 0 } else { 1 });
+        }
+    }
+    if pid < 0 {
+        return false;
+    }
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let mut status = 0;
+        if unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } == pid {
+            return libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0;
+        }
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
     }
 }
 

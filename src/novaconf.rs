@@ -168,12 +168,12 @@ pub fn parse(text: &str, path: &Path) -> Result<NovaImageCache, ConfError> {
     // from [DEFAULT], and refuse (naming the line) what the file cannot resolve, since a wrong
     // instances path would leave the backing-file guard looking in the wrong place.
     let instances_path = match ini.get(INSTANCES_PATH) {
-        Some((_, v)) => Some(expand(&ini, &v.text, 0).map_err(|m| error((v.line, m)))?),
+        Some((_, v)) => Some(expand_value(&ini, &v.text).map_err(|m| error((v.line, m)))?),
         None => None,
     };
     // The subdirectory name is only compared with the mounted directory: an unresolvable
     // `_base_$my_ip` (my_ip defaults to the host's address) skips that check.
-    let subdirectory_name = string(SUBDIRECTORY_NAME).and_then(|s| expand(&ini, &s, 0).ok());
+    let subdirectory_name = string(SUBDIRECTORY_NAME).and_then(|s| expand_value(&ini, &s).ok());
     Ok(NovaImageCache {
         remove_unused_base_images: remove_unused.ok().flatten(),
         original_min_age: original.ok().flatten(),
@@ -186,7 +186,14 @@ pub fn parse(text: &str, path: &Path) -> Result<NovaImageCache, ConfError> {
 
 /// oslo.config substitution: `$name` and `${name}` take the value of `name` in [DEFAULT]
 /// (itself expanded), `$$` is a literal `$`.
-fn expand(ini: &Ini, text: &str, depth: usize) -> Result<String, String> {
+fn expand_value(ini: &Ini, text: &str) -> Result<String, String> {
+    expand(ini, text, 0, &mut SUBSTITUTIONS_MAX.clone())
+}
+
+/// Substitutions one value may make, however nested (empty ones cost work, not bytes).
+const SUBSTITUTIONS_MAX: usize = 10_000;
+
+fn expand(ini: &Ini, text: &str, depth: usize, budget: &mut usize) -> Result<String, String> {
     if depth > 8 {
         return Err(format!("{text:?}: substitutions nest too deep"));
     }
@@ -215,7 +222,13 @@ fn expand(ini: &Ini, text: &str, depth: usize) -> Result<String, String> {
             .and_then(|keys| keys.get(name))
             .map(|v| v.text.as_str())
             .ok_or_else(|| format!("{text:?} refers to ${name}, which this file does not set"))?;
-        out.push_str(&expand(ini, value, depth + 1)?);
+        *budget = budget.checked_sub(1).ok_or_else(|| {
+            format!(
+                "{}: more than {SUBSTITUTIONS_MAX} substitutions",
+                crate::text::excerpt(text.as_bytes(), 80)
+            )
+        })?;
+        out.push_str(&expand(ini, value, depth + 1, budget)?);
         if out.len() > EXPANDED_MAX {
             return Err(format!(
                 "{}: substitutions expand to more than {EXPANDED_MAX} bytes",
@@ -468,6 +481,19 @@ lock_path = /var/lib/nova/tmp
         let (line, msg) = err("[DEFAULT]\n\ninstances_path = $state_path/instances\n");
         assert_eq!(line, 3);
         assert!(msg.contains("$state_path"), "{msg}");
+    }
+
+    #[test]
+    fn a_bomb_of_empty_substitutions_is_refused_quickly() {
+        let mut text = String::from("[DEFAULT]\nx0 =\n");
+        for i in 1..6 {
+            text.push_str(&format!("x{i} = {}\n", format!("$x{}", i - 1).repeat(200)));
+        }
+        text.push_str("instances_path = $x5\n");
+        let started = std::time::Instant::now();
+        let (_, msg) = err(&text);
+        assert!(msg.contains("substitutions"), "{msg}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
     }
 
     #[test]

@@ -572,3 +572,25 @@ fn a_holder_through_overlayfs_keeps_the_base() {
     let (code, _, err) = run(&mut evict_cmd(&n.dir, H1));
     assert_eq!(code, 0, "{err}");
 }
+
+/// Two `imagecachefs unmount` at once, with `_base` a mount of its own (a bind mount, as a
+/// separate filesystem for the cache would be): the overlay goes, the mount under it stays.
+#[test]
+fn two_unmounts_at_once_detach_only_the_overlay() {
+    for _ in 0..4 {
+        let s = Scratch::new();
+        let bind = common::BindMount::new(&s.base, &s.base);
+        let m = Mount::new(&s.base, &[]);
+        let unmount = || {
+            let dir = s.base.clone();
+            std::thread::spawn(move || run(Command::new(bin()).arg("unmount").arg(&dir)))
+        };
+        let (a, b) = (unmount(), unmount());
+        let (ra, rb) = (a.join().unwrap(), b.join().unwrap());
+        assert!(m.wait_exit(Duration::from_secs(10)).is_some_and(|s| s.success()));
+        let left = common::mounts_at(&s.base);
+        assert_eq!(left.len(), 1, "mounts left at the directory: {left:?}\n{ra:?}\n{rb:?}");
+        assert_ne!(left[0], "fuse.imagecachefs", "{left:?}");
+        drop(bind);
+    }
+}
