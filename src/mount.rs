@@ -48,6 +48,10 @@ pub fn absolute(dir: &Path) -> io::Result<PathBuf> {
 /// Where a mount over `dir` lands, and the mount table names it: `dir` itself, or where it
 /// leads if it is a symlink (a symlink is never a mount point; `mount(2)` follows it).
 pub fn mount_point(dir: &Path) -> PathBuf {
+    // A mount point is no symlink; and looking at it would ask its daemon.
+    if top_mount(dir).is_some() {
+        return dir.to_path_buf();
+    }
     let is_link = std::fs::symlink_metadata(dir).is_ok_and(|m| m.file_type().is_symlink());
     match is_link.then(|| dir.canonicalize()) {
         Some(Ok(target)) => target,
@@ -234,36 +238,55 @@ pub fn detach(dir: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// Detaches the mount `id` at `dir`, and no other: the mount is pinned by a descriptor on its
+/// root (checked to be that mount), and the detach names the descriptor, so a mount that
+/// replaced it on top meanwhile, or lies under it, is never the one detached.
+fn detach_exactly(dir: &Path, id: Option<u64>) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let c = CString::new(dir.as_os_str().as_bytes())
+        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let fd = backing::open_dir_path(&c)?;
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd()))?;
+    if crate::procfs::parse_fdinfo(&info).mnt != id {
+        return Ok(()); // not ours any more: detached by someone else
+    }
+    let by_fd = CString::new(format!("/proc/self/fd/{}", fd.as_raw_fd())).expect("no NUL");
+    if unsafe { libc::umount2(by_fd.as_ptr(), libc::MNT_DETACH) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// `imagecachefs unmount DIR`.
 pub fn unmount(dir: &Path) -> Result<(), Refusal> {
     let shown = dir.display();
     let abs = absolute(dir).map_err(|e| Refusal(format!("{shown}: {e}")))?;
     let mp = mount_point(&abs);
-    match probe(&abs) {
-        Found::Plain => refuse(format!("{shown} is not an imagecachefs mount")),
-        Found::Live => {
-            // The daemon stops itself (writing its state a last time); if it does not answer
-            // in time, the mount is detached from here — only if it is still the same mount:
-            // another unmount may have detached it meanwhile, and what lies under it (a bind
-            // mount of the directory, the filesystem itself) is not ours to detach.
-            let before = top_mount(&mp).map(|m| m.id);
-            let wait = std::time::Duration::from_secs(10);
-            let deadline = std::time::Instant::now() + wait;
-            if ask_to_stop(&abs, wait) {
-                while std::time::Instant::now() < deadline {
-                    if top_mount(&mp).map(|m| m.id) != before {
-                        return Ok(());
-                    }
-                    std::thread::sleep(std::time::Duration::from_millis(10));
-                }
-            }
+    // Nothing here looks inside the mount itself (no stat, no statfs): its daemon may be
+    // stopped or hung, which is when an unmount is needed most.
+    let ours = |m: &MountInfo| m.fstype == FSTYPE;
+    let Some(before) = top_mount(&mp).filter(ours).map(|m| m.id) else {
+        return refuse(format!("{shown} is not an imagecachefs mount"));
+    };
+    let before = Some(before);
+    // The daemon stops itself (writing its state a last time); if it does not answer in
+    // time (dead, stopped, hung), the mount is detached from here — only if it is still the
+    // same mount: another unmount may have detached it meanwhile, and what lies under it (a
+    // bind mount of the directory, the filesystem itself) is not ours to detach.
+    let wait = std::time::Duration::from_secs(10);
+    let deadline = std::time::Instant::now() + wait;
+    if ask_to_stop(&abs, wait) {
+        while std::time::Instant::now() < deadline {
             if top_mount(&mp).map(|m| m.id) != before {
                 return Ok(());
             }
-            detach(&mp).map_err(|e| Refusal(format!("detaching {shown}: {e}")))
+            std::thread::sleep(std::time::Duration::from_millis(10));
         }
-        Found::Stale => detach(&mp).map_err(|e| Refusal(format!("detaching {shown}: {e}"))),
     }
+    if top_mount(&mp).filter(ours).map(|m| m.id) != before {
+        return Ok(());
+    }
+    detach_exactly(&mp, before).map_err(|e| Refusal(format!("detaching {shown}: {e}")))
 }
 
 /// Writes `unmount` to the daemon's control file from a child process, and says whether it

@@ -678,7 +678,11 @@ fn existing_absolute(dir: &Path) -> Result<PathBuf, String> {
         std::io::ErrorKind::NotFound => missing(),
         _ => format!("{}: {e}", dir.display()),
     })?;
-    // A dead mount answers ENOTCONN, not ENOENT: only a real absence is "does not exist".
+    // A mount point exists (and looking at it would ask its daemon, which may be hung); a
+    // dead mount answers ENOTCONN, not ENOENT: only a real absence is "does not exist".
+    if mount::top_mount(&mount::mount_point(&abs)).is_some() {
+        return Ok(abs);
+    }
     match std::fs::symlink_metadata(&abs) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(missing()),
         _ => Ok(abs),

@@ -577,7 +577,7 @@ fn a_holder_through_overlayfs_keeps_the_base() {
 /// separate filesystem for the cache would be): the overlay goes, the mount under it stays.
 #[test]
 fn two_unmounts_at_once_detach_only_the_overlay() {
-    for _ in 0..4 {
+    for _ in 0..8 {
         let s = Scratch::new();
         let bind = common::BindMount::new(&s.base, &s.base);
         let m = Mount::new(&s.base, &[]);
