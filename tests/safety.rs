@@ -594,3 +594,21 @@ fn two_unmounts_at_once_detach_only_the_overlay() {
         drop(bind);
     }
 }
+
+/// `imagecachefs unmount` of a mount whose daemon is stopped (as a hung one would be) looks
+/// at nothing inside the mount: after its 10 s wait it detaches the mount itself.
+#[test]
+fn unmount_of_a_stopped_daemon_detaches_it() {
+    let s = Scratch::new();
+    let m = Mount::new(&s.base, &[]);
+    unsafe { libc::kill(m.pid() as i32, libc::SIGSTOP) };
+    let cont = Continue(m.pid());
+    let started = Instant::now();
+    let (code, _, err) =
+        run_timeout(Command::new(bin()).arg("unmount").arg(&s.base), Duration::from_secs(40));
+    assert_eq!(code, 0, "{err}");
+    assert!(started.elapsed() < Duration::from_secs(30), "{:?}", started.elapsed());
+    assert!(common::mounts_at(&s.base).is_empty(), "{:?}", common::mounts_at(&s.base));
+    drop(cont);
+    assert!(m.wait_exit(Duration::from_secs(20)).is_some(), "the daemon did not exit");
+}
