@@ -811,6 +811,12 @@ impl Cache {
         self.disks.fresh(DISKS_TIMEOUT)
     }
 
+    /// Names the last read of the instance disks found as backing files (none read yet:
+    /// empty). A hint for choosing what to try; a decision always reads afresh.
+    pub fn last_referenced(&self) -> Arc<BTreeSet<OsString>> {
+        self.disks.last_names().unwrap_or_default()
+    }
+
     /// For a status file: re-derives holders outside the mount, if there are any, at most
     /// every few seconds (a /proc walk costs, and any user may open status files in a loop).
     fn refresh_outside_for_status(&self) {

@@ -152,6 +152,11 @@ impl Disks {
         g.last.clone()
     }
 
+    /// The names of the last read, if it succeeded (no read is asked for).
+    pub fn last_names(&self) -> Option<Arc<BTreeSet<OsString>>> {
+        self.shared.inner.lock().last.as_ref().and_then(|r| r.names.clone().ok())
+    }
+
     /// The sequence number of the last read (0: none yet).
     pub fn last_seq(&self) -> u64 {
         self.shared.inner.lock().last.as_ref().map_or(0, |r| r.seq)

@@ -320,11 +320,18 @@ pub fn relieve_pressure(cache: &Cache) -> usize {
         }
         return 0;
     }
+    // Each attempt takes Nova's lock, reads every instance disk and walks /proc: files that
+    // would be refused anyway (used too recently, or named by the last read of the disks)
+    // are not tried.
+    let now = cache.now();
+    let floor = cache.settings.pressure_min_age;
+    let referenced = cache.last_referenced();
     let mut candidates: Vec<(SystemTime, u64)> = {
         let state = cache.state.lock();
         state
             .images()
-            .filter(|i| i.refs() == 0 && !i.pinned)
+            .filter(|i| i.refs() == 0 && !i.pinned && i.age(now) >= floor)
+            .filter(|i| i.name.as_ref().is_some_and(|n| !referenced.contains(n)))
             .map(|i| (i.last_used, i.ino))
             .collect()
     };
@@ -334,8 +341,7 @@ pub fn relieve_pressure(cache: &Cache) -> usize {
         if free >= target {
             break;
         }
-        let floor = Some(cache.settings.pressure_min_age);
-        if let Ok(size) = try_evict(cache, ino, Reason::Pressure, floor) {
+        if let Ok(size) = try_evict(cache, ino, Reason::Pressure, Some(floor)) {
             evicted += 1;
             free += size;
         }
