@@ -1969,6 +1969,10 @@ fn ofd_posix_and_flock_locks() {
         t.rec("POSIX unlock", lock(&fd1, libc::F_SETLK, un, 0, 10));
         t.rec("OFD now", lock(&fd4, set, wr, 5, 1));
         t.rec("POSIX blocked by OFD", child_posix_lock(fd1.as_raw_fd(), 0, 10));
+        // Released by hand, not only by the close: a process spawned meanwhile by another test
+        // holds a copy of every descriptor until its exec, and an OFD lock lives as long as
+        // any copy (the lockf below then met it now and then).
+        let _ = lock(&fd4, set, un, 0, 0);
         drop(fd4);
         // flock(2) between two open file descriptions.
         let a = t.fd("open a", open(&p, libc::O_RDONLY, 0))?;
