@@ -43,26 +43,12 @@ impl Clock for ManualClock {
     }
 }
 
-/// RFC 3339 UTC, whole seconds: `2026-11-21T09:00:00Z`.
+/// RFC 3339 UTC, whole seconds: `2026-11-21T09:00:00Z` (humantime's formatter). Times
+/// before the epoch show as the epoch and times past [`far_future`] as it, where humantime
+/// would panic.
 pub fn rfc3339(t: SystemTime) -> String {
-    let secs = unix_secs(t);
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    // Civil date from days since 1970-01-01 (proleptic Gregorian, era-based arithmetic).
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        rem / 3_600,
-        rem % 3_600 / 60,
-        rem % 60
-    )
+    let t = from_unix_secs(unix_secs(t));
+    humantime::format_rfc3339_seconds(t).to_string()
 }
 
 /// Seconds since the epoch (0 before it).
@@ -132,5 +118,9 @@ mod tests {
         assert_eq!(rfc3339(from_unix_secs(0)), "1970-01-01T00:00:00Z");
         assert_eq!(rfc3339(from_unix_secs(951_782_400)), "2000-02-29T00:00:00Z");
         assert_eq!(rfc3339(from_unix_secs(4_107_542_399)), "2100-02-28T23:59:59Z");
+        let before = SystemTime::UNIX_EPOCH - Duration::from_secs(86_400);
+        assert_eq!(rfc3339(before), "1970-01-01T00:00:00Z");
+        let after = far_future() + Duration::from_secs(86_400 * 366);
+        assert_eq!(rfc3339(after), "9999-12-31T23:59:59Z");
     }
 }
