@@ -11,6 +11,8 @@ use std::fmt::Write;
 use std::os::unix::ffi::OsStrExt;
 use std::time::SystemTime;
 
+use serde::Serialize;
+
 use crate::clock::rfc3339;
 use crate::kind::Kind;
 use crate::procfs::Holder;
@@ -97,16 +99,51 @@ impl HolderRow {
         s
     }
 
-    fn json(&self) -> String {
-        format!(
-            "{{\"pid\":{},\"program\":{},\"instance\":{},\"since\":{},\"before_mount\":{}}}",
-            self.pid,
-            json_str(&self.program),
-            self.instance.as_deref().map_or("null".into(), json_str),
-            self.since.map_or("null".into(), |t| json_str(&rfc3339(t))),
-            self.since.is_none()
-        )
+    fn json(&self) -> JsonHolder<'_> {
+        JsonHolder {
+            pid: self.pid,
+            program: &self.program,
+            instance: self.instance.as_deref(),
+            since: self.since.map(rfc3339),
+            before_mount: self.since.is_none(),
+        }
     }
+}
+
+/// One holder in `status.json`.
+#[derive(Serialize)]
+struct JsonHolder<'a> {
+    pid: u32,
+    program: &'a str,
+    instance: Option<&'a str>,
+    since: Option<String>,
+    before_mount: bool,
+}
+
+/// One file in `status.json`: the keys of `images/NAME`, in its order.
+#[derive(Serialize)]
+struct JsonImage<'a> {
+    name: &'a str,
+    kind: &'static str,
+    size: u64,
+    refs: usize,
+    holders: Option<Vec<JsonHolder<'a>>>,
+    age: u64,
+    last_used: &'a str,
+    min_age: u64,
+    state: &'static str,
+    evicts_at: &'a str,
+    sha1: Option<&'a str>,
+    verified: &'a str,
+}
+
+/// `status.json`.
+#[derive(Serialize)]
+struct JsonStatus<'a> {
+    generated_at: String,
+    persisted: bool,
+    persisted_at: String,
+    images: Vec<JsonImage<'a>>,
 }
 
 /// One file's computed row. Names are escaped (`text::escape`); `None` is withheld from
@@ -291,65 +328,38 @@ pub fn table(view: &View) -> String {
     out
 }
 
-fn json_str(s: &str) -> String {
-    let mut o = String::with_capacity(s.len() + 2);
-    o.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => o.push_str("\\\""),
-            '\\' => o.push_str("\\\\"),
-            '\n' => o.push_str("\\n"),
-            '\t' => o.push_str("\\t"),
-            '\r' => o.push_str("\\r"),
-            c if (c as u32) < 0x20 => {
-                let _ = write!(o, "\\u{:04x}", c as u32);
-            }
-            c => o.push(c),
-        }
-    }
-    o.push('"');
-    o
-}
-
 /// `status.json`: the rows of `images/NAME` as JSON (numbers as numbers, `holders` as an
-/// array of objects, withheld values as `null`), and whether the state file holds them.
+/// array of objects, withheld values as `null`), and whether the state file holds them. Every
+/// string is already escaped (`text::escape`), so a name that is not UTF-8 is shown by its
+/// `\xNN` escapes, exactly as in `images/NAME`, and never lossily.
 pub fn json(view: &View) -> String {
     let p = view.persisted;
-    let mut out = format!(
-        "{{\"generated_at\":{},\"persisted\":{},\"persisted_at\":{},\"images\":[",
-        json_str(&rfc3339(view.now)),
-        p.on_disk,
-        json_str(&p.at.map_or("never".into(), rfc3339)),
-    );
-    for (i, r) in view.rows().enumerate() {
-        if i > 0 {
-            out.push(',');
-        }
-        let holders = match &r.holders {
-            None => "null".to_string(),
-            Some((h, _)) => {
-                format!("[{}]", h.iter().map(HolderRow::json).collect::<Vec<_>>().join(","))
-            }
-        };
-        let _ = write!(
-            out,
-            "{{\"name\":{},\"kind\":{},\"size\":{},\"refs\":{},\"holders\":{},\"age\":{},\
-             \"last_used\":{},\"min_age\":{},\"state\":{},\"evicts_at\":{},\"sha1\":{},\"verified\":{}}}",
-            json_str(&r.name),
-            json_str(r.kind.as_str()),
-            r.size,
-            r.refs,
-            holders,
-            r.age,
-            json_str(&r.last_used),
-            r.min_age,
-            json_str(r.state.as_str()),
-            json_str(&r.evicts_at),
-            r.sha1.as_deref().map_or("null".into(), json_str),
-            json_str(&r.verified)
-        );
-    }
-    out.push_str("]}\n");
+    let rows: Vec<Row> = view.rows().collect();
+    let doc = JsonStatus {
+        generated_at: rfc3339(view.now),
+        persisted: p.on_disk,
+        persisted_at: p.at.map_or("never".into(), rfc3339),
+        images: rows
+            .iter()
+            .map(|r| JsonImage {
+                name: &r.name,
+                kind: r.kind.as_str(),
+                size: r.size,
+                refs: r.refs,
+                holders: r.holders.as_ref().map(|(h, _)| h.iter().map(HolderRow::json).collect()),
+                age: r.age,
+                last_used: &r.last_used,
+                min_age: r.min_age,
+                state: r.state.as_str(),
+                evicts_at: &r.evicts_at,
+                sha1: r.sha1.as_deref(),
+                verified: &r.verified,
+            })
+            .collect(),
+    };
+    // Serializing plain strings, numbers and options cannot fail.
+    let mut out = serde_json::to_string(&doc).unwrap_or_default();
+    out.push('\n');
     out
 }
 
