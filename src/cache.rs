@@ -30,7 +30,7 @@ use crate::evict::Invalidate;
 use crate::procfs::{Holder, Incomplete, ProcRoot, Wanted};
 use crate::state::{CacheState, Policy, RefChange, RefEffect, Stamp, Verified};
 pub use crate::status::Reader;
-use crate::status::{self, Counters, Persisted, View};
+use crate::status::{self, Counters, Persisted, Space, View};
 use crate::sync::{Condvar, Mutex};
 
 /// Deadlines (eviction or checksum), earliest first, at most one per inode: however often a
@@ -933,6 +933,7 @@ impl Cache {
             }
             _ => self.shown_referenced(),
         };
+        let space = if matches!(file, VFile::Metrics) { self.space() } else { Space::default() };
         let now = self.now();
         let (text, stamp) = {
             let state = self.state.lock();
@@ -953,6 +954,7 @@ impl Cache {
                 counters: &counters,
                 reader,
                 persisted,
+                space,
             };
             let text = match file {
                 VFile::Status => status::table(&view),
@@ -977,6 +979,17 @@ impl Cache {
         // whether it is on disk yet.
         self.changed();
         (text.into_bytes(), stamp)
+    }
+
+    /// Free space on the cache filesystem and the `--min-free` target: one `statvfs` of the
+    /// covered directory, never under a lock.
+    pub fn space(&self) -> Space {
+        let vfs = backing::statvfs(self.root()).ok();
+        let total = vfs.map_or(0, |v| v.f_blocks * v.f_frsize);
+        Space {
+            free: vfs.map(|v| v.f_bavail * v.f_frsize),
+            min_free: self.settings.min_free.map_or(0, |m| m.bytes(total)),
+        }
     }
 
     /// Writes the state file now if anything changed since the last write (control

@@ -43,6 +43,10 @@ pub enum Reason {
 }
 
 impl Reason {
+    /// Every reason, for counters that are shown at 0 before the first eviction.
+    pub const ALL: [Reason; 4] =
+        [Reason::Idle, Reason::Corrupt, Reason::Pressure, Reason::Operator];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Reason::Idle => "idle",
@@ -91,7 +95,27 @@ impl Refused {
         }
     }
 
-    fn metric(self) -> &'static str {
+    /// Every reason, for counters that are shown at 0 before the first refusal.
+    pub const ALL: [Refused; 15] = [
+        Refused::Blocked(Blocker::Writing),
+        Refused::Blocked(Blocker::InUse),
+        Refused::Blocked(Blocker::HeldBeforeMount),
+        Refused::Blocked(Blocker::Pinned),
+        Refused::Blocked(Blocker::Referenced),
+        Refused::Blocked(Blocker::SharedStorage),
+        Refused::Blocked(Blocker::NotDue),
+        Refused::NovaLock,
+        Refused::LockError,
+        Refused::Vanished,
+        Refused::GuardError,
+        Refused::HoldersUnknown,
+        Refused::Linked,
+        Refused::Detached,
+        Refused::InProgress,
+    ];
+
+    /// The `reason` label of `imagecachefs_eviction_refusals_total`.
+    pub fn metric(self) -> &'static str {
         match self {
             Refused::Blocked(Blocker::Writing) => "writing",
             Refused::Blocked(Blocker::InUse) => "in_use",
@@ -383,4 +407,47 @@ pub fn spawn(cache: Arc<Cache>) {
             }
         })
         .expect("spawn eviction thread");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Where each reason sits in `ALL`: a new variant does not compile here until it has a
+    /// place, and the test below fails until `ALL` holds it there.
+    fn place(r: Refused) -> usize {
+        match r {
+            Refused::Blocked(b) => match b {
+                Blocker::Writing => 0,
+                Blocker::InUse => 1,
+                Blocker::HeldBeforeMount => 2,
+                Blocker::Pinned => 3,
+                Blocker::Referenced => 4,
+                Blocker::SharedStorage => 5,
+                Blocker::NotDue => 6,
+            },
+            Refused::NovaLock => 7,
+            Refused::LockError => 8,
+            Refused::Vanished => 9,
+            Refused::GuardError => 10,
+            Refused::HoldersUnknown => 11,
+            Refused::Linked => 12,
+            Refused::Detached => 13,
+            Refused::InProgress => 14,
+        }
+    }
+
+    #[test]
+    fn every_reason_is_listed_once_with_its_own_label() {
+        for (i, r) in Refused::ALL.iter().enumerate() {
+            assert_eq!(place(*r), i, "{r:?}");
+        }
+        let labels: std::collections::BTreeSet<_> = Refused::ALL.map(Refused::metric).into();
+        assert_eq!(labels.len(), Refused::ALL.len());
+        let reasons = |r: Reason| match r {
+            Reason::Idle | Reason::Corrupt | Reason::Pressure | Reason::Operator => r.as_str(),
+        };
+        let labels: std::collections::BTreeSet<_> = Reason::ALL.map(reasons).into();
+        assert_eq!(labels.len(), 4);
+    }
 }

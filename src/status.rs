@@ -14,6 +14,7 @@ use std::time::SystemTime;
 use serde::Serialize;
 
 use crate::clock::rfc3339;
+use crate::evict::{Reason, Refused};
 use crate::kind::Kind;
 use crate::procfs::Holder;
 use crate::state::{Blocker, CacheState, Image, Policy, Use, Verified};
@@ -56,6 +57,16 @@ pub struct Persisted {
     pub writes: u64,
 }
 
+/// The cache filesystem's free space and the `--min-free` target, for `metrics`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Space {
+    /// Bytes free for unprivileged users (`statvfs`: `f_bavail * f_frsize`, what `--min-free`
+    /// measures); `None`: not known (not asked for, or `statvfs` failed).
+    pub free: Option<u64>,
+    /// The `--min-free` target in bytes; 0 without one.
+    pub min_free: u64,
+}
+
 pub struct View<'a> {
     pub state: &'a CacheState,
     pub policy: &'a Policy,
@@ -65,6 +76,7 @@ pub struct View<'a> {
     pub counters: &'a Counters,
     pub reader: Reader,
     pub persisted: Persisted,
+    pub space: Space,
 }
 
 /// The width of the `NAME` column of `status`: longer names are cut (the full name is in
@@ -411,6 +423,11 @@ pub fn metrics(view: &View) -> String {
         refs += img.refs();
     }
     let mut out = String::new();
+    metric(&mut out, "up", "gauge", "1 while the daemon serves its mount.");
+    let _ = writeln!(out, "imagecachefs_up 1");
+    metric(&mut out, "build_info", "gauge", "The running daemon's version, as a label; always 1.");
+    let version = label_value(env!("CARGO_PKG_VERSION"));
+    let _ = writeln!(out, "imagecachefs_build_info{{version=\"{version}\"}} 1");
     metric(&mut out, "files", "gauge", "Cache files by kind and state.");
     for ((k, s), (n, _)) in &files {
         let (k, s) = (label_value(k), label_value(s));
@@ -423,14 +440,34 @@ pub fn metrics(view: &View) -> String {
     }
     metric(&mut out, "references", "gauge", "Open references to cache files.");
     let _ = writeln!(out, "imagecachefs_references {refs}");
+    metric(&mut out, "cache_size_bytes", "gauge", "Bytes of all cache files.");
+    let size: u64 = files.values().map(|(_, b)| b).sum();
+    let _ = writeln!(out, "imagecachefs_cache_size_bytes {size}");
+    metric(
+        &mut out,
+        "free_bytes",
+        "gauge",
+        "Bytes free for unprivileged users on the cache filesystem, as --min-free measures them.",
+    );
+    if let Some(free) = view.space.free {
+        let _ = writeln!(out, "imagecachefs_free_bytes {free}");
+    }
+    metric(&mut out, "min_free_bytes", "gauge", "The --min-free target in bytes (0: none).");
+    let _ = writeln!(out, "imagecachefs_min_free_bytes {}", view.space.min_free);
     let c = view.counters;
+    // Every reason from the start, at 0 until it happens: a rate() needs the series to exist.
+    let with_zeros = |counted: &BTreeMap<&'static str, u64>, all: &[&'static str]| {
+        let mut m: BTreeMap<&str, u64> = all.iter().map(|r| (*r, 0)).collect();
+        m.extend(counted.iter().map(|(r, n)| (*r, *n)));
+        m
+    };
     metric(&mut out, "evictions_total", "counter", "Cache files evicted, by reason.");
-    for (r, n) in &c.evictions {
+    for (r, n) in with_zeros(&c.evictions, &Reason::ALL.map(Reason::as_str)) {
         let r = label_value(r);
         let _ = writeln!(out, "imagecachefs_evictions_total{{reason=\"{r}\"}} {n}");
     }
     metric(&mut out, "eviction_refusals_total", "counter", "Evictions refused, by reason.");
-    for (r, n) in &c.refusals {
+    for (r, n) in with_zeros(&c.refusals, &Refused::ALL.map(Refused::metric)) {
         let r = label_value(r);
         let _ = writeln!(out, "imagecachefs_eviction_refusals_total{{reason=\"{r}\"}} {n}");
     }
@@ -565,6 +602,7 @@ mod tests {
             counters,
             reader,
             persisted: Persisted::default(),
+            space: Space::default(),
         }
     }
 
