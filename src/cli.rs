@@ -141,6 +141,23 @@ pub struct MountArgs {
     /// filesystems are shared]. On shared storage nothing is evicted.
     #[arg(long, value_name = "KIND", value_enum, help_heading = "Eviction")]
     pub storage: Option<Storage>,
+
+    /// Serve the metrics status file over HTTP at http://ADDR:PORT/metrics for Prometheus
+    /// (e.g. 127.0.0.1:9477; [::]:9477 for every address). Off by default.
+    #[arg(long, value_name = "ADDR:PORT", value_parser = parse_listen, help_heading = "Monitoring")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
+}
+
+/// `--metrics-listen`: an IP address and a port other than 0 (no host names: the listener
+/// binds before anything is resolved, and must bind where it is told).
+fn parse_listen(s: &str) -> Result<std::net::SocketAddr, String> {
+    match s.parse::<std::net::SocketAddr>() {
+        Ok(a) if a.port() != 0 => Ok(a),
+        Ok(_) => Err(format!("{s:?}: give a port other than 0")),
+        Err(_) => Err(format!(
+            "{s:?} is not ADDR:PORT with an IP address (like 127.0.0.1:9477 or [::1]:9477)"
+        )),
+    }
 }
 
 /// `--storage`.
@@ -235,6 +252,7 @@ impl MountArgs {
                 && nova.remove_unused_base_images != Some(false),
             verify_rate_mib: self.verify_rate,
             nova_conf: self.nova_conf,
+            metrics_listen: self.metrics_listen,
         })
     }
 }
@@ -329,6 +347,26 @@ mod tests {
         let Command::Mount(m) = cli.command else { panic!("not mount") };
         let e = m.into_config().unwrap_err();
         assert_eq!(e, "/nonexistent-icfs-instances (--instances-dir) does not exist");
+    }
+
+    #[test]
+    fn metrics_listen_takes_an_ip_address_and_a_port() {
+        let parse = |v: &str| {
+            Cli::try_parse_from(["imagecachefs", "mount", "/x", "--metrics-listen", v]).map(|c| {
+                let Command::Mount(m) = c.command else { panic!("not mount") };
+                m.into_config().unwrap().metrics_listen
+            })
+        };
+        assert_eq!(parse("127.0.0.1:9477").unwrap(), Some("127.0.0.1:9477".parse().unwrap()));
+        assert_eq!(parse("[::1]:9477").unwrap(), Some("[::1]:9477".parse().unwrap()));
+        for bad in ["localhost:9477", "127.0.0.1", "9477", ":9477", "127.0.0.1:70000", ""] {
+            let e = parse_error(&["--metrics-listen", bad]);
+            assert!(e.contains("is not ADDR:PORT"), "{bad}: {e}");
+        }
+        assert!(parse_error(&["--metrics-listen", "127.0.0.1:0"]).contains("other than 0"));
+        let cli = Cli::try_parse_from(["imagecachefs", "mount", "/x"]).unwrap();
+        let Command::Mount(m) = cli.command else { panic!("not mount") };
+        assert_eq!(m.into_config().unwrap().metrics_listen, None, "off by default");
     }
 
     #[test]

@@ -133,6 +133,8 @@ pub struct MountConfig {
     pub nova_scanner_on: bool,
     /// Local or shared storage, or detect it.
     pub storage: StorageChoice,
+    /// Where to serve `GET /metrics` over HTTP (`--metrics-listen`); off when `None`.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 impl MountConfig {
@@ -162,6 +164,7 @@ impl MountConfig {
             ("verify_rate_mib".into(), self.verify_rate_mib.to_string()),
             ("threads".into(), self.threads.to_string()),
             ("storage".into(), if p.shared.is_some() { "shared" } else { "local" }.into()),
+            ("metrics_listen".into(), self.metrics_listen.map_or("off".into(), |a| a.to_string())),
         ]
     }
 }

@@ -14,6 +14,7 @@ pub mod config;
 pub mod disks;
 pub mod error;
 pub mod evict;
+pub mod exporter;
 pub mod fs;
 pub mod fuse;
 pub mod guard;

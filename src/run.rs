@@ -475,6 +475,7 @@ fn serve(cfg: &MountConfig, on_ready: impl FnOnce()) -> Result<(), Refusal> {
         },
     )
     .map_err(|e| Refusal(format!("reading {}: {e}", dir.display())))?;
+    crate::exporter::start(cfg.metrics_listen, &cache)?;
     mount::mount(&prepared)?;
     let fail = |msg: String| {
         let _ = mount::detach(&mount_point);

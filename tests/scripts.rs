@@ -315,14 +315,14 @@ fn helper_maps_every_option_to_its_flag() {
                 x-systemd.requires=a.service,comment=nova,original_min_age=1,resized_min_age=2,\
                 partial_min_age=3,no_evict,nova_conf=/etc/nova/nova.conf,instances_dir=/srv/i,\
                 min_free=10%,pressure_min_age=4,verify_interval=5,verify_rate=6,threads=7,\
-                log_file=/var/log/icfs.log";
+                log_file=/var/log/icfs.log,metrics_listen=127.0.0.1:9477";
     let (code, out, err) = helper(&[dir, dir, "-f", "-n", "-v", "-o", opts]);
     assert_eq!(code, 0, "stdout: {out}\nstderr: {err}");
     let want = format!(
         "{HELPER}: {} mount {dir} --background --original-min-age 1 --resized-min-age 2 \
          --partial-min-age 3 --no-evict --nova-conf /etc/nova/nova.conf --instances-dir /srv/i \
          --min-free 10% --pressure-min-age 4 --verify-interval 5 --verify-rate 6 --threads 7 \
-         --log-file /var/log/icfs.log",
+         --log-file /var/log/icfs.log --metrics-listen 127.0.0.1:9477",
         bin()
     );
     assert!(err.lines().any(|l| l == want), "want the line\n{want}\ngot\n{err}");

@@ -1,0 +1,186 @@
+//! The scrapeable exporter (`--metrics-listen ADDR:PORT`): `GET /metrics` over HTTP, with the
+//! very exposition of `.imagecache/metrics`, for Prometheus to scrape without a textfile
+//! collector. Everything else gets 404 (another path) or 405 (another method on `/metrics`).
+//!
+//! Owns one thread, `exporter`, running a single-threaded tokio runtime under hyper's HTTP/1
+//! server. It renders from the cache's memory (`Cache::snapshot`, as a non-root reader: at
+//! most one rendering a second however often it is asked, see `NON_ROOT_REUSE`) and never
+//! touches the mount. What any client can make it do is bounded: [`MAX_CONNECTIONS`] at once
+//! (more are closed at once), a request head of at most [`MAX_HEAD`] bytes and
+//! [`MAX_HEADERS`] headers, read within [`HEAD_TIMEOUT`], every connection closed after one
+//! response or after [`CONNECTION_DEADLINE`], whatever it does. No FUSE worker and no lock
+//! holder ever waits on this thread; it waits on the state lock (memory only) and, for at
+//! most `SHOWN_REFS_WAIT`, on the instance-disk reader, like any status file.
+//!
+//! The listener is bound before the mount ([`start`]), so a taken port refuses the mount with
+//! one line naming the address. It is closed once the daemon no longer owns its mount
+//! (detached by `SIGTERM` or `unmount`), so that the daemon that replaces it can bind the same
+//! port while this one still serves its last open files.
+
+use std::convert::Infallible;
+use std::net::{SocketAddr, TcpListener};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::{Method, Request, Response, StatusCode};
+use log::{error, info, warn};
+
+use crate::cache::{Cache, VFile};
+use crate::mount::Refusal;
+use crate::status::Reader;
+
+/// Connections served at once; one more is closed as soon as it is accepted.
+pub const MAX_CONNECTIONS: usize = 32;
+
+/// The largest request head read (hyper's smallest read buffer); a longer one is answered
+/// `431` and the connection closed.
+pub const MAX_HEAD: usize = 8192;
+
+/// Request headers accepted (a scrape sends about five).
+pub const MAX_HEADERS: usize = 32;
+
+/// A client that has not sent its whole request head by then is disconnected.
+pub const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// No connection lives longer, whatever it does (a reader that never reads the response).
+pub const CONNECTION_DEADLINE: Duration = Duration::from_secs(15);
+
+/// How often the thread checks that the daemon still owns its mount.
+const OWNER_CHECK: Duration = Duration::from_millis(200);
+
+/// The exposition format's content type (text format 0.0.4).
+const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Binds `addr` (if given) and serves `/metrics` from `cache` on a thread of its own. Called
+/// before the mount: a refusal (the port is taken, the address is not this host's) stops the
+/// mount with one line naming the address.
+pub fn start(addr: Option<SocketAddr>, cache: &Arc<Cache>) -> Result<(), Refusal> {
+    let Some(addr) = addr else { return Ok(()) };
+    let listener = TcpListener::bind(addr)
+        .and_then(|l| l.set_nonblocking(true).map(|()| l))
+        .map_err(|e| Refusal(format!("--metrics-listen {addr}: cannot listen: {e}")))?;
+    let cache = cache.clone();
+    std::thread::Builder::new()
+        .name("exporter".into())
+        .spawn(move || serve(listener, addr, cache))
+        .map_err(|e| Refusal(format!("--metrics-listen {addr}: starting its thread: {e}")))?;
+    Ok(())
+}
+
+/// The exporter thread: accepts until the daemon no longer owns its mount.
+fn serve(listener: TcpListener, addr: SocketAddr, cache: Arc<Cache>) {
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_io().enable_time().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            error!("--metrics-listen {addr}: no runtime for the exporter: {e}; not serving");
+            return;
+        }
+    };
+    rt.block_on(async move {
+        let listener = match tokio::net::TcpListener::from_std(listener) {
+            Ok(l) => l,
+            Err(e) => {
+                error!("--metrics-listen {addr}: {e}; not serving");
+                return;
+            }
+        };
+        info!("serving metrics at http://{addr}/metrics");
+        let open = Arc::new(AtomicUsize::new(0));
+        let mut check = tokio::time::interval(OWNER_CHECK);
+        loop {
+            let accepted = tokio::select! {
+                a = listener.accept() => a,
+                _ = check.tick() => {
+                    if cache.owns_mount() {
+                        continue;
+                    }
+                    info!("--metrics-listen {addr}: closed (this daemon no longer owns the mount)");
+                    return;
+                }
+            };
+            let stream = match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of descriptors, most likely: wait instead of spinning.
+                    warn!("--metrics-listen {addr}: accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            if open.load(Ordering::Relaxed) >= MAX_CONNECTIONS {
+                drop(stream);
+                continue;
+            }
+            let slot = Slot::take(&open);
+            let cache = cache.clone();
+            tokio::spawn(async move {
+                let _slot = slot;
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(HEAD_TIMEOUT)
+                    .max_buf_size(MAX_HEAD)
+                    .max_headers(MAX_HEADERS)
+                    .keep_alive(false)
+                    .serve_connection(
+                        hyper_util::rt::TokioIo::new(stream),
+                        hyper::service::service_fn(move |req| {
+                            let cache = cache.clone();
+                            async move { Ok::<_, Infallible>(respond(&req, &cache)) }
+                        }),
+                    );
+                // Errors are the clients' (bad requests, hang-ups, timeouts): nothing to log.
+                let _ = tokio::time::timeout(CONNECTION_DEADLINE, conn).await;
+            });
+        }
+    });
+}
+
+/// One connection's place in the count of open ones, given back when the connection ends.
+struct Slot(Arc<AtomicUsize>);
+
+impl Slot {
+    fn take(open: &Arc<AtomicUsize>) -> Slot {
+        open.fetch_add(1, Ordering::Relaxed);
+        Slot(open.clone())
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The answer to one request.
+fn respond(req: &Request<Incoming>, cache: &Cache) -> Response<Full<Bytes>> {
+    let reply = |status: StatusCode, text: &'static str| {
+        let mut r = Response::new(Full::new(Bytes::from_static(text.as_bytes())));
+        *r.status_mut() = status;
+        r
+    };
+    if req.uri().path() != "/metrics" {
+        return reply(StatusCode::NOT_FOUND, "not found: the exporter serves /metrics only\n");
+    }
+    if req.method() != Method::GET {
+        let mut r = reply(StatusCode::METHOD_NOT_ALLOWED, "only GET /metrics\n");
+        r.headers_mut()
+            .insert(hyper::header::ALLOW, hyper::header::HeaderValue::from_static("GET"));
+        return r;
+    }
+    // Metrics show nothing withheld from other users: rendered as any reader sees them,
+    // which also caps how often a scraper can make the daemon render.
+    match cache.snapshot(VFile::Metrics, Reader::Other) {
+        Some(snap) => {
+            let mut r = Response::new(Full::new(Bytes::copy_from_slice(snap.bytes())));
+            r.headers_mut().insert(
+                hyper::header::CONTENT_TYPE,
+                hyper::header::HeaderValue::from_static(CONTENT_TYPE),
+            );
+            r
+        }
+        None => reply(StatusCode::SERVICE_UNAVAILABLE, "status files are at their memory cap\n"),
+    }
+}
