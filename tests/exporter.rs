@@ -345,3 +345,36 @@ fn hostile_clients_stall_neither_a_scrape_nor_the_mount() {
     });
     drop(m);
 }
+
+/// Names of another part of the daemon that the rules already use before they land.
+const COMING: [&str; 1] = ["imagecachefs_restarts_total"];
+
+#[test]
+fn operations_md_alert_rules_use_metrics_the_daemon_serves() {
+    let docs = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs");
+    let ops = std::fs::read_to_string(docs.join("OPERATIONS.md")).unwrap();
+    let status = std::fs::read_to_string(docs.join("STATUS.md")).unwrap();
+    // STATUS.md's metric table, which tests/docs.rs holds to the live exposition.
+    let served: BTreeSet<String> = status
+        .lines()
+        .filter_map(|l| l.strip_prefix("| `imagecachefs_"))
+        .map(|l| format!("imagecachefs_{}", l.split('`').next().unwrap()))
+        .collect();
+    assert!(served.contains("imagecachefs_free_bytes"), "{served:?}");
+    let at = ops.find("<!-- alert rules -->").expect("OPERATIONS.md has the alert rules");
+    let rules = &ops[at..];
+    let rules = &rules[..rules[rules.find("```yaml").unwrap() + 7..].find("```").unwrap()];
+    let mut used = BTreeSet::new();
+    for (i, _) in rules.match_indices("imagecachefs_") {
+        let name: String =
+            rules[i..].chars().take_while(|c| c.is_ascii_lowercase() || *c == '_').collect();
+        used.insert(name);
+    }
+    assert!(used.len() >= 5, "the rules use {used:?}");
+    for name in &used {
+        assert!(
+            served.contains(name) || COMING.contains(&name.as_str()),
+            "OPERATIONS.md's alert rules use {name}, which the daemon does not serve"
+        );
+    }
+}
