@@ -6,7 +6,7 @@
 //! server. It renders from the cache's memory (`Cache::snapshot`, as a non-root reader: at
 //! most one rendering a second however often it is asked, see `NON_ROOT_REUSE`) and never
 //! touches the mount. What any client can make it do is bounded: [`MAX_CONNECTIONS`] at once
-//! (more are closed at once), a request head of at most [`MAX_HEAD`] bytes and
+//! (past it the oldest one still sending its request makes room), a request head of at most [`MAX_HEAD`] bytes and
 //! [`MAX_HEADERS`] headers, read within [`HEAD_TIMEOUT`], every connection closed after one
 //! response or after [`CONNECTION_DEADLINE`], whatever it does. No FUSE worker and no lock
 //! holder ever waits on this thread; it waits on the state lock (memory only) and, for at
@@ -17,9 +17,10 @@
 //! (detached by `SIGTERM` or `unmount`), so that the daemon that replaces it can bind the same
 //! port while this one still serves its last open files.
 
+use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::net::{SocketAddr, TcpListener};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,12 +28,14 @@ use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
 use log::{error, info, warn};
+use tokio::task::AbortHandle;
 
 use crate::cache::{Cache, VFile};
 use crate::mount::Refusal;
 use crate::status::Reader;
 
-/// Connections served at once; one more is closed as soon as it is accepted.
+/// Connections served at once. Past it, a new connection takes the place of the oldest one
+/// that has not sent its whole request head yet, or is closed at once if all have.
 pub const MAX_CONNECTIONS: usize = 32;
 
 /// The largest request head read (hyper's smallest read buffer); a longer one is answered
@@ -88,7 +91,8 @@ fn serve(listener: TcpListener, addr: SocketAddr, cache: Arc<Cache>) {
             }
         };
         info!("serving metrics at http://{addr}/metrics");
-        let open = Arc::new(AtomicUsize::new(0));
+        // Open connections in the order they came, each with "its request head has arrived".
+        let mut open: VecDeque<(AbortHandle, Arc<AtomicBool>)> = VecDeque::new();
         let mut check = tokio::time::interval(OWNER_CHECK);
         loop {
             let accepted = tokio::select! {
@@ -110,48 +114,49 @@ fn serve(listener: TcpListener, addr: SocketAddr, cache: Arc<Cache>) {
                     continue;
                 }
             };
-            if open.load(Ordering::Relaxed) >= MAX_CONNECTIONS {
-                drop(stream);
-                continue;
+            open.retain(|(task, _)| !task.is_finished());
+            if open.len() >= MAX_CONNECTIONS {
+                // The oldest connection still without a whole request head makes room: a
+                // scraper sends its request at once, so holding connections open without one
+                // cannot keep a scrape out.
+                match open.iter().position(|(_, head)| !head.load(Ordering::Relaxed)) {
+                    Some(i) => {
+                        if let Some((task, _)) = open.remove(i) {
+                            task.abort();
+                        }
+                    }
+                    None => {
+                        drop(stream);
+                        continue;
+                    }
+                }
             }
-            let slot = Slot::take(&open);
-            let cache = cache.clone();
-            tokio::spawn(async move {
-                let _slot = slot;
-                let conn = hyper::server::conn::http1::Builder::new()
-                    .timer(hyper_util::rt::TokioTimer::new())
-                    .header_read_timeout(HEAD_TIMEOUT)
-                    .max_buf_size(MAX_HEAD)
-                    .max_headers(MAX_HEADERS)
-                    .keep_alive(false)
-                    .serve_connection(
-                        hyper_util::rt::TokioIo::new(stream),
-                        hyper::service::service_fn(move |req| {
-                            let cache = cache.clone();
-                            async move { Ok::<_, Infallible>(respond(&req, &cache)) }
-                        }),
-                    );
-                // Errors are the clients' (bad requests, hang-ups, timeouts): nothing to log.
-                let _ = tokio::time::timeout(CONNECTION_DEADLINE, conn).await;
-            });
+            let head = Arc::new(AtomicBool::new(false));
+            let task = tokio::spawn(connection(stream, cache.clone(), head.clone()));
+            open.push_back((task.abort_handle(), head));
         }
     });
 }
 
-/// One connection's place in the count of open ones, given back when the connection ends.
-struct Slot(Arc<AtomicUsize>);
-
-impl Slot {
-    fn take(open: &Arc<AtomicUsize>) -> Slot {
-        open.fetch_add(1, Ordering::Relaxed);
-        Slot(open.clone())
-    }
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
+/// Serves one connection: one request, within the bounds of the module comment. `head` is
+/// set once the request head has been read.
+async fn connection(stream: tokio::net::TcpStream, cache: Arc<Cache>, head: Arc<AtomicBool>) {
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEAD_TIMEOUT)
+        .max_buf_size(MAX_HEAD)
+        .max_headers(MAX_HEADERS)
+        .keep_alive(false)
+        .serve_connection(
+            hyper_util::rt::TokioIo::new(stream),
+            hyper::service::service_fn(move |req| {
+                head.store(true, Ordering::Relaxed);
+                let cache = cache.clone();
+                async move { Ok::<_, Infallible>(respond(&req, &cache)) }
+            }),
+        );
+    // Errors are the clients' (bad requests, hang-ups, timeouts): nothing to log.
+    let _ = tokio::time::timeout(CONNECTION_DEADLINE, conn).await;
 }
 
 /// The answer to one request.
