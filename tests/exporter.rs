@@ -201,6 +201,49 @@ fn nix_statvfs(p: &Path) -> u64 {
     v.f_bavail * v.f_frsize
 }
 
+/// The TCP ports process `pid` listens on (`/proc/PID/fd` sockets that `/proc/net/tcp` and
+/// `tcp6` list in state LISTEN), with their local addresses as the kernel shows them.
+fn listening(pid: u32) -> Vec<String> {
+    let mut inodes = BTreeSet::new();
+    for e in std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().flatten() {
+        let Ok(target) = std::fs::read_link(e.path()) else { continue };
+        let t = target.to_string_lossy().into_owned();
+        if let Some(ino) = t.strip_prefix("socket:[").and_then(|r| r.strip_suffix(']')) {
+            inodes.insert(ino.to_string());
+        }
+    }
+    let mut out = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        for line in std::fs::read_to_string(table).unwrap().lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            // sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode
+            if f.len() > 9 && f[3] == "0A" && inodes.contains(f[9]) {
+                out.push(f[1].to_string());
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn the_daemon_listens_only_when_asked_and_only_where_asked() {
+    let s = Scratch::new();
+    let m = Mount::new(&s.base, &[]);
+    assert_eq!(listening(m.pid()), Vec::<String>::new(), "no listener without --metrics-listen");
+    drop(m);
+    let addr = free_port();
+    let m = Mount::new(&s.base, &["--metrics-listen", &addr.to_string()]);
+    // 127.0.0.1 is 0100007F in the kernel's table.
+    let want = format!("0100007F:{:04X}", addr.port());
+    assert_eq!(listening(m.pid()), vec![want], "one listener, on the address given");
+    // Another loopback address of this host reaches nothing.
+    let other = SocketAddr::from(([127, 0, 0, 2], addr.port()));
+    let e = TcpStream::connect_timeout(&other, Duration::from_secs(5)).unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{other}: {e}");
+    assert_eq!(get(addr, "/metrics").0, 200);
+    drop(m);
+}
+
 #[test]
 fn a_taken_port_refuses_the_mount_with_one_line_before_mounting() {
     let s = Scratch::new();
