@@ -6,9 +6,9 @@
 //! server. It renders from the cache's memory (`Cache::snapshot`, as a non-root reader: at
 //! most one rendering a second however often it is asked, see `NON_ROOT_REUSE`) and never
 //! touches the mount. What any client can make it do is bounded: [`MAX_CONNECTIONS`] at once
-//! (past it the oldest one still sending its request makes room), a request head of at most [`MAX_HEAD`] bytes and
-//! [`MAX_HEADERS`] headers, read within [`HEAD_TIMEOUT`], every connection closed after one
-//! response or after [`CONNECTION_DEADLINE`], whatever it does. No FUSE worker and no lock
+//! (past it the oldest one still sending its request makes room), a request head of at most
+//! [`MAX_HEAD`] bytes and [`MAX_HEADERS`] headers, read within [`HEAD_TIMEOUT`], every
+//! connection closed after one response or after [`CONNECTION_DEADLINE`], whatever it does. No FUSE worker and no lock
 //! holder ever waits on this thread; it waits on the state lock (memory only) and, for at
 //! most `SHOWN_REFS_WAIT`, on the instance-disk reader, like any status file.
 //!
