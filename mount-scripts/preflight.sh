@@ -143,7 +143,7 @@ else
             fail "$dir is a dead imagecachefs mount (its daemon is gone): run imagecachefs unmount $dir"
         fi
     elif [ ! -e "$dir" ]; then
-        fail "$dir does not exist (Nova creates it on the first spawn; mkdir it, owned by nova)"
+        warn "$dir does not exist yet: mount --create-dir (the systemd unit uses it; fstab option create_dir) makes it, owned like ${dir%/*}"
     elif [ ! -d "$dir" ]; then
         fail "$dir is not a directory"
     else

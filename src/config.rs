@@ -133,6 +133,10 @@ pub struct MountConfig {
     pub nova_scanner_on: bool,
     /// Local or shared storage, or detect it.
     pub storage: StorageChoice,
+    /// Create a missing cache directory, owned like its parent (`--create-dir`).
+    pub create_dir: bool,
+    /// The SELinux `context=` mount option, if any.
+    pub context: Option<String>,
 }
 
 impl MountConfig {

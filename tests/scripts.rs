@@ -200,7 +200,7 @@ fn systemd_unit_and_drop_in_carry_the_required_keys_and_verify() {
     assert_eq!(unit_value(&keys, "Service", "Type"), "simple");
     assert_eq!(
         unit_value(&keys, "Service", "ExecStart"),
-        "/usr/local/bin/imagecachefs mount /var/lib/nova/instances/_base \
+        "/usr/local/bin/imagecachefs mount /var/lib/nova/instances/_base --create-dir \
          --nova-conf /etc/nova/nova.conf",
         "the daemon runs in the foreground, without --background"
     );
