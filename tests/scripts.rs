@@ -134,7 +134,7 @@ fn every_script_is_bash_strict_and_shellcheck_clean() {
         assert_eq!(code, 0, "shellcheck {name}:\n{out}{err}");
     }
     // The repository's other scripts (the README's test command starts with tests/setup.sh).
-    for rel in ["tests/setup.sh", ".ci/run"] {
+    for rel in ["tests/setup.sh", ".ci/run", "packaging/build-deb.sh"] {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(rel);
         let text = fs::read_to_string(&path).unwrap();
         assert!(has_line(&text, "set -euo pipefail"), "{rel}: set -euo pipefail");

@@ -3,7 +3,8 @@
 # nothing): qemu tools, util-linux (unshare, setpriv), acl (setfacl, getfacl), strace (its
 # fault injection slows a syscall of the daemon), python3 with prometheus_client (the
 # metrics test parses the exposition with the Prometheus client's own parser), shellcheck (the
-# mount scripts must pass it). The README's test command runs it first:
+# mount scripts must pass it), cargo-deb (the package round trip in tests/install.rs builds the
+# .deb with it). The README's test command runs it first:
 #   tests/setup.sh && cargo test --no-fail-fast
 set -euo pipefail
 
@@ -44,3 +45,8 @@ python3 -c 'import prometheus_client' 2>/dev/null ||
     python3 -m pip install --quiet --break-system-packages prometheus_client
 python3 -c 'import prometheus_client'
 command -v shellcheck >/dev/null
+# The Debian package is built with cargo-deb (packaging/build-deb.sh); crates.io has it.
+if ! cargo deb --version >/dev/null 2>&1; then
+    echo "setup: installing cargo-deb" >&2
+    cargo install cargo-deb --locked --quiet
+fi
