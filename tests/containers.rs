@@ -1,0 +1,196 @@
+//! Nova in containers (kolla-ansible, OpenStack-Helm), for real: a "container" is a mount
+//! namespace made with `unshare --mount --propagation slave|shared|private` BEFORE
+//! imagecachefs mounts on the host, which bind-mounts the host's instances directory the way
+//! kolla's `-v /var/lib/nova:/var/lib/nova` does. The host side is a shared mount of the
+//! scratch directory (systemd makes `/` shared on a real node; this machine's `/` may be
+//! private, so the test makes its own peer group).
+//!
+//! What must hold (docs/OPERATIONS.md, "Nova in containers"): with `slave` or `shared`
+//! propagation the container sees the overlay (the status tree is there) and its opens are
+//! handles of the daemon, counted in `images/NAME` with the container's pid; a remount after
+//! a crash (`kill -9`, lazy unmount, mount again) reaches it too, and the new daemon finds the
+//! descriptor it kept on the dead mount. With `private` the container keeps seeing the covered
+//! directory — no `.imagecache` there — and an image it opens is not seen by the daemon until
+//! an eviction walks `/proc` for it: that finds the descriptor and refuses, and from then on
+//! the status files show it as a holder from outside the mount.
+//!
+//! Nothing here skips: a missing `unshare` or root fails the test and says so.
+mod common;
+use common::{bin, detach, require_fuse, run, tool, wait_until, Mount, Proc, Scratch};
+use std::ffi::CString;
+use std::fs;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+const IMAGE: &str = "0d5e6b61602d758984b3bf038267614d6016eb2a";
+
+/// The scratch directory bind-mounted on itself and made shared (its own peer group), as a
+/// compute node's `/var/lib/nova` is under systemd; detached on drop.
+struct SharedHostDir {
+    dir: PathBuf,
+}
+
+impl SharedHostDir {
+    fn new(dir: &Path) -> Self {
+        let c = CString::new(dir.as_os_str().as_bytes()).unwrap();
+        let flags = [libc::MS_BIND, libc::MS_SHARED];
+        for f in flags {
+            let src = if f == libc::MS_BIND { c.as_ptr() } else { std::ptr::null() };
+            let rc = unsafe { libc::mount(src, c.as_ptr(), std::ptr::null(), f, std::ptr::null()) };
+            assert_eq!(rc, 0, "mount flags {f:#x} on {dir:?}: {}", std::io::Error::last_os_error());
+        }
+        SharedHostDir { dir: dir.to_path_buf() }
+    }
+}
+
+impl Drop for SharedHostDir {
+    fn drop(&mut self) {
+        detach(&self.dir);
+    }
+}
+
+/// One "container": a shell in a new mount namespace with `propagation`, which bind-mounts
+/// the instances directory at `view` (kolla's volume), prints `ready`, and then follows the
+/// test's steps, each a file the test creates in `ctl` (polled, 30 s at most each).
+fn container(propagation: &str, instances: &Path, view: &Path, ctl: &Path) -> Proc {
+    let script = r#"
+        set -eu
+        instances=$1 view=$2 ctl=$3 image=$4
+        step() {
+            for _ in $(seq 1 600); do [ -e "$ctl/$1" ] && return 0; sleep 0.05; done
+            echo "timed out waiting for $1"; exit 1
+        }
+        look() {
+            if [ -e "$view/_base/.imagecache/status" ]; then echo overlay; else echo covered; fi
+        }
+        mount --bind "$instances" "$view"
+        echo ready
+        step mounted
+        look
+        exec 3<"$view/_base/$image"
+        echo holding
+        step remounted
+        look
+        step done
+    "#;
+    Proc::spawn(
+        tool("unshare")
+            .args(["--mount", "--propagation", propagation, "--", "bash", "-c", script, "ctr"])
+            .arg(instances)
+            .arg(view)
+            .arg(ctl)
+            .arg(IMAGE),
+    )
+}
+
+struct Node {
+    s: Scratch,
+    view: tempfile::TempDir,
+    ctl: PathBuf,
+    _shared: SharedHostDir,
+}
+
+impl Node {
+    fn new() -> Self {
+        require_fuse();
+        let s = Scratch::new();
+        fs::write(s.base.join(IMAGE), b"a base image").unwrap();
+        let ctl = s.path("ctl");
+        fs::create_dir(&ctl).unwrap();
+        let view = tempfile::Builder::new().prefix("icfs-test-ctr").tempdir().unwrap();
+        let shared = SharedHostDir::new(s.tmp.path());
+        Node { s, view, ctl, _shared: shared }
+    }
+
+    fn step(&self, name: &str) {
+        fs::write(self.ctl.join(name), b"").unwrap();
+    }
+
+    fn image_field(&self, key: &str) -> Option<String> {
+        let text = fs::read_to_string(self.s.base.join(".imagecache/images").join(IMAGE)).ok()?;
+        text.lines().find_map(|l| l.strip_prefix(&format!("{key}: ")).map(str::to_string))
+    }
+
+    /// Waits until `images/IMAGE` lists `pid` among its holders; returns the line.
+    fn wait_holder(&self, pid: u32) -> String {
+        wait_until(Duration::from_secs(15), &format!("pid {pid} among the holders"), || {
+            self.image_field("holders").filter(|h| {
+                h.split("; ").any(|one| one.split_whitespace().next() == Some(&pid.to_string()))
+            })
+        })
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        // Any leftover overlay first, then the shared bind (the field order does the rest).
+        detach(&self.s.base);
+    }
+}
+
+/// A container with `slave` or `shared` propagation: sees the overlay made after it started,
+/// its open is a counted handle, and a remount after a crash reaches it as well.
+fn sees_the_overlay_and_a_remount(propagation: &str) {
+    let node = Node::new();
+    let mut ctr = container(propagation, node.s.tmp.path(), node.view.path(), &node.ctl);
+    ctr.wait_line("ready");
+    let m = Mount::new(&node.s.base, &[]);
+    node.step("mounted");
+    ctr.wait_line("overlay");
+    ctr.wait_line("holding");
+    let pid = ctr.pid();
+    let holders = node.wait_holder(pid);
+    assert!(!holders.contains("before mount"), "a handle of this daemon: {holders}");
+    assert_eq!(node.image_field("refs").as_deref(), Some("1"), "{holders}");
+
+    // The daemon dies; the host detaches the dead mount and mounts again.
+    m.kill9();
+    let m = Mount::new(&node.s.base, &[]);
+    node.step("remounted");
+    ctr.wait_line("overlay");
+    // The descriptor the container kept on the dead mount: found through /proc.
+    let holders = node.wait_holder(pid);
+    assert!(holders.contains("before mount"), "{holders}");
+    assert_eq!(node.image_field("state").as_deref(), Some("in-use"), "{holders}");
+    node.step("done");
+    drop(ctr);
+    assert!(m.stop().success());
+}
+
+#[test]
+fn a_slave_container_sees_the_overlay_and_a_remount_after_a_crash() {
+    sees_the_overlay_and_a_remount("slave");
+}
+
+#[test]
+fn a_shared_container_sees_the_overlay_and_a_remount_after_a_crash() {
+    sees_the_overlay_and_a_remount("shared");
+}
+
+#[test]
+fn a_private_container_keeps_the_covered_directory_and_is_still_a_holder() {
+    let node = Node::new();
+    let mut ctr = container("private", node.s.tmp.path(), node.view.path(), &node.ctl);
+    ctr.wait_line("ready");
+    let m = Mount::new(&node.s.base, &[]);
+    node.step("mounted");
+    // How an operator tells: no .imagecache in the container's _base.
+    ctr.wait_line("covered");
+    ctr.wait_line("holding");
+    // Its open never reached the daemon, so the status files do not show it yet; but an
+    // eviction walks /proc for the file first, finds the descriptor, and refuses.
+    let (code, out, err) = run(Command::new(bin()).arg("evict").arg(&node.s.base).arg(IMAGE));
+    assert_eq!(code, 1, "evict must be refused:\nstdout: {out}\nstderr: {err}");
+    assert!(out.contains("refused") || err.contains("refused"), "{out}{err}");
+    assert!(node.s.base.join(IMAGE).exists(), "the image stays");
+    let holders = node.wait_holder(ctr.pid());
+    assert!(holders.contains("before mount"), "found through /proc, not a handle: {holders}");
+    assert_eq!(node.image_field("state").as_deref(), Some("in-use"), "{holders}");
+    node.step("remounted");
+    ctr.wait_line("covered");
+    node.step("done");
+    drop(ctr);
+    assert!(m.stop().success());
+}
