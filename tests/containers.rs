@@ -85,11 +85,12 @@ fn container(propagation: &str, instances: &Path, view: &Path, ctl: &Path) -> Pr
     )
 }
 
+/// Fields drop in order: the shared bind goes before the scratch directory is removed.
 struct Node {
+    _shared: SharedHostDir,
     s: Scratch,
     view: tempfile::TempDir,
     ctl: PathBuf,
-    _shared: SharedHostDir,
 }
 
 impl Node {
@@ -101,7 +102,7 @@ impl Node {
         fs::create_dir(&ctl).unwrap();
         let view = tempfile::Builder::new().prefix("icfs-test-ctr").tempdir().unwrap();
         let shared = SharedHostDir::new(s.tmp.path());
-        Node { s, view, ctl, _shared: shared }
+        Node { _shared: shared, s, view, ctl }
     }
 
     fn step(&self, name: &str) {
