@@ -27,7 +27,28 @@ pub fn prepare(cfg: &MountConfig) -> Result<Prepared, Refusal> {
     }
     let mut prepared = mount::prepare(&cfg.dir)?;
     prepared.context = cfg.context.clone();
+    warn_if_not_host_pid_namespace();
     Ok(prepared)
+}
+
+/// The host's (initial) PID namespace, as `/proc/self/ns/pid` names it: its inode number is
+/// fixed by the kernel (`PROC_PID_INIT_INO`).
+const HOST_PID_NS: &str = "pid:[4026531836]";
+
+/// A daemon in a container without the host's PID namespace (`--pid=host`) sees requests from
+/// processes outside its namespace as pid 0, and its `/proc` walk cannot find holders from
+/// before the mount there: said once, loudly, at start.
+fn warn_if_not_host_pid_namespace() {
+    let Ok(ns) = fs::read_link("/proc/self/ns/pid") else { return };
+    if ns.as_os_str() != HOST_PID_NS {
+        log::warn!(
+            "not in the host's PID namespace ({}): opens by processes of other PID namespaces \
+             are counted but shown as pid 0 \"unknown\" (no program, no instance), and files \
+             they opened outside the mount are not found; run with the host's PID namespace \
+             (podman/docker --pid=host, Kubernetes hostPID: true)",
+            ns.display()
+        );
+    }
 }
 
 /// `--context` needs SELinux: without it the kernel would refuse the mount option (or, with

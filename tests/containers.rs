@@ -195,3 +195,61 @@ fn a_private_container_keeps_the_covered_directory_and_is_still_a_holder() {
     drop(ctr);
     assert!(m.stop().success());
 }
+
+/// imagecachefs itself in a container without `--pid=host`: its own PID namespace (and
+/// `/proc`). An open by a host process is a counted handle, but the kernel reports its pid as
+/// 0 (not visible in the daemon's namespace), so `holders` says `0 unknown`; the daemon says
+/// so at start.
+#[test]
+fn a_daemon_without_the_host_pid_namespace_counts_opens_as_pid_0() {
+    let node = Node::new();
+    let log = node.s.path("daemon.log");
+    // Its mount namespace is a shared copy, so that its mount reaches the host (as
+    // `-v /var/lib/nova:/var/lib/nova:rshared` does for a container).
+    let daemon = Proc::spawn_logged(
+        tool("unshare")
+            .args(["--pid", "--fork", "--mount", "--propagation", "shared", "--mount-proc"])
+            .arg(bin())
+            .arg("mount")
+            .arg(&node.s.base)
+            .env("RUST_LOG", "info"),
+        log.clone(),
+    );
+    let stop = StopDaemons(node.s.base.clone());
+    wait_until(Duration::from_secs(20), "the daemon's mount to reach the host", || {
+        common::is_fuse(&node.s.base).then_some(())
+    });
+    let text = fs::read_to_string(&log).unwrap();
+    assert!(text.contains("not in the host's PID namespace"), "{text}");
+    let mut reader = Proc::spawn(
+        tool("bash")
+            .arg("-c")
+            .arg(r#"exec 3<"$1"; echo holding; exec sleep 60"#)
+            .arg("reader")
+            .arg(node.s.base.join(IMAGE)),
+    );
+    reader.wait_line("holding");
+    let holders = wait_until(Duration::from_secs(15), "the reader's handle", || {
+        node.image_field("holders").filter(|h| h != "-")
+    });
+    assert_eq!(holders, "0 unknown", "{}", fs::read_to_string(&log).unwrap());
+    assert_eq!(node.image_field("refs").as_deref(), Some("1"));
+    drop(reader);
+    drop(stop);
+    drop(daemon);
+}
+
+/// SIGTERM to every daemon serving `dir` (ours run inside `unshare`), waited for; on drop.
+struct StopDaemons(PathBuf);
+
+impl Drop for StopDaemons {
+    fn drop(&mut self) {
+        for pid in common::daemon_pids(&self.0) {
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+        }
+        if !common::wait_daemons_gone(&self.0, Duration::from_secs(20)) {
+            common::kill_daemons(&self.0);
+        }
+        detach(&self.0);
+    }
+}
