@@ -253,3 +253,48 @@ impl Drop for StopDaemons {
         detach(&self.0);
     }
 }
+
+/// preflight.sh tells, before anything is mounted, which running nova-compute (here: a
+/// program of that name in a "container") would see the mount and which would not.
+#[test]
+fn preflight_names_a_nova_compute_whose_namespace_would_not_see_the_mount() {
+    let node = Node::new();
+    let nova_compute = node.s.path("nova-compute");
+    let sleep = ["/usr/bin/sleep", "/bin/sleep"].into_iter().find(|p| Path::new(p).exists());
+    fs::copy(sleep.expect("this test needs /usr/bin/sleep (coreutils)"), &nova_compute).unwrap();
+    let script = r#"mount --bind "$1" "$2"; echo ready; exec "$3" 60"#;
+    let start = |propagation: &str, view: &Path| {
+        let mut p = Proc::spawn(
+            tool("unshare")
+                .args(["--mount", "--propagation", propagation, "--", "bash", "-c", script])
+                .arg("ctr")
+                .arg(node.s.tmp.path())
+                .arg(view)
+                .arg(&nova_compute),
+        );
+        p.wait_line("ready");
+        wait_until(Duration::from_secs(10), "the exec of nova-compute", || {
+            let comm = fs::read_to_string(format!("/proc/{}/comm", p.pid())).ok()?;
+            (comm.trim() == "nova-compute").then_some(())
+        });
+        p
+    };
+    let other_view = tempfile::Builder::new().prefix("icfs-test-ctr").tempdir().unwrap();
+    let slave = start("slave", node.view.path());
+    let private = start("private", other_view.path());
+    let preflight = Path::new(env!("CARGO_MANIFEST_DIR")).join("mount-scripts/preflight.sh");
+    let (code, out, err) = run(Command::new(preflight)
+        .arg("--cache-dir")
+        .arg(&node.s.base)
+        .env("IMAGECACHEFS_BIN", bin()));
+    let ctx = format!("preflight: exit {code}\nstdout: {out}\nstderr: {err}");
+    let line_of = |pid: u32| {
+        out.lines().find(|l| l.contains(&format!("pid {pid} (nova-compute)"))).map(str::to_string)
+    };
+    assert!(out.lines().any(|l| l.starts_with("ok") && l.contains("is a shared mount")), "{ctx}");
+    let ok = line_of(slave.pid()).unwrap_or_else(|| panic!("the slave one is named\n{ctx}"));
+    assert!(ok.starts_with("ok") && ok.contains("receives mounts"), "{ok}\n{ctx}");
+    let bad = line_of(private.pid()).unwrap_or_else(|| panic!("the private one is named\n{ctx}"));
+    assert!(bad.starts_with("FAIL") && bad.contains("private propagation"), "{bad}\n{ctx}");
+    assert_eq!(code, 1, "{ctx}");
+}
