@@ -673,3 +673,23 @@ fn preflight_warns_about_shared_storage() {
     );
     drop(outer);
 }
+
+#[test]
+fn helper_passes_create_dir_and_a_quoted_selinux_context_through() {
+    let s = Scratch::new();
+    fs::remove_dir(&s.base).unwrap();
+    let dir = s.base.to_str().unwrap();
+    // mount(8) keeps the quotes of an MLS range with commas: one option, not two.
+    let opts = r#"create_dir,context="system_u:object_r:virt_content_t:s0:c1,c2",rw"#;
+    let (code, out, err) = helper(&[dir, dir, "-f", "-o", opts]);
+    assert_eq!(code, 0, "-f:\nstdout: {out}\nstderr: {err}");
+    assert!(err.contains(" --create-dir "), "{err}");
+    assert!(err.contains(r"--context system_u:object_r:virt_content_t:s0:c1\,c2"), "{err}");
+    assert!(!s.base.exists(), "-f makes nothing");
+    // Without SELinux the daemon's own check refuses the context, and nothing is made.
+    if !Path::new("/sys/fs/selinux/enforce").exists() {
+        assert_helper_refuses(&s.base, &[dir, dir, "-o", opts], "--context needs SELinux");
+        assert!(!s.base.exists(), "a refusal makes nothing");
+    }
+    assert_helper_refuses(&s.base, &[dir, dir, "-o", r#"context="a:b"#], "unbalanced");
+}

@@ -10,7 +10,7 @@ set -euo pipefail
 
 case ${1-} in
     -h | --help)
-        sed -n '2,6p' "$0" | sed 's/^# \{0,1\}//'
+        sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//'
         exit 0 ;;
     '') ;;
     *) echo "setup: unknown argument $1 (see --help)" >&2; exit 2 ;;
