@@ -209,3 +209,32 @@ fn debian_package_installs_mounts_through_mount_t_and_removes_cleanly() {
     assert!(!Path::new(conffile).exists(), "dpkg -P left {conffile}");
     assert!(installed_state().is_none_or(|s| s.contains("not-installed")), "still known to dpkg");
 }
+
+/// The package's `/etc/logrotate.d/imagecachefs`, run by real logrotate against a daemon with
+/// `--log-file` (the path swapped for a scratch one): the log is moved away and the daemon,
+/// sent SIGHUP by `postrotate`, writes a new one.
+#[test]
+fn the_shipped_logrotate_snippet_rotates_a_running_daemons_log() {
+    let s = Scratch::new();
+    let log = s.path("imagecachefs.log");
+    let snippet = fs::read_to_string(repo().join("packaging/logrotate")).unwrap();
+    assert!(snippet.contains("/var/log/imagecachefs.log {"), "{snippet}");
+    let conf = s.path("logrotate.conf");
+    fs::write(&conf, snippet.replace("/var/log/imagecachefs.log", log.to_str().unwrap())).unwrap();
+    let m = Mount::new(&s.base, &["--log-file", log.to_str().unwrap()]);
+    let read = |p: &Path| fs::read_to_string(p).unwrap_or_default();
+    wait_until(Duration::from_secs(10), "the mount line in --log-file", || {
+        read(&log).contains("mounted over").then_some(())
+    });
+    let (code, out, err) = run_timeout(
+        tool("logrotate").arg("-f").arg("-s").arg(s.path("logrotate.state")).arg(&conf),
+        Duration::from_secs(30),
+    );
+    assert_eq!(code, 0, "logrotate:\nstdout: {out}\nstderr: {err}");
+    let rotated = s.path("imagecachefs.log.1");
+    assert!(read(&rotated).contains("mounted over"), "the old lines were moved away");
+    wait_until(Duration::from_secs(10), "the daemon's new log file", || {
+        read(&log).contains("SIGHUP: reopened the log file").then_some(())
+    });
+    assert!(m.stop().success());
+}

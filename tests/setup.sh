@@ -3,8 +3,8 @@
 # nothing): qemu tools, util-linux (unshare, setpriv), acl (setfacl, getfacl), strace (its
 # fault injection slows a syscall of the daemon), python3 with prometheus_client (the
 # metrics test parses the exposition with the Prometheus client's own parser), shellcheck (the
-# mount scripts must pass it), cargo-deb (the package round trip in tests/install.rs builds the
-# .deb with it). The README's test command runs it first:
+# mount scripts must pass it), logrotate and cargo-deb (tests/install.rs runs the package's
+# logrotate snippet and builds the .deb). The README's test command runs it first:
 #   tests/setup.sh && cargo test --no-fail-fast
 set -euo pipefail
 
@@ -26,6 +26,8 @@ command -v strace >/dev/null || need+=(strace)
 # The system's python3 too: tests run scripts as `nobody`, who cannot run a per-user one.
 command -v python3 >/dev/null && [ -x /usr/bin/python3 ] || need+=(python3)
 command -v shellcheck >/dev/null || need+=(shellcheck)
+# The package's logrotate snippet is run for real (tests/install.rs).
+command -v logrotate >/dev/null || need+=(logrotate)
 if ! command -v python3 >/dev/null || ! python3 -c 'import prometheus_client' 2>/dev/null; then
     need+=(python3-prometheus-client)
 fi
