@@ -15,6 +15,10 @@ Checks that this machine is ready for `imagecachefs mount DIR`:
     holds no entry named .imagecache
   - free inodes on DIR's filesystem (df -i)
   - the hard limit on open files (ulimit -Hn >= 65536 recommended)
+  - mount propagation, for Nova in containers: the mount holding DIR is shared
+    (so a mount made on DIR reaches containers), and every nova-compute,
+    libvirtd and virtqemud running in another mount namespace receives mounts
+    from it (its volume is rslave or rshared, not private)
   - processes holding files under DIR open (a warning: imagecachefs finds them
     at mount time and counts them as holders until they close those files)
   - nova.conf sets [image_cache] remove_unused_base_images = False (otherwise
@@ -143,7 +147,7 @@ else
             fail "$dir is a dead imagecachefs mount (its daemon is gone): run imagecachefs unmount $dir"
         fi
     elif [ ! -e "$dir" ]; then
-        fail "$dir does not exist (Nova creates it on the first spawn; mkdir it, owned by nova)"
+        warn "$dir does not exist yet: mount --create-dir (the systemd unit uses it; fstab option create_dir) makes it, owned like ${dir%/*}"
     elif [ ! -d "$dir" ]; then
         fail "$dir is not a directory"
     else
@@ -167,6 +171,62 @@ if [ "$dir_ok" -eq 1 ]; then
     else
         warn "df -i $dir failed"
     fi
+fi
+
+# --- mount propagation (Nova in containers) -----------------------------------------------------
+# A mount made on DIR reaches another mount namespace (a container's) only through propagation:
+# the host's mount holding DIR must be shared, and the container's copy of it a slave or a peer
+# of that group (kolla and docker: a volume with :rslave or :rshared; Kubernetes:
+# mountPropagation HostToContainer or Bidirectional). A private copy keeps showing the covered
+# directory. Only the kernel's mount tables are read: nothing is stat'ed.
+# The mount holding $1, in the mountinfo file $2: "ID MAJ:MIN MOUNTPOINT OPTIONAL-FIELDS...".
+holding_mount() {
+    awk -v want="${1// /\\040}" '
+        { split($0, halves, " - "); n = split(halves[1], f, " ") }
+        want == f[5] || index(want "/", (f[5] == "/" ? "/" : f[5] "/")) == 1 {
+            if (length(f[5]) >= best) {
+                best = length(f[5]); opt = ""
+                for (i = 7; i <= n; i++) opt = opt " " f[i]
+                line = f[1] " " f[3] " " f[5] opt
+            }
+        }
+        END { print line }
+    ' "$2"
+}
+if [ "$dir_ok" -eq 1 ] || [ -d "${dir%/*}" ]; then
+    read -r _ host_dev host_mp host_opts <<<"$(holding_mount "$dir" /proc/self/mountinfo)"
+    group=
+    for o in $host_opts; do
+        case $o in shared:*) group=${o#shared:} ;; esac
+    done
+    if [ -n "$group" ]; then
+        ok "$host_mp (holding $dir) is a shared mount (peer group $group): a mount on $dir reaches containers that bind it rslave or rshared"
+    else
+        warn "$host_mp (holding $dir) is not a shared mount: a mount on $dir reaches no container started before it (mount --make-rshared $host_mp; systemd makes / shared)"
+    fi
+    own_ns=$(readlink /proc/self/ns/mnt)
+    for comm_file in /proc/[0-9]*/comm; do
+        pid=${comm_file#/proc/}
+        pid=${pid%/comm}
+        comm=$(cat "$comm_file" 2>/dev/null) || continue
+        case $comm in nova-compute | libvirtd | virtqemud) ;; *) continue ;; esac
+        ns=$(readlink "/proc/$pid/ns/mnt" 2>/dev/null) || continue
+        [ "$ns" != "$own_ns" ] || continue
+        # Its mounts of DIR's filesystem, and whether any receives from our peer group.
+        found=$(awk -v dev="$host_dev" -v group="$group" '
+            { split($0, halves, " - "); n = split(halves[1], f, " ") }
+            f[3] == dev {
+                seen = 1
+                for (i = 7; i <= n; i++) if (group != "" && (f[i] == "master:" group || f[i] == "shared:" group)) gets = 1
+            }
+            END { print (gets ? "receives" : (seen ? "private" : "none")) }
+        ' "/proc/$pid/mountinfo" 2>/dev/null) || continue
+        case $found in
+            receives) ok "pid $pid ($comm) in another mount namespace receives mounts from $host_mp (rslave or rshared)" ;;
+            private) fail "pid $pid ($comm) is in a mount namespace whose copy of $host_mp does not receive mounts (private propagation): it would keep seeing the covered $dir; recreate its container with the volume rslave or rshared (OPERATIONS.md, Nova in containers)" ;;
+            none) note "pid $pid ($comm) is in another mount namespace without $host_mp's filesystem: not checked" ;;
+        esac
+    done
 fi
 
 # --- limits ----------------------------------------------------------------------------------

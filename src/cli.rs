@@ -49,6 +49,13 @@ pub enum Command {
     Verify(Target),
     /// Evict NAME now; refused if it is in use, being written, pinned or referenced.
     Evict(Target),
+    /// Write the man pages (imagecachefs(8), one per command, mount.fuse.imagecachefs(8))
+    /// into DIR; the package build runs it.
+    #[command(hide = true)]
+    Man {
+        /// Where the pages go (created if missing).
+        dir: PathBuf,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -86,6 +93,16 @@ pub struct MountArgs {
     /// times slower; for troubleshooting, or where passthrough cannot work).
     #[arg(long, help_heading = "Process")]
     pub no_passthrough: bool,
+
+    /// Create DIR when it does not exist yet (a fresh node where Nova has not made _base),
+    /// owned like its parent, the instances directory, with the parent's mode.
+    #[arg(long, help_heading = "Process")]
+    pub create_dir: bool,
+
+    /// The SELinux label of every file in the mount (the context= mount option), e.g.
+    /// system_u:object_r:virt_content_t:s0; needs SELinux.
+    #[arg(long, value_name = "CONTEXT", help_heading = "Process", value_parser = parse_context)]
+    pub context: Option<String>,
 
     /// Idle age after which originals, ephemeral and swap files go (default 86400).
     #[arg(long, value_name = "SECS", help_heading = "Eviction", value_parser = parse_secs,
@@ -177,6 +194,17 @@ fn parse_rate(s: &str) -> Result<u64, String> {
     parse_bounded(s, 0..=MAX_RATE_MIB)
 }
 
+/// An SELinux context goes into the mount options as `context="..."`: no quote, no control
+/// character, at most a page.
+fn parse_context(s: &str) -> Result<String, String> {
+    if s.is_empty() || s.len() > 4096 || s.chars().any(|c| c == '"' || c.is_control()) {
+        return Err(format!(
+            "{s:?} is not an SELinux context (like system_u:object_r:virt_content_t:s0)"
+        ));
+    }
+    Ok(s.to_owned())
+}
+
 impl MountArgs {
     /// Resolves the options: a flag wins over nova.conf, which wins over Nova's defaults.
     pub fn into_config(mut self) -> Result<MountConfig, String> {
@@ -212,6 +240,9 @@ impl MountArgs {
                 }
                 Err(e) => return Err(format!("{} ({from}): {e}", dir.display())),
             }
+        }
+        if self.context.is_some() {
+            crate::setup::selinux_enabled()?;
         }
         let d = Policy::default();
         let policy = Policy {
@@ -253,8 +284,147 @@ impl MountArgs {
             verify_rate_mib: self.verify_rate,
             nova_conf: self.nova_conf,
             metrics_listen: self.metrics_listen,
+            create_dir: self.create_dir,
+            context: self.context,
         })
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Man pages, generated from the definitions above so that they never drift from `--help`.
+
+/// Section 8: system administration commands.
+const MAN_SECTION: &str = "8";
+/// The mount(8) helper of `mount-scripts/`, documented from the `mount` flags it maps.
+pub const HELPER: &str = "mount.fuse.imagecachefs";
+
+/// Writes imagecachefs.8, imagecachefs-COMMAND.8 for each command, and
+/// mount.fuse.imagecachefs.8 into `dir`; returns the files written.
+pub fn write_man_pages(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    use clap::CommandFactory;
+    std::fs::create_dir_all(dir)?;
+    let mut cmd = Cli::command().disable_help_subcommand(true);
+    cmd.build();
+    let mut written = Vec::new();
+    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+        written.push(man(sub.clone()).generate_to(dir)?);
+    }
+    written.push(man(cmd.clone()).generate_to(dir)?);
+    let mount = cmd.find_subcommand("mount").expect("the mount command").clone();
+    let path = dir.join(format!("{HELPER}.{MAN_SECTION}"));
+    std::fs::write(&path, helper_page(&mount)?)?;
+    written.push(path);
+    Ok(written)
+}
+
+fn man(cmd: clap::Command) -> clap_mangen::Man {
+    clap_mangen::Man::new(cmd).section(MAN_SECTION).manual("imagecachefs")
+}
+
+/// The `-o` option the fstab helper maps to a `mount` flag: `--min-free` is `min_free`.
+pub fn helper_option(flag: &str) -> String {
+    flag.trim_start_matches('-').replace('-', "_")
+}
+
+/// mount.fuse.imagecachefs(8): its own arguments, then one `-o` option per `mount` flag.
+fn helper_page(mount: &clap::Command) -> std::io::Result<String> {
+    use clap::{Arg, ArgAction};
+    use roff::{bold, italic, roman, Roff};
+    let helper = clap::Command::new(HELPER)
+        .version(env!("CARGO_PKG_VERSION"))
+        .about("mount(8) helper for /etc/fstab entries of type fuse.imagecachefs")
+        .long_about(
+            "mount(8) runs this helper for /etc/fstab entries (and `mount -t fuse.imagecachefs`) \
+             of type fuse.imagecachefs. imagecachefs is mounted over the cache directory \
+             itself, so SOURCE must be the same directory as DIR. The helper checks the \
+             options with `imagecachefs mount DIR --check FLAGS`, detaches a dead mount left \
+             by a killed daemon, leaves a live one as it is, then runs `imagecachefs mount \
+             DIR --background FLAGS` and returns once the mount is live. The binary is \
+             $IMAGECACHEFS_BIN if set, else /usr/bin/imagecachefs where the package \
+             installed the helper, else imagecachefs on PATH. Exit status: 0 mounted (or \
+             already mounted), 1 bad usage or option, 32 the mount failed.",
+        )
+        .disable_version_flag(true)
+        .arg(Arg::new("source").value_name("SOURCE").required(true).help("The cache directory"))
+        .arg(Arg::new("dir").value_name("DIR").required(true).help("The same directory"))
+        .arg(
+            Arg::new("options")
+                .short('o')
+                .value_name("OPTIONS")
+                .help("Comma-separated filesystem options (see FILESYSTEM OPTIONS)"),
+        )
+        .arg(
+            Arg::new("sloppy")
+                .short('s')
+                .action(ArgAction::SetTrue)
+                .help("Sloppy: ignore unknown options with a warning instead of refusing them"),
+        )
+        .arg(
+            Arg::new("fake")
+                .short('f')
+                .action(ArgAction::SetTrue)
+                .help("Fake: print the command that would run, mount nothing"),
+        )
+        .arg(
+            Arg::new("verbose")
+                .short('v')
+                .action(ArgAction::SetTrue)
+                .help("Print the command before running it"),
+        )
+        .arg(Arg::new("no-mtab").short('n').action(ArgAction::SetTrue).help("Accepted (no mtab)"))
+        .arg(
+            Arg::new("type")
+                .short('t')
+                .value_name("TYPE")
+                .help("Checked: fuse.imagecachefs or imagecachefs"),
+        );
+    let page = man(helper);
+    let mut out = Vec::new();
+    page.render_title(&mut out)?;
+    page.render_name_section(&mut out)?;
+    page.render_synopsis_section(&mut out)?;
+    page.render_description_section(&mut out)?;
+    page.render_options_section(&mut out)?;
+    let mut roff = Roff::new();
+    roff.control("SH", ["FILESYSTEM OPTIONS"]);
+    roff.text([roman(
+        "Each option becomes the imagecachefs mount flag of the same name (see \
+         imagecachefs-mount(8)); values are checked by imagecachefs itself before anything \
+         is mounted.",
+    )]);
+    for arg in mount.get_arguments() {
+        let Some(long) = arg.get_long() else { continue };
+        if ["background", "check", "help", "verbose"].contains(&long) {
+            continue;
+        }
+        let name = helper_option(long);
+        let takes_value = arg.get_num_args().is_some_and(|n| n.takes_values());
+        roff.control("TP", []);
+        match arg.get_value_names().and_then(|v| v.first()).filter(|_| takes_value) {
+            Some(v) => roff.text([bold(format!("{name}=")), italic(v.to_string())]),
+            None => roff.text([bold(name)]),
+        };
+        let help = arg.get_help().map(|h| h.to_string()).unwrap_or_default();
+        roff.text([roman(format!("--{long}: {help}"))]);
+    }
+    roff.control("TP", []);
+    roff.text([bold(
+        "rw, defaults, auto, noauto, nodev, nosuid, user, nouser, _netdev, nofail, x-*, comment=*",
+    )]);
+    roff.text([roman(
+        "Accepted and ignored (the mount is always nodev,nosuid). ro is refused: Nova, \
+         libvirt and QEMU write into the cache. Any other option is refused unless -s is given.",
+    )]);
+    roff.control("SH", ["EXAMPLE"]);
+    roff.text([roman(
+        "/var/lib/nova/instances/_base /var/lib/nova/instances/_base fuse.imagecachefs \
+         nova_conf=/etc/nova/nova.conf,create_dir,log_file=/var/log/imagecachefs.log 0 0",
+    )]);
+    roff.control("SH", ["SEE ALSO"]);
+    roff.text([roman("imagecachefs(8), imagecachefs-mount(8), mount(8), fstab(5)")]);
+    roff.to_writer(&mut out)?;
+    page.render_version_section(&mut out)?;
+    String::from_utf8(out).map_err(std::io::Error::other)
 }
 
 #[cfg(test)]
@@ -372,5 +542,58 @@ mod tests {
     #[test]
     fn bad_thread_count_is_a_usage_error() {
         assert!(Cli::try_parse_from(["imagecachefs", "mount", "/x", "--threads", "0"]).is_err());
+    }
+
+    #[test]
+    fn man_pages_name_every_flag_and_the_helper_every_option() {
+        use clap::CommandFactory;
+        let tmp = tempfile::tempdir().unwrap();
+        let written = write_man_pages(tmp.path()).unwrap();
+        let names: Vec<String> =
+            written.iter().map(|p| p.file_name().unwrap().to_string_lossy().into_owned()).collect();
+        for want in ["imagecachefs.8", "imagecachefs-mount.8", "mount.fuse.imagecachefs.8"] {
+            assert!(names.iter().any(|n| n == want), "{want} in {names:?}");
+        }
+        assert!(!names.iter().any(|n| n.contains("-man.")), "the hidden command has no page");
+        let read = |n: &str| std::fs::read_to_string(tmp.path().join(n)).unwrap();
+        let (mount_page, helper_page) =
+            (read("imagecachefs-mount.8"), read("mount.fuse.imagecachefs.8"));
+        let script = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("mount-scripts").join(HELPER),
+        )
+        .unwrap();
+        let cmd = Cli::command();
+        let mount = cmd.find_subcommand("mount").unwrap();
+        let mut options = 0;
+        for long in mount.get_arguments().filter_map(|a| a.get_long()) {
+            // roff escapes the dashes of flags.
+            let escaped = format!("\\-\\-{}", long.replace('-', "\\-"));
+            assert!(mount_page.contains(&escaped), "--{long} in imagecachefs-mount.8");
+            if ["background", "check", "help", "verbose"].contains(&long) {
+                continue;
+            }
+            let option = helper_option(long);
+            assert!(
+                helper_page.contains(&option.replace('-', "\\-")),
+                "{option} in the helper's page"
+            );
+            assert!(script.contains(&format!("        {option})")), "the helper maps {option}");
+            options += 1;
+        }
+        assert!(options > 10, "only {options} helper options");
+    }
+
+    #[test]
+    fn a_context_is_refused_where_selinux_is_off_and_a_bad_one_everywhere() {
+        let bad = Cli::try_parse_from(["imagecachefs", "mount", "/x", "--context", "a\"b"]);
+        assert!(bad.expect_err("refused").to_string().contains("is not an SELinux context"));
+        let cli =
+            Cli::try_parse_from(["imagecachefs", "mount", "/x", "--context", "u:r:t:s0"]).unwrap();
+        let Command::Mount(m) = cli.command else { panic!("not mount") };
+        match (m.into_config(), crate::setup::selinux_enabled()) {
+            (Ok(c), Ok(())) => assert_eq!(c.context.as_deref(), Some("u:r:t:s0")),
+            (Err(e), Err(why)) => assert_eq!(e, why),
+            (got, selinux) => panic!("{got:?} with SELinux {selinux:?}"),
+        }
     }
 }

@@ -135,6 +135,10 @@ pub struct MountConfig {
     pub storage: StorageChoice,
     /// Where to serve `GET /metrics` over HTTP (`--metrics-listen`); off when `None`.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Create a missing cache directory, owned like its parent (`--create-dir`).
+    pub create_dir: bool,
+    /// The SELinux `context=` mount option, if any.
+    pub context: Option<String>,
 }
 
 impl MountConfig {

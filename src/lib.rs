@@ -24,6 +24,7 @@ pub mod novaconf;
 pub mod passthrough;
 pub mod procfs;
 pub mod run;
+pub mod setup;
 pub mod state;
 pub mod status;
 pub mod sync;

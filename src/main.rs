@@ -27,6 +27,13 @@ fn main() {
         Command::Unpin(t) => run::control_command(&t.dir, "unpin", &t.name),
         Command::Verify(t) => run::control_command(&t.dir, "verify", &t.name),
         Command::Evict(t) => run::control_command(&t.dir, "evict", &t.name),
+        Command::Man { dir } => match imagecachefs::cli::write_man_pages(&dir) {
+            Ok(_) => 0,
+            Err(e) => {
+                eprintln!("imagecachefs: writing man pages into {}: {e}", dir.display());
+                1
+            }
+        },
     };
     std::process::exit(code);
 }

@@ -147,6 +147,8 @@ pub struct Prepared {
     pub dir: PathBuf,
     pub dir_fd: OwnedFd,
     pub dev: OwnedFd,
+    /// The SELinux `context=` mount option, if any.
+    pub context: Option<String>,
 }
 
 /// Checks `dir` and opens everything the mount needs; refuses with one line.
@@ -191,18 +193,22 @@ pub fn prepare(dir: &Path) -> Result<Prepared, Refusal> {
     };
     let c = CString::new(abs.as_os_str().as_bytes()).map_err(|_| Refusal("bad path".into()))?;
     let dir_fd = backing::open_dir_path(&c).map_err(|e| Refusal(format!("{shown}: {e}")))?;
-    Ok(Prepared { dir: abs, dir_fd, dev })
+    Ok(Prepared { dir: abs, dir_fd, dev, context: None })
 }
 
 /// Mounts the FUSE connection over the directory itself.
 pub fn mount(p: &Prepared) -> Result<(), Refusal> {
     use std::os::fd::AsRawFd;
     let target = CString::new(p.dir.as_os_str().as_bytes()).expect("checked in prepare");
-    let data = CString::new(format!(
+    let mut data = format!(
         "fd={},rootmode=40000,user_id=0,group_id=0,allow_other,default_permissions",
         p.dev.as_fd().as_raw_fd()
-    ))
-    .expect("no NUL");
+    );
+    if let Some(context) = &p.context {
+        // Quoted: an MLS range has commas (`s0:c1,c2`); the parser keeps out quotes.
+        data.push_str(&format!(",context=\"{context}\""));
+    }
+    let data = CString::new(data).map_err(|_| Refusal("a NUL in the mount options".into()))?;
     let source = CString::new(SOURCE).expect("no NUL");
     let fstype = CString::new(FSTYPE).expect("no NUL");
     let rc = unsafe {

@@ -400,7 +400,7 @@ fn makedev(dev: (u32, u32)) -> u64 {
 
 /// Mounts, serves until the kernel ends the session, and returns.
 fn serve(cfg: &MountConfig, on_ready: impl FnOnce()) -> Result<(), Refusal> {
-    let prepared = mount::prepare(&cfg.dir)?;
+    let prepared = crate::setup::prepare(cfg)?;
     let dir = prepared.dir.clone();
     // Where the mount lands (a symlinked directory's target), resolved before the mount:
     // afterwards resolving it would ask this daemon, which serves nothing yet.

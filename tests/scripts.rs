@@ -134,7 +134,7 @@ fn every_script_is_bash_strict_and_shellcheck_clean() {
         assert_eq!(code, 0, "shellcheck {name}:\n{out}{err}");
     }
     // The repository's other scripts (the README's test command starts with tests/setup.sh).
-    for rel in ["tests/setup.sh", ".ci/run"] {
+    for rel in ["tests/setup.sh", ".ci/run", "packaging/build-deb.sh"] {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(rel);
         let text = fs::read_to_string(&path).unwrap();
         assert!(has_line(&text, "set -euo pipefail"), "{rel}: set -euo pipefail");
@@ -200,7 +200,7 @@ fn systemd_unit_and_drop_in_carry_the_required_keys_and_verify() {
     assert_eq!(unit_value(&keys, "Service", "Type"), "simple");
     assert_eq!(
         unit_value(&keys, "Service", "ExecStart"),
-        "/usr/local/bin/imagecachefs mount /var/lib/nova/instances/_base \
+        "/usr/local/bin/imagecachefs mount /var/lib/nova/instances/_base --create-dir \
          --nova-conf /etc/nova/nova.conf",
         "the daemon runs in the foreground, without --background"
     );
@@ -672,4 +672,24 @@ fn preflight_warns_about_shared_storage() {
         "{ctx}"
     );
     drop(outer);
+}
+
+#[test]
+fn helper_passes_create_dir_and_a_quoted_selinux_context_through() {
+    let s = Scratch::new();
+    fs::remove_dir(&s.base).unwrap();
+    let dir = s.base.to_str().unwrap();
+    // mount(8) keeps the quotes of an MLS range with commas: one option, not two.
+    let opts = r#"create_dir,context="system_u:object_r:virt_content_t:s0:c1,c2",rw"#;
+    let (code, out, err) = helper(&[dir, dir, "-f", "-o", opts]);
+    assert_eq!(code, 0, "-f:\nstdout: {out}\nstderr: {err}");
+    assert!(err.contains(" --create-dir "), "{err}");
+    assert!(err.contains(r"--context system_u:object_r:virt_content_t:s0:c1\,c2"), "{err}");
+    assert!(!s.base.exists(), "-f makes nothing");
+    // Without SELinux the daemon's own check refuses the context, and nothing is made.
+    if !Path::new("/sys/fs/selinux/enforce").exists() {
+        assert_helper_refuses(&s.base, &[dir, dir, "-o", opts], "--context needs SELinux");
+        assert!(!s.base.exists(), "a refusal makes nothing");
+    }
+    assert_helper_refuses(&s.base, &[dir, dir, "-o", r#"context="a:b"#], "unbalanced");
 }
