@@ -104,6 +104,24 @@ impl Notifier {
         self.send_inval(notify_code::FUSE_NOTIFY_DELETE, &notif)
     }
 
+    /// imagecachefs patch: `FUSE_NOTIFY_RESEND` (protocol 7.40). The kernel puts every
+    /// request that a server of this connection read but never answered back at the head of
+    /// the queue, with bit 63 set in its `unique`. A server that took over the connection of
+    /// one that died sends it before it reads anything.
+    /// # Errors
+    /// Returns an error if the kernel rejects the notification (before Linux 6.9).
+    pub fn resend(&self) -> io::Result<()> {
+        self.send(notify_code::FUSE_NOTIFY_RESEND, &Notification::new_bare())
+    }
+
+    /// imagecachefs patch: `FUSE_NOTIFY_INC_EPOCH` (protocol 7.44): every cached dentry is
+    /// looked up again at its next use.
+    /// # Errors
+    /// Returns an error if the kernel rejects the notification.
+    pub fn inc_epoch(&self) -> io::Result<()> {
+        self.send(notify_code::FUSE_NOTIFY_INC_EPOCH, &Notification::new_bare())
+    }
+
     #[allow(unused)]
     fn send_inval(&self, code: notify_code, notification: &Notification<'_>) -> io::Result<()> {
         match self.send(code, notification) {
