@@ -17,6 +17,7 @@ pub mod evict;
 pub mod fs;
 pub mod fuse;
 pub mod guard;
+pub mod journal;
 pub mod kind;
 pub mod mount;
 pub mod novaconf;
