@@ -58,6 +58,13 @@ pub struct NodeRec {
     seq: u64,
 }
 
+impl NodeRec {
+    /// Creation order (parents before children).
+    pub fn order(&self) -> u64 {
+        self.seq
+    }
+}
+
 /// An open file handle.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct OpenRec {
@@ -596,7 +603,8 @@ pub fn file_handle(fd: BorrowedFd<'_>) -> Vec<u8> {
     out
 }
 
-/// Opens (`O_PATH`) the file a [`file_handle`] names, on the filesystem of `mount_fd`.
+/// Opens (`O_PATH`) the file a [`file_handle`] names, on the filesystem of `mount_fd` (an
+/// fd opened for reading: the kernel refuses an `O_PATH` one).
 pub fn open_handle(mount_fd: BorrowedFd<'_>, handle: &[u8]) -> io::Result<OwnedFd> {
     if handle.len() < 4 || handle.len() > 4 + 128 {
         return Err(io::Error::from_raw_os_error(libc::EINVAL));
@@ -791,7 +799,12 @@ mod tests {
     fn file_handles_reopen_the_same_file() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("f"), b"x").unwrap();
-        let root = File::open(dir.path()).unwrap();
+        // The root as the server holds it: an `O_PATH` fd.
+        let c = std::ffi::CString::new(dir.path().as_os_str().as_encoded_bytes()).unwrap();
+        let root = crate::backing::open_dir_path(&c).unwrap();
+        assert!(open_handle(root.as_fd(), &[0; 8]).is_err(), "an O_PATH fd is refused");
+        let root =
+            crate::backing::reopen(root.as_fd(), libc::O_RDONLY | libc::O_DIRECTORY).unwrap();
         let f = File::open(dir.path().join("f")).unwrap();
         let h = file_handle(f.as_fd());
         assert!(!h.is_empty(), "the test directory's filesystem gives file handles");

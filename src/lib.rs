@@ -26,6 +26,7 @@ pub mod procfs;
 pub mod run;
 pub mod state;
 pub mod status;
+pub mod supervise;
 pub mod sync;
 pub mod text;
 pub mod verify;
