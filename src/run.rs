@@ -634,7 +634,9 @@ fn serve(cfg: &MountConfig, on_ready: impl FnOnce(), sup: ServerFds) -> Result<(
     let info = crate::cache::ServerInfo {
         pid: std::process::id(),
         started,
-        restarts: sup.restarts,
+        // Servers this connection had before this one (the journal counts them, whoever
+        // supervised them).
+        restarts: u64::from(incarnation.saturating_sub(1)),
         last_restart,
     };
     let sock = Arc::new(sup.sock);
@@ -678,6 +680,15 @@ fn spawn_supervisor_listener(sock: Arc<OwnedFd>, cache: Arc<Cache>) {
                         let why = String::from_utf8_lossy(why).into_owned();
                         cache.restart_refused(&why);
                     }
+                }
+                Ok(None) | Err(_) if supervise::fdstore_enabled() => {
+                    // systemd keeps the connection and starts a supervisor that takes it
+                    // over: two servers must never serve one connection.
+                    log::warn!(
+                        "the supervisor is gone; systemd's fd store keeps the mount: exiting"
+                    );
+                    cache.persist();
+                    std::process::exit(0);
                 }
                 Ok(None) | Err(_) => {
                     log::warn!(

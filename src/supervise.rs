@@ -31,6 +31,40 @@ pub const RESTARTS_ENV: &str = "IMAGECACHEFS_RESTARTS";
 /// and why.
 pub const LAST_RESTART_ENV: &str = "IMAGECACHEFS_LAST_RESTART";
 
+/// Set (to `1`) by a systemd unit with `FileDescriptorStoreMax=3` or more: the connection's fds
+/// are also kept in systemd's fd store, so a new supervisor started by systemd takes over.
+pub const FDSTORE_ENV: &str = "IMAGECACHEFS_FDSTORE";
+/// The names of the fds in systemd's fd store.
+const STORE_NAMES: [&str; 3] = ["imagecachefs-dev", "imagecachefs-dir", "imagecachefs-journal"];
+
+/// Whether the connection's fds go to systemd's fd store too.
+pub fn fdstore_enabled() -> bool {
+    std::env::var_os(FDSTORE_ENV).is_some_and(|v| v == "1")
+        && std::env::var_os("NOTIFY_SOCKET").is_some()
+}
+
+/// The fds systemd handed back from its store (`LISTEN_FDS`, `LISTEN_FDNAMES`), by name.
+fn fds_from_systemd() -> Option<[OwnedFd; 3]> {
+    let pid: u32 = std::env::var("LISTEN_PID").ok()?.parse().ok()?;
+    if pid != std::process::id() {
+        return None;
+    }
+    let n: usize = std::env::var("LISTEN_FDS").ok()?.parse().ok()?;
+    let names = std::env::var("LISTEN_FDNAMES").unwrap_or_default();
+    for k in ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"] {
+        std::env::remove_var(k);
+    }
+    let mut found: [Option<OwnedFd>; 3] = [None, None, None];
+    for (i, name) in names.split(':').enumerate().take(n) {
+        let Some(fd) = take_fd(3 + i as u64) else { continue };
+        if let Some(k) = STORE_NAMES.iter().position(|s| *s == name) {
+            found[k] = Some(fd);
+        }
+    }
+    let [Some(dev), Some(dir), Some(journal)] = found else { return None };
+    Some([dev, dir, journal])
+}
+
 /// Messages on the socket between supervisor and server (one datagram each).
 pub const MSG_FDS: &[u8] = b"fds";
 pub const MSG_READY: &[u8] = b"ready";
@@ -370,6 +404,16 @@ impl Supervisor {
             let died = get(&kv, "died").unwrap_or_else(now_ms);
             sup.last_death = Some((died, "restart (upgrade)".into(), Instant::now()));
             info!("supervisor {} took over the connection", std::process::id());
+        } else if let Some([dev, dir, journal]) = fds_from_systemd() {
+            sup.held = Some(Held { dev, dir, mount_point: None });
+            sup.journal = journal;
+            sup.served = true;
+            let cause = "supervisor restarted by systemd (fd store)".to_owned();
+            sup.last_death = Some((now_ms(), cause, Instant::now()));
+            info!(
+                "supervisor {} took over the connection from systemd's fd store",
+                std::process::id()
+            );
         }
         Ok(sup)
     }
@@ -453,6 +497,11 @@ impl Supervisor {
             let cause = describe(&ended, self.plan.signal_name);
             if let Ended::Exited(0) = ended {
                 info!("server {} ended with the session; the mount is gone", server.pid);
+                if fdstore_enabled() {
+                    for name in STORE_NAMES {
+                        notify_systemd(&format!("FDSTOREREMOVE=1\nFDNAME={name}"));
+                    }
+                }
                 return 0;
             }
             if !self.served {
@@ -572,6 +621,12 @@ impl Supervisor {
         if msg == MSG_FDS {
             let mut it = fds.into_iter();
             if let (Some(dev), Some(dir)) = (it.next(), it.next()) {
+                if fdstore_enabled() {
+                    let fds = [dev.as_fd(), dir.as_fd(), self.journal.as_fd()];
+                    for (name, fd) in STORE_NAMES.iter().zip(fds) {
+                        notify_systemd_fds(&format!("FDSTORE=1\nFDNAME={name}"), &[fd]);
+                    }
+                }
                 self.held = Some(Held { dev, dir, mount_point: None });
             }
         } else if let Some(path) = msg.strip_prefix(MSG_MOUNTED) {
@@ -701,17 +756,21 @@ fn close_ready_fd() {
 
 /// `sd_notify`: one datagram to `$NOTIFY_SOCKET`, when systemd runs us (`Type=notify`).
 pub fn notify_systemd(state: &str) {
+    notify_systemd_fds(state, &[]);
+}
+
+/// `sd_pid_notify_with_fds`: the datagram carries `fds` (`FDSTORE=1`).
+fn notify_systemd_fds(state: &str, fds: &[BorrowedFd<'_>]) {
     let Some(path) = std::env::var_os("NOTIFY_SOCKET") else { return };
     let Ok(sock) = std::os::unix::net::UnixDatagram::unbound() else { return };
     let b = path.as_bytes();
-    let sent = if let Some(abs) = b.strip_prefix(b"@") {
+    let connected = if let Some(abs) = b.strip_prefix(b"@") {
         use std::os::linux::net::SocketAddrExt;
-        std::os::unix::net::SocketAddr::from_abstract_name(abs)
-            .and_then(|a| sock.send_to_addr(state.as_bytes(), &a))
+        std::os::unix::net::SocketAddr::from_abstract_name(abs).and_then(|a| sock.connect_addr(&a))
     } else {
-        sock.send_to(state.as_bytes(), Path::new(&path))
+        sock.connect(Path::new(&path))
     };
-    if let Err(e) = sent {
+    if let Err(e) = connected.and_then(|()| send(sock.as_fd(), state.as_bytes(), fds)) {
         warn!("telling systemd {state:?}: {e}");
     }
 }
