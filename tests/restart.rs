@@ -801,3 +801,198 @@ fn a_rename_done_by_a_dying_server_is_answered_as_done() {
     assert!(!n.real("from-name").exists(), "the old name is still there");
     assert_eq!(fs::read(n.real("to-name")).unwrap(), vec![0x72; 2000]);
 }
+
+// ------------------------------------------------------------------------------------------
+// Upgrade: `imagecachefs restart DIR` to the binary now on disk.
+// ------------------------------------------------------------------------------------------
+
+/// The inode of the program `pid` runs.
+fn exe_ino(pid: u32) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    fs::metadata(format!("/proc/{pid}/exe")).unwrap_or_else(|e| panic!("exe of {pid}: {e}")).ino()
+}
+
+/// Copies the binary under test to `to` through a new file renamed over it (a new inode, as
+/// a package upgrade makes); returns that inode.
+fn install_binary(to: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let tmp = to.with_extension("new");
+    fs::copy(bin(), &tmp).unwrap();
+    fs::rename(&tmp, to).unwrap();
+    fs::metadata(to).unwrap().ino()
+}
+
+/// `imagecachefs restart DIR` three times, each to a newly installed copy of the binary,
+/// while a VM-like `qemu-io` (direct, native AIO) reads its base through the mount: zero
+/// errors; each time the supervisor keeps its pid and runs the new file, a new server runs
+/// it too, and `status.json` counts the restart with a new start time.
+#[test]
+fn restart_to_a_newly_installed_binary_under_a_reading_vm_costs_nothing() {
+    let n = Node::new();
+    // Every slot holds its own byte, so a read from the wrong place is seen.
+    let f = File::create(n.real(RAW)).unwrap();
+    let mut expect = Vec::new();
+    for slot in 0..SLOTS {
+        let b = (slot % 251) as u8 + 1;
+        f.write_all_at(&vec![b; SLOT as usize], slot as u64 * SLOT).unwrap();
+        expect.push(b);
+    }
+    f.sync_all().unwrap();
+    let prog = n.s.path("bin/imagecachefs");
+    fs::create_dir_all(prog.parent().unwrap()).unwrap();
+    install_binary(&prog);
+    let m = Mount::with_binary(&prog, &n.base, &n.mount_args());
+    let sup = m.pid();
+    let mut vm = Vm::new(qemu_raw(&n.base.join(RAW), true), 0);
+    vm.expect = expect;
+    let qpid = vm.q.pid();
+    let stop = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let stop = stop.clone();
+        std::thread::spawn(move || vm.run(7, false, stop))
+    };
+    for round in 1..=3u64 {
+        let ctx = format!("restart {round}");
+        let before = server_status(&m);
+        let old_server = m.server_pid();
+        let restarts = server_restarts(&m);
+        // A start time in a later second than the old server's, whatever its resolution.
+        let t0 = unix_now();
+        wait_until(Duration::from_secs(3), "the clock to pass a second", || {
+            (unix_now() > t0).then_some(())
+        });
+        let ino = install_binary(&prog);
+        let (code, out, err) =
+            run_timeout(Command::new(&prog).arg("restart").arg(&m.dir), Duration::from_secs(60));
+        assert_eq!(code, 0, "{ctx}: imagecachefs restart failed:\n{out}{err}\n{}", m.log_text());
+        assert_eq!(out.trim().lines().count(), 1, "{ctx}: restart prints one line: {out:?}");
+        assert!(m.running(), "{ctx}: the supervisor exited");
+        let server = m.server_pid();
+        assert_ne!(server, old_server, "{ctx}: the server was not replaced");
+        assert_eq!(exe_ino(sup), ino, "{ctx}: the supervisor does not run the new binary");
+        assert_eq!(exe_ino(server), ino, "{ctx}: the server does not run the new binary");
+        let after = server_status(&m);
+        assert_eq!(after["pid"].as_u64(), Some(server as u64), "{ctx}: status.json {after}");
+        assert_ne!(after["started"], before["started"], "{ctx}: start time kept: {after}");
+        assert_eq!(server_restarts(&m), restarts + 1, "{ctx}: restarts: {after}");
+        assert!(!after["last_restart"].is_null(), "{ctx}: no last_restart: {after}");
+        assert_eq!(
+            refs(&m.dir, RAW),
+            fds_on(qpid, &n.base.join(RAW)),
+            "{ctx}: refs of the VM's base"
+        );
+    }
+    stop.store(true, Ordering::Relaxed);
+    let vm = reader.join().expect("the qemu-io reader panicked");
+    assert!(vm.errors.is_empty(), "qemu-io saw errors:\n{}", vm.errors.join("\n"));
+    assert!(vm.ops > SLOTS, "qemu-io made only {} reads", vm.ops);
+    vm.q.quit();
+    wait_until(POLL, "refs of RAW back to 0", || (refs(&m.dir, RAW) == 0).then_some(()));
+    assert!(m.stop().success(), "the daemon did not stop cleanly");
+}
+
+/// A binary that cannot read the running journal's format is refused: `restart` exits
+/// non-zero with one clear line naming the format, and the running server goes on serving.
+/// The running supervisor is made to write a format this binary does not read through
+/// `IMAGECACHEFS_JOURNAL_FORMAT_OVERRIDE` (a test-only switch of the daemon).
+#[test]
+fn restart_to_a_binary_that_cannot_read_the_journal_is_refused() {
+    let n = Node::new();
+    fill(&n.real(RAW), 0x61, MIB);
+    let m = Mount::with_env(
+        &n.base,
+        &n.mount_args(),
+        &[("IMAGECACHEFS_JOURNAL_FORMAT_OVERRIDE", "999")],
+    );
+    let server = m.server_pid();
+    let restarts = server_restarts(&m);
+    let (code, out, err) = run_timeout(
+        Command::new(bin())
+            .arg("restart")
+            .arg(&m.dir)
+            .env_remove("IMAGECACHEFS_JOURNAL_FORMAT_OVERRIDE"),
+        Duration::from_secs(60),
+    );
+    assert_ne!(code, 0, "a restart to a binary that cannot read format 999 succeeded:\n{out}{err}");
+    let msg = format!("{out}{err}");
+    assert_eq!(msg.trim().lines().count(), 1, "the refusal is one line: {msg:?}");
+    assert!(msg.contains("999"), "the refusal names the running format: {msg:?}");
+    assert_eq!(m.server_pid(), server, "the server was replaced anyway");
+    assert_eq!(server_restarts(&m), restarts, "a refused restart was counted");
+    assert_eq!(fs::read(m.dir.join(RAW)).unwrap(), vec![0x61; MIB as usize]);
+    assert!(m.stop().success(), "the daemon did not stop cleanly");
+}
+
+// ------------------------------------------------------------------------------------------
+// The reference model, with "server restart" among its operations.
+// ------------------------------------------------------------------------------------------
+
+/// Random opens (read or write), closes and `kill -9`s of the server through a real mount,
+/// the test process holding every handle; after each step `images/NAME` must show as many
+/// references as the model holds handles, `writing` exactly while a writer is open, and
+/// right after a restart without any wait (nothing was released meanwhile).
+#[test]
+fn references_follow_the_model_across_server_kills() {
+    const FILES: [&str; 3] = [RAW, RAW2, CHAIN];
+    let n = Node::new();
+    for (i, name) in FILES.iter().enumerate() {
+        fill(&n.real(name), i as u8 + 1, MIB);
+    }
+    let m = n.mount();
+    let seed = unix_now();
+    let mut rng = seed;
+    let mut held: Vec<(usize, bool, File)> = Vec::new();
+    let mut kills = 0;
+    let check = |held: &[(usize, bool, File)], step: usize, wait: bool| {
+        for (i, name) in FILES.iter().enumerate() {
+            let want = held.iter().filter(|h| h.0 == i).count() as u64;
+            let writing = held.iter().any(|h| h.0 == i && h.1);
+            let ok = || {
+                let img = image(&m.dir, name)?;
+                let r: u64 = img.get("refs")?.parse().ok()?;
+                (r == want && (img.get("state").map(String::as_str) == Some("writing")) == writing)
+                    .then_some(())
+            };
+            if wait {
+                wait_until(
+                    POLL,
+                    &format!("step {step} (seed {seed}): {name} refs {want}, writing {writing}"),
+                    ok,
+                );
+            } else {
+                assert!(
+                    ok().is_some(),
+                    "right after a restart, step {step} (seed {seed}): {name} should have refs \
+                     {want}, writing {writing}:\n{:?}",
+                    image(&m.dir, name)
+                );
+            }
+        }
+    };
+    for step in 0..60 {
+        let r = splitmix64(&mut rng);
+        match r % 8 {
+            0..=3 => {
+                let file = (r >> 8) as usize % FILES.len();
+                let write = (r >> 16) % 3 == 0;
+                let path = m.dir.join(FILES[file]);
+                let f = fs::OpenOptions::new().read(true).write(write).open(&path).unwrap();
+                held.push((file, write, f));
+                check(&held, step, true);
+            }
+            4 | 5 if !held.is_empty() => {
+                held.remove((r >> 8) as usize % held.len());
+                check(&held, step, true);
+            }
+            _ => {
+                m.kill_server();
+                kills += 1;
+                check(&held, step, false);
+            }
+        }
+    }
+    held.clear();
+    check(&held, 60, true);
+    assert!(kills > 0, "no kill in the sequence (seed {seed})");
+    assert!(m.stop().success(), "the daemon did not stop cleanly");
+}

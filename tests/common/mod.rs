@@ -159,6 +159,15 @@ impl Mount {
     /// As [`Mount::new`], run from the binary `program` (a copy that a test can replace
     /// before `imagecachefs restart`).
     pub fn with_binary(program: &Path, dir: &Path, extra: &[&str]) -> Self {
+        Mount::spawn(program, dir, extra, &[])
+    }
+
+    /// As [`Mount::new`], with extra environment variables for the daemon.
+    pub fn with_env(dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Self {
+        Mount::spawn(Path::new(bin()), dir, extra, env)
+    }
+
+    fn spawn(program: &Path, dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Self {
         require_fuse();
         let log = dir
             .with_file_name(format!("{}.daemon.log", dir.file_name().unwrap().to_string_lossy()));
@@ -168,6 +177,7 @@ impl Mount {
             .arg(dir)
             .args(extra)
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(logf.try_clone().unwrap())
             .stderr(logf)
