@@ -131,6 +131,25 @@ fn sha1sum(path: &Path) -> String {
     out.split_whitespace().next().unwrap().to_string()
 }
 
+/// Seconds since the epoch of an RFC 3339 UTC time (`2026-11-21T09:00:00Z`, fractions of a
+/// second ignored); panics on anything else.
+fn parse_time(s: &str) -> u64 {
+    let b = s.as_bytes();
+    let shape = b.len() >= 20 && b[4] == b'-' && b[10] == b'T' && s.ends_with('Z');
+    assert!(shape, "not an RFC 3339 UTC time: {s:?}");
+    let n = |from: usize, to: usize| -> i64 {
+        s[from..to].parse().unwrap_or_else(|_| panic!("not an RFC 3339 UTC time: {s:?}"))
+    };
+    let (y, mo, d) = (n(0, 4), n(5, 7), n(8, 10));
+    // Days since 1970-01-01 in the proleptic Gregorian calendar, years starting in March.
+    let y = if mo <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * ((mo + 9) % 12) + 2) / 5 + d - 1;
+    let days = era * 146_097 + yoe * 365 + yoe / 4 - yoe / 100 + doy - 719_468;
+    (days * 86_400 + n(11, 13) * 3600 + n(14, 16) * 60 + n(17, 19)) as u64
+}
+
 fn count_lines(text: &str, needle: &str) -> usize {
     text.lines().filter(|l| l.contains(needle)).count()
 }
@@ -557,7 +576,7 @@ fn twenty_server_kills_under_qemu_and_a_syscall_loop_cost_nothing() {
     assert!(errors.is_empty(), "qemu-io saw errors (seed {seed}):\n{}", errors.join("\n"));
     let raw_expect = vms[0].expect.clone();
     let raw2_expect = vms[1].expect.clone();
-    for (vm, _) in vms.into_iter().zip(0..) {
+    for vm in vms {
         vm.q.quit();
     }
     for (name, expect) in [(RAW, raw_expect), (RAW2, raw2_expect)] {
@@ -595,12 +614,15 @@ fn twenty_server_kills_under_qemu_and_a_syscall_loop_cost_nothing() {
     }
 
     // The checksum pass: verified ok, and the SHA-1 is the real file's.
-    let issued = verify_issued.unwrap();
-    let img = wait_until(POLL, "SUM verified", || {
-        image(&m.dir, SUM).filter(|i| i.get("verified").is_some_and(|v| v.starts_with("ok ")))
+    let issued = verify_issued.expect("verify was never issued");
+    let img = wait_until(POLL, "SUM verified after the verify command", || {
+        image(&m.dir, SUM).filter(|i| {
+            i.get("verified")
+                .and_then(|v| v.strip_prefix("ok "))
+                .is_some_and(|t| parse_time(t) >= issued)
+        })
     });
     assert_eq!(img["sha1"], sha1sum(&n.real(SUM)), "recorded SHA-1 of {SUM}");
-    assert!(issued > 0);
 
     // The due file went, once; its deadline had passed.
     wait_until(POLL, "the due file evicted", || (!n.real(DUE).exists()).then_some(()));
@@ -636,13 +658,17 @@ fn twenty_server_kills_under_qemu_and_a_syscall_loop_cost_nothing() {
 /// it is attached; each test makes only the one it is about.
 fn delay(server: u32, syscall: &str, enter: bool, log: PathBuf) -> Proc {
     let when = if enter { "delay_enter" } else { "delay_exit" };
+    // The trace goes to `log` (strace writes each line as the call enters, or, with a delay
+    // after the call, once it ran); strace's own messages to `log`.err.
     let mut p = Proc::spawn_logged(
         tool("strace")
-            .args(["-f", "-qq", "-p", &server.to_string(), "-e"])
+            .args(["-f", "-qq", "-p", &server.to_string(), "-o"])
+            .arg(&log)
+            .arg("-e")
             .arg(format!("trace={syscall}"))
             .arg("-e")
             .arg(format!("inject={syscall}:{when}=3s")),
-        log.clone(),
+        log.with_extension("err"),
     );
     // strace prints "attached" lines only without -qq; wait until it traces every thread.
     let tasks = fs::read_dir(format!("/proc/{server}/task")).unwrap().count();
