@@ -1000,7 +1000,7 @@ fn references_follow_the_model_across_server_kills() {
         match r % 8 {
             0..=3 => {
                 let file = (r >> 8) as usize % FILES.len();
-                let write = (r >> 16) % 3 == 0;
+                let write = (r >> 16).is_multiple_of(3);
                 let path = m.dir.join(FILES[file]);
                 let f = fs::OpenOptions::new().read(true).write(write).open(&path).unwrap();
                 held.push((file, write, f));
