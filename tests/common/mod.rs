@@ -482,9 +482,25 @@ pub fn run_timeout(cmd: &mut Command, timeout: Duration) -> (i32, String, String
     (status.code().unwrap_or(-1), read(&out_p), read(&err_p))
 }
 
-/// Pids of `imagecachefs mount DIR` daemons (those started with `--background` are not our
-/// children).
+/// The environment variable that marks a server (the supervisor's child) apart from its
+/// supervisor; both have the supervisor's command line.
+pub const SERVER_ENV: &str = "IMAGECACHEFS_SERVER";
+
+/// Whether process `pid` is a server (its environment has [`SERVER_ENV`]).
+pub fn is_server(pid: i32) -> bool {
+    let Ok(env) = fs::read(format!("/proc/{pid}/environ")) else { return false };
+    let want = format!("{SERVER_ENV}=");
+    env.split(|&b| b == 0).any(|v| v.starts_with(want.as_bytes()))
+}
+
+/// Pids of `imagecachefs mount DIR` daemons, one per mount: the supervisors, not their
+/// servers (those started with `--background` are not our children).
 pub fn daemon_pids(dir: &Path) -> Vec<i32> {
+    all_daemon_pids(dir).into_iter().filter(|&p| !is_server(p)).collect()
+}
+
+/// Pids of every `imagecachefs mount DIR` process: supervisors and servers.
+pub fn all_daemon_pids(dir: &Path) -> Vec<i32> {
     let want = dir.as_os_str().as_bytes();
     let mut pids = Vec::new();
     for entry in fs::read_dir("/proc").unwrap().flatten() {
@@ -504,10 +520,11 @@ pub fn daemon_pids(dir: &Path) -> Vec<i32> {
     pids
 }
 
-/// Waits up to `timeout` until no `imagecachefs mount DIR` daemon is left; false if one is.
+/// Waits up to `timeout` until no `imagecachefs mount DIR` process (supervisor or server) is
+/// left; false if one is.
 pub fn wait_daemons_gone(dir: &Path, timeout: Duration) -> bool {
     let deadline = Instant::now() + timeout;
-    while !daemon_pids(dir).is_empty() {
+    while !all_daemon_pids(dir).is_empty() {
         if Instant::now() > deadline {
             return false;
         }
@@ -516,9 +533,9 @@ pub fn wait_daemons_gone(dir: &Path, timeout: Duration) -> bool {
     true
 }
 
-/// SIGKILLs every `imagecachefs mount DIR` daemon (no waiting).
+/// SIGKILLs every `imagecachefs mount DIR` process, supervisors and servers (no waiting).
 pub fn kill_daemons(dir: &Path) {
-    for pid in daemon_pids(dir) {
+    for pid in all_daemon_pids(dir) {
         unsafe { libc::kill(pid, libc::SIGKILL) };
     }
 }
