@@ -658,47 +658,53 @@ fn twenty_server_kills_under_qemu_and_a_syscall_loop_cost_nothing() {
 // A request stuck in the server when it dies.
 // ------------------------------------------------------------------------------------------
 
-/// Attaches `strace` to every thread of `server` and delays each of its `syscall` calls by
-/// 3 s (`enter`: before it runs; else after it ran, before the server can reply). strace
-/// cannot filter on a name relative to a directory fd, so every such call is delayed while
-/// it is attached; each test makes only the one it is about.
-fn delay(server: u32, syscall: &str, enter: bool, log: PathBuf) -> Proc {
-    let when = if enter { "delay_enter" } else { "delay_exit" };
-    // The trace goes to `log` (strace writes each line as the call enters, or, with a delay
-    // after the call, once it ran); strace's own messages to `log`.err.
+/// The FUSE worker thread of `server` (mounted with `--threads 1`: fuser names it
+/// `fuser-0`).
+fn worker_thread(server: u32) -> u32 {
+    wait_until(Duration::from_secs(5), "the server's FUSE worker thread", || {
+        fs::read_dir(format!("/proc/{server}/task")).ok()?.flatten().find_map(|t| {
+            let comm = fs::read_to_string(t.path().join("comm")).ok()?;
+            comm.starts_with("fuser").then(|| t.file_name().to_str()?.parse().ok())?
+        })
+    })
+}
+
+/// Attaches `strace` to the server's only FUSE worker thread and delays its `when`-th call
+/// of `syscall` after the attach by 3 s (`enter`: before the call runs; else after it ran,
+/// before the server can reply). strace cannot filter on a name relative to a directory fd,
+/// hence one worker, and the count of calls the request makes (a LOOKUP's `openat` comes
+/// before a CREATE's). The trace goes to `log` (strace writes a line as the call enters, or,
+/// with a delay after the call, once it ran).
+fn delay(server: u32, syscall: &str, enter: bool, when: u32, log: PathBuf) -> Proc {
+    let worker = worker_thread(server);
+    let how = if enter { "delay_enter" } else { "delay_exit" };
     let mut p = Proc::spawn_logged(
         tool("strace")
-            .args(["-f", "-qq", "-p", &server.to_string(), "-o"])
+            .args(["-qq", "-p", &worker.to_string(), "-o"])
             .arg(&log)
             .arg("-e")
             .arg(format!("trace={syscall}"))
             .arg("-e")
-            .arg(format!("inject={syscall}:{when}=3s")),
+            .arg(format!("inject={syscall}:{how}=3s:when={when}")),
         log.with_extension("err"),
     );
-    // strace prints "attached" lines only without -qq; wait until it traces every thread.
-    let tasks = fs::read_dir(format!("/proc/{server}/task")).unwrap().count();
-    wait_until(Duration::from_secs(10), "strace to attach to the server", || {
+    wait_until(Duration::from_secs(10), "strace to attach to the worker", || {
         p.assert_alive();
-        let traced = fs::read_dir(format!("/proc/{server}/task"))
-            .ok()?
-            .flatten()
-            .filter(|t| {
-                fs::read_to_string(t.path().join("status")).is_ok_and(|s| {
-                    s.lines().any(|l| l.starts_with("TracerPid:") && !l.ends_with("\t0"))
-                })
-            })
-            .count();
-        (traced >= tasks).then_some(())
+        let status = fs::read_to_string(format!("/proc/{server}/task/{worker}/status")).ok()?;
+        status.lines().any(|l| l.starts_with("TracerPid:") && !l.ends_with("\t0")).then_some(())
     });
     p
 }
 
-/// Waits until a thread of `server` is inside (or stopped at) a traced call naming `name`
-/// (strace's log shows it).
+/// Waits until the worker is held in the delayed call naming `name`: strace's log shows
+/// the call either entered and unfinished, or finished and `(DELAYED)`.
 fn wait_in_flight(log: &Path, name: &str) {
-    wait_until(Duration::from_secs(10), &format!("a traced call on {name:?}"), || {
-        fs::read_to_string(log).ok().filter(|t| t.contains(&format!("\"{name}\""))).map(drop)
+    let quoted = format!("\"{name}\"");
+    wait_until(Duration::from_secs(10), &format!("a delayed call on {name:?}"), || {
+        let text = fs::read_to_string(log).ok()?;
+        text.lines()
+            .any(|l| l.contains(&quoted) && (l.contains("(DELAYED)") || !l.contains(" = ")))
+            .then_some(())
     });
 }
 
@@ -711,22 +717,26 @@ fn errno_of(e: std::io::Error) -> i32 {
 /// runs through the mount in a thread until the server is inside that call for `name`, and
 /// the server is killed. The kernel resends the request to the new server, and the caller
 /// must get `want`, as if the first server had answered.
+#[allow(clippy::too_many_arguments)]
 fn stuck(
     what: &str,
     syscall: &str,
     enter: bool,
+    when: u32,
     name: &str,
-    prepare: impl FnOnce(&Path),
+    prepare: impl FnOnce(&Node, &Path),
     op: impl FnOnce(&Path) -> std::io::Result<String> + Send + 'static,
     want: Result<String, i32>,
 ) -> Node {
     let n = Node::new();
-    let m = n.mount();
-    prepare(&m.dir);
+    let mut args = n.mount_args();
+    args.extend(["--threads", "1"]);
+    let m = Mount::new(&n.base, &args);
+    prepare(&n, &m.dir);
     let server = m.server_pid();
     let restarts = server_restarts(&m);
     let log = n.s.path("strace.log");
-    let tracer = delay(server, syscall, enter, log.clone());
+    let tracer = delay(server, syscall, enter, when, log.clone());
     let (tx, rx) = mpsc::channel();
     let started = Instant::now();
     let dir = m.dir.clone();
@@ -750,16 +760,18 @@ fn stuck(
     n
 }
 
-/// A lookup held before the server's `fstatat` runs: resent, and the caller gets the
+/// A lookup held before the server's `openat` of the name runs: resent, and the caller gets the
 /// file's real attributes.
 #[test]
 fn a_lookup_stuck_in_a_dying_server_is_resent_and_answered() {
     stuck(
         "lookup",
-        "newfstatat",
+        "openat",
         true,
+        1,
         "fresh-name",
-        |dir| fill(&dir.join("fresh-name"), 0x33, 4321),
+        // Made under the mount: the kernel has never looked the name up.
+        |n, _| fill(&n.real("fresh-name"), 0x33, 4321),
         |dir| fs::symlink_metadata(dir.join("fresh-name")).map(|md| md.len().to_string()),
         Ok("4321".into()),
     );
@@ -773,8 +785,9 @@ fn a_mkdir_done_by_a_dying_server_is_answered_as_done() {
         "mkdir",
         "mkdirat",
         false,
+        1,
         "newdir",
-        |_| {},
+        |_, _| {},
         |dir| fs::create_dir(dir.join("newdir")).map(|_| String::new()),
         Ok(String::new()),
     );
@@ -789,8 +802,9 @@ fn an_exclusive_create_done_by_a_dying_server_is_answered_as_done() {
         "create",
         "openat",
         false,
+        2,
         "newfile",
-        |_| {},
+        |_, _| {},
         |dir| {
             let mut f =
                 fs::OpenOptions::new().write(true).create_new(true).open(dir.join("newfile"))?;
@@ -809,24 +823,26 @@ fn an_unlink_done_by_a_dying_server_is_answered_as_done() {
         "unlink",
         "unlinkat",
         false,
+        1,
         "victim",
-        |dir| fill(&dir.join("victim"), 0x71, 100),
+        |_, dir| fill(&dir.join("victim"), 0x71, 100),
         |dir| fs::remove_file(dir.join("victim")).map(|_| String::new()),
         Ok(String::new()),
     );
     assert!(!n.real("victim").exists(), "the file is still there");
 }
 
-/// A rename whose `renameat2` had run: the resent RENAME succeeds (no spurious `ENOENT`),
+/// A rename whose `renameat` had run: the resent RENAME succeeds (no spurious `ENOENT`),
 /// and the file is under its new name with its content.
 #[test]
 fn a_rename_done_by_a_dying_server_is_answered_as_done() {
     let n = stuck(
         "rename",
-        "renameat2",
+        "renameat",
         false,
+        1,
         "from-name",
-        |dir| fill(&dir.join("from-name"), 0x72, 2000),
+        |_, dir| fill(&dir.join("from-name"), 0x72, 2000),
         |dir| fs::rename(dir.join("from-name"), dir.join("to-name")).map(|_| String::new()),
         Ok(String::new()),
     );
