@@ -21,6 +21,8 @@
 #                                    RSS with 1 000 open handles, time to render `status`
 #                        sha1        SHA-1 rate of `imagecachefs verify`, and `cargo bench --bench sha1`
 #                        eviction    lag from deadline to ENOENT over 100 evictions
+#                        restart     server kill -9, and `imagecachefs restart`, to the first
+#                                    answered request (median and largest of 20)
 #   --workloads LIST   comma list of fio workload ids to run (default: all; ids in the table
 #                      FIO_WORKLOADS below, e.g. randread-4k-direct-qd32,seqread-1m-cold)
 #   --out FILE         Markdown report (default docs/PERFORMANCE.md; "-" = print only)
@@ -79,7 +81,7 @@ REPO_DIR=$(cd "$SCRIPT_DIR/.." && pwd)
 BIN="$REPO_DIR/target/release/imagecachefs"
 
 ALL_CONFIGS=(native icfs bindfs mergerfs)
-ALL_GROUPS=(fio_data metadata daemon_cpu scale sha1 eviction)
+ALL_GROUPS=(fio_data metadata daemon_cpu scale sha1 eviction restart)
 
 # Options (empty = not given; defaults filled in after parsing, so --quick and explicit flags mix).
 OPT_ROUNDS='' OPT_RUNTIME='' OPT_SIZE='' OPT_OUT='' QUICK=0
@@ -1122,6 +1124,116 @@ EOF
         "evict-lag-max|eviction lag, largest of $EVICT_FILES files (largest of all rounds)|ms|-"
     rm -rf --one-file-system "$SCRATCH/evict"
 }
+# ---------------------------------------------------------------------------------------------
+# Group restart: from a server's death, or `imagecachefs restart`, to the first answer
+# ---------------------------------------------------------------------------------------------
+
+# restart.py DIR SUPERVISOR BIN RUNS: RUNS times, SIGKILL the server (the supervisor's child)
+# and time from the kill to the first answered `stat` of a fresh name (ENOENT, which only the
+# daemon can say: no cache can answer a name never looked up); then RUNS times
+# `BIN restart DIR` and the same `stat`. Prints "ID VALUE" lines (milliseconds), and every
+# run's value on stderr.
+write_restart_helper() {
+    cat >"$SCRATCH/bin/restart.py" <<'PY'
+import json, os, signal, statistics, subprocess, sys, time
+d, sup, binary, runs = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+
+def children():
+    out = []
+    for t in os.listdir(f"/proc/{sup}/task"):
+        with open(f"/proc/{sup}/task/{t}/children") as f:
+            out += [int(x) for x in f.read().split()]
+    return out
+
+def answering_server(old, limit=10.0):
+    """The server status.json names, once it is a child of the supervisor other than `old`."""
+    end = time.monotonic() + limit
+    while time.monotonic() < end:
+        try:
+            with open(os.path.join(d, ".imagecache/status.json")) as f:
+                pid = json.load(f)["server"]["pid"]
+            if pid != old and pid in children():
+                return pid
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        time.sleep(0.01)
+    sys.exit(f"no new server answered within {limit} s")
+
+def dead(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(") ", 1)[1].startswith("Z")
+    except OSError:
+        return True
+
+def first_answer(tag, i):
+    try:
+        os.stat(os.path.join(d, f"fresh-{tag}-{os.getpid()}-{i}-{time.monotonic_ns()}"))
+    except FileNotFoundError:
+        return time.perf_counter()
+    sys.exit("a fresh name exists")
+
+def show(tag, ms):
+    print(f"{tag} {statistics.median(ms):.1f}")
+    print(f"{tag}-max {max(ms):.1f}")
+    print(f"{tag}: " + " ".join(f"{v:.1f}" for v in ms), file=sys.stderr)
+
+server = answering_server(0)
+kill = []
+for i in range(runs):
+    t0 = time.perf_counter()
+    os.kill(server, signal.SIGKILL)
+    end = time.monotonic() + 10
+    while not dead(server):
+        if time.monotonic() > end:
+            sys.exit(f"server {server} still alive 10 s after SIGKILL")
+        time.sleep(0.0002)
+    t1 = first_answer("kill", i)
+    kill.append((t1 - t0) * 1e3)
+    server = answering_server(server)
+    time.sleep(0.2)
+show("restart-kill", kill)
+
+upgrade = []
+for i in range(runs):
+    t0 = time.perf_counter()
+    r = subprocess.run([binary, "restart", d], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    if r.returncode != 0:
+        sys.exit(f"imagecachefs restart failed ({r.returncode}): {r.stdout.decode()}")
+    t1 = first_answer("upgrade", i)
+    upgrade.append((t1 - t0) * 1e3)
+    server = answering_server(server)
+    time.sleep(0.2)
+show("restart-upgrade", upgrade)
+PY
+}
+
+measure_restart() {
+    mount_icfs "$SRC"
+    run_child python3 "$SCRATCH/bin/restart.py" "$SRC" "$CUR_DAEMON_PID" "$BIN" "$RESTART_RUNS"
+}
+
+group_restart() {
+    RESTART_RUNS=20
+    write_restart_helper
+    write_group_notes restart "Restart without unmount" "$(cat <<EOF
+One foreground mount per round (\`imagecachefs mount DIR\`: the supervisor and its server), measured
+by \`benches/run.sh --groups restart\`. Kill: $RESTART_RUNS times, \`kill -9\` of the server (the
+supervisor's child), then, as soon as it is dead, a \`stat\` of a name never looked up before
+(\`ENOENT\`: only a server can answer it, no kernel cache can); the time is from the kill to that
+\`stat\`'s return. Upgrade: $RESTART_RUNS times \`imagecachefs restart DIR\` (the supervisor re-executes
+itself and starts a new server, same binary), then the same \`stat\`; the time is from starting the
+command to that \`stat\`'s return. 200 ms pause between runs. Lower is better; the "-max" rows are
+the largest of all rounds.
+EOF
+)"
+    run_rounds measure_restart \
+        "restart-kill|server \`kill -9\` to first answered request, median of $RESTART_RUNS|ms|abs<50" \
+        "restart-kill-max|server \`kill -9\` to first answered request, largest of $RESTART_RUNS|ms|-" \
+        "restart-upgrade|\`imagecachefs restart\` to first answered request, median of $RESTART_RUNS|ms|abs<50" \
+        "restart-upgrade-max|\`imagecachefs restart\` to first answered request, largest of $RESTART_RUNS|ms|-"
+}
+
 # ---------------------------------------------------------------------------------------------
 # Report
 # ---------------------------------------------------------------------------------------------

@@ -153,15 +153,31 @@ pub struct Mount {
 impl Mount {
     /// Mounts over `dir` with extra CLI arguments; returns once the mount is live.
     pub fn new(dir: &Path, extra: &[&str]) -> Self {
+        Mount::with_binary(Path::new(bin()), dir, extra)
+    }
+
+    /// As [`Mount::new`], run from the binary `program` (a copy that a test can replace
+    /// before `imagecachefs restart`).
+    pub fn with_binary(program: &Path, dir: &Path, extra: &[&str]) -> Self {
+        Mount::spawn(program, dir, extra, &[])
+    }
+
+    /// As [`Mount::new`], with extra environment variables for the daemon.
+    pub fn with_env(dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Self {
+        Mount::spawn(Path::new(bin()), dir, extra, env)
+    }
+
+    fn spawn(program: &Path, dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Self {
         require_fuse();
         let log = dir
             .with_file_name(format!("{}.daemon.log", dir.file_name().unwrap().to_string_lossy()));
         let logf = File::create(&log).unwrap();
-        let child = Command::new(bin())
+        let child = Command::new(program)
             .arg("mount")
             .arg(dir)
             .args(extra)
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(logf.try_clone().unwrap())
             .stderr(logf)
@@ -193,10 +209,53 @@ impl Mount {
         self.stop_inner().expect("daemon did not exit within 30 s after SIGTERM")
     }
 
-    /// Kills the daemon with SIGKILL (no cleanup) and detaches the dead mount.
+    /// Kills the whole daemon (supervisor and server) with SIGKILL, no cleanup, and detaches
+    /// the dead mount: the old "daemon crash".
     pub fn kill9(mut self) {
         self.kill_child();
         detach(&self.dir);
+    }
+
+    /// The pid of the server: the supervisor's child (waits up to 5 s for there to be exactly
+    /// one, as there is none for a moment after a server died).
+    pub fn server_pid(&self) -> u32 {
+        let sup = self.pid();
+        assert_ne!(sup, 0, "no supervisor process");
+        wait_until(
+            Duration::from_secs(5),
+            "the supervisor's single server child",
+            || match children(sup)[..] {
+                [one] => Some(one),
+                _ => None,
+            },
+        )
+    }
+
+    /// `server.pid` of `.imagecache/status.json`: the server that answered (None when the
+    /// file cannot be read or has no such field).
+    pub fn status_server_pid(&self) -> Option<u32> {
+        let v = status_json(&self.dir)?;
+        v.get("server")?.get("pid")?.as_u64().map(|p| p as u32)
+    }
+
+    /// SIGKILLs the server only (the supervisor keeps the connection) and returns the pid of
+    /// its replacement once that one answers through the mount (`status.json` names it); 5 s
+    /// at most.
+    pub fn kill_server(&self) -> u32 {
+        let old = self.server_pid();
+        unsafe { libc::kill(old as i32, libc::SIGKILL) };
+        let sup = self.pid();
+        let what = format!("a new server to replace the killed server {old}");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            if let Some(p) = self.status_server_pid() {
+                if p != old && children(sup).contains(&p) {
+                    return p;
+                }
+            }
+            assert!(Instant::now() < deadline, "timed out after 5 s: {what}\n{}", self.log_text());
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 
     /// Sends SIGTERM without waiting: the daemon detaches and may keep serving open handles.
@@ -235,16 +294,28 @@ impl Mount {
         st
     }
 
-    /// Kills the daemon with SIGKILL and leaves its dead (stale) mount in place; the returned
-    /// guard detaches it on drop.
+    /// Kills the whole daemon (supervisor and server) with SIGKILL and leaves its dead (stale)
+    /// mount in place; the returned guard detaches it on drop.
     pub fn kill9_leave_stale(mut self) -> StaleMount {
         self.kill_child();
         StaleMount { dir: self.dir.clone() }
     }
 
+    /// SIGKILLs the supervisor and its server(s): the supervisor is stopped first so that it
+    /// cannot start another server meanwhile; returns once they are gone (5 s at most), so the
+    /// mount is dead.
     fn kill_child(&mut self) {
         if let Some(mut c) = self.child.take() {
+            let sup = c.id();
+            unsafe { libc::kill(sup as i32, libc::SIGSTOP) };
+            let servers = children(sup);
+            for &p in &servers {
+                unsafe { libc::kill(p as i32, libc::SIGKILL) };
+            }
             kill_and_reap(&mut c);
+            wait_until(Duration::from_secs(5), "the killed servers to be gone", || {
+                servers.iter().all(|&p| !alive(p)).then_some(())
+            });
         }
     }
 
@@ -272,6 +343,34 @@ impl Drop for StaleMount {
     fn drop(&mut self) {
         detach(&self.dir);
     }
+}
+
+/// The children of `pid` (of every one of its threads), from `/proc/PID/task/*/children`.
+pub fn children(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else { return out };
+    for t in tasks.flatten() {
+        let Ok(text) = fs::read_to_string(t.path().join("children")) else { continue };
+        out.extend(text.split_whitespace().filter_map(|p| p.parse::<u32>().ok()));
+    }
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
+/// Whether `pid` exists and is not a zombie.
+pub fn alive(pid: u32) -> bool {
+    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the parenthesised command name (which may hold spaces).
+        Ok(stat) => stat.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+/// `DIR/.imagecache/status.json`, parsed (None when it cannot be read or parsed).
+pub fn status_json(dir: &Path) -> Option<serde_json::Value> {
+    let text = fs::read_to_string(dir.join(".imagecache/status.json")).ok()?;
+    serde_json::from_str(&text).ok()
 }
 
 /// File-system types of the mounts whose mount point is exactly `dir`, bottom first.
@@ -383,9 +482,25 @@ pub fn run_timeout(cmd: &mut Command, timeout: Duration) -> (i32, String, String
     (status.code().unwrap_or(-1), read(&out_p), read(&err_p))
 }
 
-/// Pids of `imagecachefs mount DIR` daemons (those started with `--background` are not our
-/// children).
+/// The environment variable that marks a server (the supervisor's child) apart from its
+/// supervisor; both have the supervisor's command line.
+pub const SERVER_ENV: &str = "IMAGECACHEFS_SERVER";
+
+/// Whether process `pid` is a server (its environment has [`SERVER_ENV`]).
+pub fn is_server(pid: i32) -> bool {
+    let Ok(env) = fs::read(format!("/proc/{pid}/environ")) else { return false };
+    let want = format!("{SERVER_ENV}=");
+    env.split(|&b| b == 0).any(|v| v.starts_with(want.as_bytes()))
+}
+
+/// Pids of `imagecachefs mount DIR` daemons, one per mount: the supervisors, not their
+/// servers (those started with `--background` are not our children).
 pub fn daemon_pids(dir: &Path) -> Vec<i32> {
+    all_daemon_pids(dir).into_iter().filter(|&p| !is_server(p)).collect()
+}
+
+/// Pids of every `imagecachefs mount DIR` process: supervisors and servers.
+pub fn all_daemon_pids(dir: &Path) -> Vec<i32> {
     let want = dir.as_os_str().as_bytes();
     let mut pids = Vec::new();
     for entry in fs::read_dir("/proc").unwrap().flatten() {
@@ -405,10 +520,11 @@ pub fn daemon_pids(dir: &Path) -> Vec<i32> {
     pids
 }
 
-/// Waits up to `timeout` until no `imagecachefs mount DIR` daemon is left; false if one is.
+/// Waits up to `timeout` until no `imagecachefs mount DIR` process (supervisor or server) is
+/// left; false if one is.
 pub fn wait_daemons_gone(dir: &Path, timeout: Duration) -> bool {
     let deadline = Instant::now() + timeout;
-    while !daemon_pids(dir).is_empty() {
+    while !all_daemon_pids(dir).is_empty() {
         if Instant::now() > deadline {
             return false;
         }
@@ -417,9 +533,9 @@ pub fn wait_daemons_gone(dir: &Path, timeout: Duration) -> bool {
     true
 }
 
-/// SIGKILLs every `imagecachefs mount DIR` daemon (no waiting).
+/// SIGKILLs every `imagecachefs mount DIR` process, supervisors and servers (no waiting).
 pub fn kill_daemons(dir: &Path) {
-    for pid in daemon_pids(dir) {
+    for pid in all_daemon_pids(dir) {
         unsafe { libc::kill(pid, libc::SIGKILL) };
     }
 }

@@ -1,0 +1,1046 @@
+//! Restart without unmount through real mounts (issue 12, PRODUCT.md "Restart, crash and
+//! upgrade"): the supervisor keeps the FUSE connection while its server is killed with
+//! `kill -9` or replaced by `imagecachefs restart`, and nothing that uses the mount may notice.
+//!
+//! What is checked, each time against real tools: QEMU (`qemu-io`, raw and qcow2 chains, with
+//! `cache.direct=on,aio=native` and with the default cache) reads back exactly what it wrote;
+//! a loop of create/write/fsync/rename/unlink/mkdir/rmdir/link/symlink gets the same result
+//! for every call as the same loop on a plain directory; a checksum pass; an eviction falls
+//! due once; every holder is still counted after each restart, nothing held is evicted, no
+//! reference is lost or counted twice; a request stuck in the server when it dies is resent
+//! and answered once, as its first execution would have been.
+//!
+//! Every background process is owned by the test (killed on drop); the mount goes with its
+//! [`Mount`]. Waits poll with deadlines.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io::{Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use common::{
+    alive, bin, kill_and_reap, overlay, run_ok, run_timeout, splitmix64, status_json, tool,
+    wait_timeout, wait_until, BindMount, Mount, Proc, Scratch,
+};
+
+const MIB: u64 = 1 << 20;
+/// The unit QEMU writes and reads back.
+const SLOT: u64 = 64 * 1024;
+const IMG_SIZE: u64 = 16 * MIB;
+const SLOTS: usize = (IMG_SIZE / SLOT) as usize;
+/// Cache file names as Nova makes them (originals: a day's idle age, so they stay).
+const RAW: &str = "1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a";
+const RAW2: &str = "1b1b1b1b1b1b1b1b1b1b1b1b1b1b1b1b1b1b1b1b";
+const CHAIN: &str = "2c2c2c2c2c2c2c2c2c2c2c2c2c2c2c2c2c2c2c2c";
+const SUM: &str = "3d3d3d3d3d3d3d3d3d3d3d3d3d3d3d3d3d3d3d3d";
+/// Partial downloads: evicted `PARTIAL_AGE` seconds after their last use.
+const DUE: &str = "4e4e4e4e4e4e4e4e4e4e4e4e4e4e4e4e4e4e4e4e.part";
+const HELD: &str = "5f5f5f5f5f5f5f5f5f5f5f5f5f5f5f5f5f5f5f5f.part";
+const PARTIAL_AGE: &str = "4";
+/// The byte CHAIN's base holds everywhere (what an overlay reads where it never wrote).
+const CHAIN_FILL: u8 = 0x22;
+/// How many handles the holder of HELD keeps open.
+const HELD_HANDLES: usize = 3;
+const KILLS: usize = 20;
+const POLL: Duration = Duration::from_secs(15);
+
+/// `<tmp>/instances/_base` (the mount), instance directories beside it, and `<tmp>/covered`,
+/// a bind mount of the cache directory made before the overlay (the real files).
+struct Node {
+    s: Scratch,
+    instances: PathBuf,
+    base: PathBuf,
+    covered: BindMount,
+}
+
+impl Node {
+    fn new() -> Self {
+        let s = Scratch::new();
+        let instances = s.path("instances");
+        let base = instances.join("_base");
+        fs::create_dir_all(&base).unwrap();
+        let covered = BindMount::new(&base, &s.path("covered"));
+        Node { s, instances, base, covered }
+    }
+
+    /// The real file under the mount.
+    fn real(&self, name: &str) -> PathBuf {
+        self.covered.target.join(name)
+    }
+
+    fn mount(&self) -> Mount {
+        Mount::new(&self.base, &self.mount_args())
+    }
+
+    fn mount_args(&self) -> Vec<&str> {
+        vec!["--partial-min-age", PARTIAL_AGE, "--instances-dir", self.instances.to_str().unwrap()]
+    }
+}
+
+/// `images/NAME` as key → value (None when the file is not there).
+fn image(dir: &Path, name: &str) -> Option<BTreeMap<String, String>> {
+    let text = fs::read_to_string(dir.join(".imagecache/images").join(name)).ok()?;
+    Some(
+        text.lines()
+            .filter_map(|l| l.split_once(": "))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    )
+}
+
+fn refs(dir: &Path, name: &str) -> u64 {
+    let img = image(dir, name).unwrap_or_else(|| panic!("images/{name} cannot be read"));
+    img["refs"].parse().unwrap_or_else(|_| panic!("images/{name}: refs {:?}", img["refs"]))
+}
+
+/// The `server` object of `status.json` (panics, naming what is missing, without one).
+fn server_status(m: &Mount) -> serde_json::Value {
+    let v = status_json(&m.dir).expect("status.json cannot be read or parsed");
+    v.get("server").cloned().unwrap_or_else(|| panic!("status.json has no \"server\" object: {v}"))
+}
+
+fn server_restarts(m: &Mount) -> u64 {
+    let s = server_status(m);
+    s.get("restarts")
+        .and_then(|r| r.as_u64())
+        .unwrap_or_else(|| panic!("status.json server.restarts is not a number: {s}"))
+}
+
+/// How many of `pid`'s descriptors are open on `path`.
+fn fds_on(pid: u32, path: &Path) -> u64 {
+    let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else { return 0 };
+    fds.flatten().filter(|fd| fs::read_link(fd.path()).is_ok_and(|l| l == path)).count() as u64
+}
+
+/// Writes `len` bytes of `byte` to `path` (a new file) and syncs it.
+fn fill(path: &Path, byte: u8, len: u64) {
+    let f = File::create(path).unwrap_or_else(|e| panic!("create {path:?}: {e}"));
+    f.write_all_at(&vec![byte; len as usize], 0).unwrap();
+    f.sync_all().unwrap();
+}
+
+fn sha1sum(path: &Path) -> String {
+    let out = run_ok(tool("sha1sum").arg(path));
+    out.split_whitespace().next().unwrap().to_string()
+}
+
+/// Seconds since the epoch of an RFC 3339 UTC time (`2026-11-21T09:00:00Z`, fractions of a
+/// second ignored); panics on anything else.
+fn parse_time(s: &str) -> u64 {
+    let b = s.as_bytes();
+    let shape = b.len() >= 20 && b[4] == b'-' && b[10] == b'T' && s.ends_with('Z');
+    assert!(shape, "not an RFC 3339 UTC time: {s:?}");
+    let n = |from: usize, to: usize| -> i64 {
+        s[from..to].parse().unwrap_or_else(|_| panic!("not an RFC 3339 UTC time: {s:?}"))
+    };
+    let (y, mo, d) = (n(0, 4), n(5, 7), n(8, 10));
+    // Days since 1970-01-01 in the proleptic Gregorian calendar, years starting in March.
+    let y = if mo <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * ((mo + 9) % 12) + 2) / 5 + d - 1;
+    let days = era * 146_097 + yoe * 365 + yoe / 4 - yoe / 100 + doy - 719_468;
+    (days * 86_400 + n(11, 13) * 3600 + n(14, 16) * 60 + n(17, 19)) as u64
+}
+
+/// How many "evicted" lines of the daemon's log name `name` (by path or bare).
+fn evictions_logged(log: &str, name: &str) -> usize {
+    let (path, bare) = (format!("/{name} ("), format!(" {name} "));
+    log.lines()
+        .filter(|l| l.contains("evicted ") && (l.contains(&path) || l.contains(&bare)))
+        .count()
+}
+
+// ------------------------------------------------------------------------------------------
+// qemu-io, driven interactively: one long-lived process per image, like a VM.
+// ------------------------------------------------------------------------------------------
+
+const PROMPT: &[u8] = b"qemu-io> ";
+
+/// An interactive `qemu-io` (stdout and stderr merged), one command at a time; the prompt
+/// that follows a command's output ends it.
+struct QemuIo {
+    what: String,
+    child: Option<Child>,
+    stdin: Option<ChildStdin>,
+    out: mpsc::Receiver<Vec<u8>>,
+    buf: Vec<u8>,
+}
+
+impl QemuIo {
+    /// `qemu-io ARGS` (the image last). Panics if the image does not open.
+    fn spawn(args: &[&str]) -> Self {
+        let mut cmd = tool("sh");
+        cmd.args(["-c", r#"exec qemu-io "$@" 2>&1"#, "sh"]).args(args);
+        let what = format!("qemu-io {}", args.join(" "));
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {what}: {e}"));
+        let stdin = child.stdin.take();
+        let mut stdout = child.stdout.take().unwrap();
+        let (tx, out) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut b = [0u8; 8192];
+            while let Ok(n) = stdout.read(&mut b) {
+                if n == 0 || tx.send(b[..n].to_vec()).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut q = QemuIo { what, child: Some(child), stdin, out, buf: Vec::new() };
+        let first = q.block(Duration::from_secs(30));
+        assert!(first.trim().is_empty(), "{} did not open its image: {first}", q.what);
+        q
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// The output up to the next prompt (30 s at most: a hang is a failure).
+    fn block(&mut self, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(at) = self.buf.windows(PROMPT.len()).position(|w| w == PROMPT) {
+                let text = String::from_utf8_lossy(&self.buf[..at]).into_owned();
+                self.buf.drain(..at + PROMPT.len());
+                return text;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(!left.is_zero(), "{}: no prompt within {timeout:?}; got {:?}", self.what, {
+                String::from_utf8_lossy(&self.buf)
+            });
+            match self.out.recv_timeout(left.min(Duration::from_millis(200))) {
+                Ok(b) => self.buf.extend_from_slice(&b),
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    panic!("{} exited; output: {}", self.what, String::from_utf8_lossy(&self.buf))
+                }
+            }
+        }
+    }
+
+    /// Runs one command and returns its output.
+    fn cmd(&mut self, line: &str) -> String {
+        let stdin = self.stdin.as_mut().unwrap();
+        writeln!(stdin, "{line}").unwrap_or_else(|e| panic!("{}: write {line:?}: {e}", self.what));
+        stdin.flush().unwrap();
+        self.block(Duration::from_secs(30))
+    }
+
+    /// `quit`, and the exit status must be 0 (qemu-io exits 1 after any failed command).
+    fn quit(mut self) {
+        drop(self.stdin.take());
+        let mut c = self.child.take().unwrap();
+        let st = wait_timeout(&mut c, Duration::from_secs(30));
+        if st.is_none() {
+            kill_and_reap(&mut c);
+        }
+        assert!(st.is_some_and(|s| s.success()), "{} ended with {st:?}", self.what);
+    }
+}
+
+impl Drop for QemuIo {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            kill_and_reap(&mut c);
+        }
+    }
+}
+
+/// One VM-like workload: random 64 KiB pattern writes and read-backs with `qemu-io`.
+struct Vm {
+    q: QemuIo,
+    /// The byte every slot must hold.
+    expect: Vec<u8>,
+    ops: usize,
+    errors: Vec<String>,
+}
+
+impl Vm {
+    fn new(q: QemuIo, fill: u8) -> Self {
+        Vm { q, expect: vec![fill; SLOTS], ops: 0, errors: Vec::new() }
+    }
+
+    fn check(&mut self, line: &str, out: &str, want: &str) {
+        self.ops += 1;
+        let bad = out.contains("failed") || out.contains("rror") || !out.contains(want);
+        if bad {
+            self.errors.push(format!("{line}: {}", out.trim()));
+        }
+    }
+
+    fn write(&mut self, slot: usize, byte: u8) {
+        let off = slot as u64 * SLOT;
+        let line = format!("write -P {byte:#04x} {off} {SLOT}");
+        let out = self.q.cmd(&line);
+        self.check(&line, &out, &format!("wrote {SLOT}/{SLOT} bytes at offset {off}"));
+        self.expect[slot] = byte;
+    }
+
+    fn read(&mut self, slot: usize) {
+        let off = slot as u64 * SLOT;
+        let line = format!("read -P {:#04x} {off} {SLOT}", self.expect[slot]);
+        let out = self.q.cmd(&line);
+        self.check(&line, &out, &format!("read {SLOT}/{SLOT} bytes at offset {off}"));
+    }
+
+    /// Writes and reads back at random until `stop`, then reads back every slot.
+    fn run(mut self, seed: u64, writes: bool, stop: Arc<AtomicBool>) -> Self {
+        let mut rng = seed;
+        let deadline = Instant::now() + Duration::from_secs(300);
+        while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+            let r = splitmix64(&mut rng);
+            if writes {
+                self.write(r as usize % SLOTS, (r >> 32) as u8 | 1);
+            }
+            self.read((r >> 16) as usize % SLOTS);
+            std::thread::sleep(Duration::from_millis(3));
+        }
+        for slot in 0..SLOTS {
+            self.read(slot);
+        }
+        if writes {
+            let out = self.q.cmd("flush");
+            if out.contains("rror") || out.contains("failed") {
+                self.errors.push(format!("flush: {out}"));
+            }
+        }
+        self
+    }
+}
+
+/// `qemu-io` on a raw image with `cache.direct=on,aio=native` (`-t none -i native`), or with
+/// the default cache.
+fn qemu_raw(path: &Path, direct: bool) -> QemuIo {
+    let p = path.to_str().unwrap();
+    if direct {
+        QemuIo::spawn(&["-t", "none", "-i", "native", "-f", "raw", p])
+    } else {
+        QemuIo::spawn(&["-f", "raw", p])
+    }
+}
+
+fn qemu_qcow2(path: &Path, direct: bool) -> QemuIo {
+    let p = path.to_str().unwrap();
+    if direct {
+        QemuIo::spawn(&["-t", "none", "-i", "native", "-f", "qcow2", p])
+    } else {
+        QemuIo::spawn(&["-f", "qcow2", p])
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// A loop of namespace and data syscalls, every result recorded.
+// ------------------------------------------------------------------------------------------
+
+/// `python3 -c SYSCALLS DIR SEED until STOPFILE` runs until STOPFILE exists (a short pause
+/// between calls) and prints `count N` last; `... count N` runs exactly N calls. Each call
+/// prints one line: its index, the call, and `ok [value]` or the errno's name. The values
+/// hold nothing that differs between two directories of one filesystem (no inode numbers,
+/// no times), so a run through the mount and a run on a plain directory must print the same.
+const SYSCALLS: &str = r#"
+import errno, hashlib, os, random, stat, sys, time
+d, seed, mode, arg = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+rnd = random.Random(seed)
+names = ['f0', 'f1', 'f2', 'f3', 'd0/g0', 'd1/g1', 'd0', 'd1', 'd2']
+dirs = ['d0', 'd1', 'd2', 'd0/e0']
+def p(n): return os.path.join(d, n)
+def create(n):
+    os.close(os.open(p(n), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+def write(n, k):
+    fd = os.open(p(n), os.O_WRONLY | os.O_APPEND)
+    try:
+        os.write(fd, bytes([k]) * (k * 37 % 5000 + 1)); os.fsync(fd)
+    finally:
+        os.close(fd)
+def trunc(n, k):
+    fd = os.open(p(n), os.O_WRONLY)
+    try:
+        os.ftruncate(fd, k * 11); os.fsync(fd)
+    finally:
+        os.close(fd)
+def read(n):
+    with open(p(n), 'rb') as f:
+        return hashlib.sha1(f.read()).hexdigest()[:16]
+def lst(n):
+    s = os.lstat(p(n))
+    size = s.st_size if stat.S_ISREG(s.st_mode) or stat.S_ISLNK(s.st_mode) else '-'
+    return '%o %s %d' % (s.st_mode, size, s.st_nlink)
+def listing(n):
+    return ','.join(sorted(os.listdir(p(n))))
+def tree():
+    out = []
+    for root, ds, fs in os.walk(d):
+        for x in sorted(ds + fs):
+            q = os.path.join(root, x)
+            out.append(os.path.relpath(q, d) + ':' + lst(os.path.relpath(q, d)))
+    return ';'.join(sorted(out))
+ops = [
+    ('create', lambda: create(rnd.choice(names))),
+    ('write', lambda: write(rnd.choice(names), rnd.randrange(1, 256))),
+    ('truncate', lambda: trunc(rnd.choice(names), rnd.randrange(0, 300))),
+    ('read', lambda: read(rnd.choice(names))),
+    ('rename', lambda: os.rename(p(rnd.choice(names)), p(rnd.choice(names)))),
+    ('unlink', lambda: os.unlink(p(rnd.choice(names)))),
+    ('mkdir', lambda: os.mkdir(p(rnd.choice(dirs)))),
+    ('rmdir', lambda: os.rmdir(p(rnd.choice(dirs)))),
+    ('link', lambda: os.link(p(rnd.choice(names)), p(rnd.choice(names)))),
+    ('symlink', lambda: os.symlink('t-' + rnd.choice(names), p(rnd.choice(names)))),
+    ('readlink', lambda: os.readlink(p(rnd.choice(names)))),
+    ('lstat', lambda: lst(rnd.choice(names))),
+    ('listdir', lambda: listing(rnd.choice(['.', 'd0', 'd1']))),
+]
+i = 0
+while (mode == 'until' and not os.path.exists(arg)) or (mode == 'count' and i < int(arg)):
+    name, f = ops[rnd.randrange(len(ops))]
+    try:
+        v = f()
+        r = 'ok' if v is None else 'ok ' + str(v)
+    except OSError as e:
+        r = errno.errorcode.get(e.errno, str(e.errno))
+    print(i, name, r, flush=False)
+    i += 1
+    if mode == 'until':
+        time.sleep(0.002)
+        if i >= 200000:
+            break
+print('tree', tree())
+print('count', i, flush=True)
+"#;
+
+/// The lines of a finished loop run, and its call count.
+fn loop_result(text: &str) -> (Vec<String>, usize) {
+    let lines: Vec<String> = text.lines().map(str::to_string).collect();
+    let count = lines
+        .last()
+        .and_then(|l| l.strip_prefix("count "))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("the syscall loop did not finish: {text}"));
+    (lines, count)
+}
+
+/// The first line where two runs differ, with context.
+fn first_difference(a: &[String], b: &[String]) -> Option<String> {
+    let at = a
+        .iter()
+        .zip(b)
+        .position(|(x, y)| x != y)
+        .or((a.len() != b.len()).then(|| a.len().min(b.len())))?;
+    Some(format!(
+        "line {at}: through the mount {:?}, on a plain directory {:?}",
+        a.get(at),
+        b.get(at)
+    ))
+}
+
+// ------------------------------------------------------------------------------------------
+
+/// Holds HELD_HANDLES handles of a file open until ended.
+const HOLDER: &str = "import sys,time\nfs=[open(sys.argv[1],'rb') for _ in range(int(sys.argv[2]))]\nprint('ready',flush=True)\ntime.sleep(600)";
+
+fn holder(path: &Path, handles: usize) -> Proc {
+    let n = handles.to_string();
+    let mut p = Proc::spawn(tool("python3").arg("-c").arg(HOLDER).arg(path).arg(&n));
+    p.wait_line("ready");
+    p
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
+}
+
+/// 20 `kill -9`s of the server at random moments while QEMU reads and writes a raw base and a
+/// qcow2 chain through the mount (direct/native and default cache), a syscall loop runs, a
+/// checksum is verified, one file falls due for eviction and another is held: zero errors,
+/// the same result for every syscall as on a plain directory, every holder counted after
+/// each restart, nothing held evicted, the due file evicted exactly once, and the held one
+/// evictable once its holder is gone.
+#[test]
+fn twenty_server_kills_under_qemu_and_a_syscall_loop_cost_nothing() {
+    let n = Node::new();
+    // The images, written before the mount (the real files).
+    fill(&n.real(RAW), 0, IMG_SIZE);
+    fill(&n.real(RAW2), 0, IMG_SIZE);
+    fill(&n.real(CHAIN), CHAIN_FILL, IMG_SIZE);
+    let m = n.mount();
+    let disk1 = n.instances.join("instance-00000001/disk");
+    let disk2 = n.instances.join("instance-00000002/disk");
+    overlay(&disk1, &n.base.join(CHAIN));
+    overlay(&disk2, &n.base.join(CHAIN));
+    // A file written through the mount, so that its SHA-1 is recorded at its last close.
+    let mut sum_data = vec![0u8; 4 * MIB as usize];
+    let mut st = 0x5eed_u64;
+    for w in sum_data.chunks_exact_mut(8) {
+        w.copy_from_slice(&splitmix64(&mut st).to_le_bytes());
+    }
+    fs::write(n.base.join(SUM), &sum_data).unwrap();
+    wait_until(POLL, "the SHA-1 of SUM", || {
+        image(&m.dir, SUM).filter(|i| i.get("sha1").is_some_and(|s| s != "pending"))
+    });
+    fill(&n.base.join(HELD), 0x55, MIB);
+    let held = holder(&n.base.join(HELD), HELD_HANDLES);
+
+    // The VMs.
+    let vms = vec![
+        (Vm::new(qemu_raw(&n.base.join(RAW), true), 0), true),
+        (Vm::new(qemu_raw(&n.base.join(RAW2), false), 0), true),
+        (Vm::new(qemu_qcow2(&disk1, false), CHAIN_FILL), true),
+        (Vm::new(qemu_qcow2(&disk2, true), CHAIN_FILL), true),
+    ];
+    let raw_pids = [vms[0].0.q.pid(), vms[1].0.q.pid()];
+    let chain_pids = [vms[2].0.q.pid(), vms[3].0.q.pid()];
+    let want_refs = |name: &str, pids: &[u32]| -> u64 {
+        pids.iter().map(|&p| fds_on(p, &n.base.join(name))).sum()
+    };
+    assert!(want_refs(RAW, &raw_pids[..1]) > 0, "qemu-io does not hold {RAW} open");
+    assert!(want_refs(CHAIN, &chain_pids) > 0, "qemu-io does not hold {CHAIN} open");
+    let stop = Arc::new(AtomicBool::new(false));
+    let threads: Vec<_> = vms
+        .into_iter()
+        .enumerate()
+        .map(|(i, (vm, writes))| {
+            let stop = stop.clone();
+            std::thread::spawn(move || vm.run(0x1000 + i as u64, writes, stop))
+        })
+        .collect();
+
+    // The syscall loop, through the mount.
+    let loop_dir = n.base.join("loop");
+    fs::create_dir(&loop_dir).unwrap();
+    let stopfile = n.s.path("stop-loop");
+    let seed = unix_now();
+    let looper = Proc::spawn_logged(
+        tool("python3")
+            .arg("-c")
+            .arg(SYSCALLS)
+            .arg(&loop_dir)
+            .arg(seed.to_string())
+            .args(["until"])
+            .arg(&stopfile),
+        n.s.path("loop-mount.out"),
+    );
+
+    // The file that falls due during the kills: last used now.
+    fill(&n.base.join(DUE), 0x44, MIB);
+    let due_at = Instant::now() + Duration::from_secs(PARTIAL_AGE.parse().unwrap());
+
+    let restarts0 = server_restarts(&m);
+    let mut rng = seed ^ 0xdead_beef;
+    let mut gaps = Vec::new();
+    let mut verify_issued = None;
+    for i in 0..KILLS {
+        std::thread::sleep(Duration::from_millis(50 + splitmix64(&mut rng) % 450));
+        let t = Instant::now();
+        let new = m.kill_server();
+        gaps.push(t.elapsed());
+        let ctx = format!("after kill {} (server now {new}, seed {seed})", i + 1);
+        assert_eq!(server_restarts(&m), restarts0 + i as u64 + 1, "restarts {ctx}");
+        // Every holder still counted, exactly once.
+        assert_eq!(refs(&m.dir, HELD), HELD_HANDLES as u64, "refs of {HELD} {ctx}");
+        assert_eq!(refs(&m.dir, RAW), want_refs(RAW, &raw_pids[..1]), "refs of {RAW} {ctx}");
+        assert_eq!(refs(&m.dir, RAW2), want_refs(RAW2, &raw_pids[1..]), "refs of {RAW2} {ctx}");
+        assert_eq!(refs(&m.dir, CHAIN), want_refs(CHAIN, &chain_pids), "refs of {CHAIN} {ctx}");
+        // Nothing held is evicted.
+        for name in [RAW, RAW2, CHAIN, HELD, SUM] {
+            assert!(n.real(name).exists(), "{name} was evicted while held {ctx}");
+        }
+        if i == KILLS / 4 {
+            let (code, out, err) = run_timeout(
+                Command::new(bin()).arg("verify").arg(&m.dir).arg(SUM),
+                Duration::from_secs(30),
+            );
+            assert_eq!(code, 0, "imagecachefs verify {SUM} {ctx}: {out}{err}");
+            verify_issued = Some(unix_now());
+        }
+    }
+    let killing_ended = Instant::now();
+    fs::write(&stopfile, b"").unwrap();
+    stop.store(true, Ordering::Relaxed);
+
+    // QEMU: no error, and every slot holds what was last written.
+    let mut vms = Vec::new();
+    for t in threads {
+        vms.push(t.join().expect("a qemu-io driver panicked"));
+    }
+    let mut errors = Vec::new();
+    for vm in &vms {
+        eprintln!("{}: {} calls", vm.q.what, vm.ops);
+        errors.extend(vm.errors.iter().map(|e| format!("{}: {e}", vm.q.what)));
+        assert!(vm.ops > SLOTS, "{} made only {} calls", vm.q.what, vm.ops);
+    }
+    assert!(errors.is_empty(), "qemu-io saw errors (seed {seed}):\n{}", errors.join("\n"));
+    let raw_expect = vms[0].expect.clone();
+    let raw2_expect = vms[1].expect.clone();
+    for vm in vms {
+        vm.q.quit();
+    }
+    for (name, expect) in [(RAW, raw_expect), (RAW2, raw2_expect)] {
+        let real = fs::read(n.real(name)).unwrap();
+        for (slot, &b) in expect.iter().enumerate() {
+            let got = &real[slot * SLOT as usize..(slot + 1) * SLOT as usize];
+            if let Some(at) = got.iter().position(|&x| x != b) {
+                panic!("{name} slot {slot} byte {at}: {:#04x}, expected {b:#04x}", got[at]);
+            }
+        }
+    }
+
+    // The syscall loop: the same results as on a plain directory.
+    let out = wait_until(POLL, "the syscall loop to finish", || {
+        let t = looper.log_text();
+        t.lines().last().is_some_and(|l| l.starts_with("count ")).then_some(t)
+    });
+    drop(looper);
+    let (got, count) = loop_result(&out);
+    assert!(count > 100, "the syscall loop made only {count} calls");
+    eprintln!("syscall loop: {count} calls");
+    let plain = n.s.path("plain");
+    fs::create_dir(&plain).unwrap();
+    let reference = run_ok(
+        tool("python3")
+            .arg("-c")
+            .arg(SYSCALLS)
+            .arg(&plain)
+            .arg(seed.to_string())
+            .arg("count")
+            .arg(count.to_string()),
+    );
+    let (want, _) = loop_result(&reference);
+    if let Some(d) = first_difference(&got, &want) {
+        panic!("the syscall loop differs from a run without kills (seed {seed}): {d}");
+    }
+
+    // The checksum pass: verified ok, and the SHA-1 is the real file's.
+    let issued = verify_issued.expect("verify was never issued");
+    let img = wait_until(POLL, "SUM verified after the verify command", || {
+        image(&m.dir, SUM).filter(|i| {
+            i.get("verified")
+                .and_then(|v| v.strip_prefix("ok "))
+                .is_some_and(|t| parse_time(t) >= issued)
+        })
+    });
+    assert_eq!(img["sha1"], sha1sum(&n.real(SUM)), "recorded SHA-1 of {SUM}");
+
+    // The due file went, once; its deadline had passed.
+    wait_until(POLL, "the due file evicted", || (!n.real(DUE).exists()).then_some(()));
+    assert!(Instant::now() >= due_at, "{DUE} evicted before its deadline");
+    let log = m.log_text();
+    assert_eq!(evictions_logged(&log, DUE), 1, "evictions of {DUE}:\n{log}");
+    // The held file: still there, and evictable once its holder is gone.
+    assert!(n.real(HELD).exists(), "{HELD} was evicted while held");
+    held.kill();
+    wait_until(POLL, "refs of HELD back to 0", || (refs(&m.dir, HELD) == 0).then_some(()));
+    wait_until(POLL, "HELD evicted after its holder", || (!n.real(HELD).exists()).then_some(()));
+    assert_eq!(evictions_logged(&m.log_text(), HELD), 1, "evictions of {HELD}");
+    for name in [RAW, RAW2, CHAIN] {
+        assert_eq!(refs(&m.dir, name), 0, "refs of {name} after every VM closed");
+    }
+    gaps.sort();
+    eprintln!(
+        "{KILLS} kills: kill to answering server median {:?}, max {:?}; {:?} after the last kill",
+        gaps[KILLS / 2],
+        gaps[KILLS - 1],
+        killing_ended.elapsed()
+    );
+    assert!(m.stop().success(), "the daemon did not stop cleanly");
+}
+
+// ------------------------------------------------------------------------------------------
+// A request stuck in the server when it dies.
+// ------------------------------------------------------------------------------------------
+
+/// The FUSE worker thread of `server` (mounted with `--threads 1`: fuser names it
+/// `fuser-0`).
+fn worker_thread(server: u32) -> u32 {
+    wait_until(Duration::from_secs(5), "the server's FUSE worker thread", || {
+        fs::read_dir(format!("/proc/{server}/task")).ok()?.flatten().find_map(|t| {
+            let comm = fs::read_to_string(t.path().join("comm")).ok()?;
+            comm.starts_with("fuser").then(|| t.file_name().to_str()?.parse().ok())?
+        })
+    })
+}
+
+/// Attaches `strace` to the server's only FUSE worker thread and delays its `when`-th call
+/// of `syscall` after the attach by 3 s (`enter`: before the call runs; else after it ran,
+/// before the server can reply). strace cannot filter on a name relative to a directory fd,
+/// hence one worker, and the count of calls the request makes (a LOOKUP's `openat` comes
+/// before a CREATE's). The trace goes to `log` (strace writes a line as the call enters, or,
+/// with a delay after the call, once it ran).
+fn delay(server: u32, syscall: &str, enter: bool, when: u32, log: PathBuf) -> Proc {
+    let worker = worker_thread(server);
+    let how = if enter { "delay_enter" } else { "delay_exit" };
+    let mut p = Proc::spawn_logged(
+        tool("strace")
+            .args(["-qq", "-p", &worker.to_string(), "-o"])
+            .arg(&log)
+            .arg("-e")
+            .arg(format!("trace={syscall}"))
+            .arg("-e")
+            .arg(format!("inject={syscall}:{how}=3s:when={when}")),
+        log.with_extension("err"),
+    );
+    wait_until(Duration::from_secs(10), "strace to attach to the worker", || {
+        p.assert_alive();
+        let status = fs::read_to_string(format!("/proc/{server}/task/{worker}/status")).ok()?;
+        status.lines().any(|l| l.starts_with("TracerPid:") && !l.ends_with("\t0")).then_some(())
+    });
+    p
+}
+
+/// Waits until the worker is held in the delayed call naming `name`: strace's log shows
+/// the call either entered and unfinished, or finished and `(DELAYED)`.
+fn wait_in_flight(log: &Path, name: &str) {
+    let quoted = format!("\"{name}\"");
+    wait_until(Duration::from_secs(10), &format!("a delayed call on {name:?}"), || {
+        let text = fs::read_to_string(log).ok()?;
+        text.lines()
+            .any(|l| l.contains(&quoted) && (l.contains("(DELAYED)") || !l.contains(" = ")))
+            .then_some(())
+    });
+}
+
+fn errno_of(e: std::io::Error) -> i32 {
+    e.raw_os_error().unwrap_or(-1)
+}
+
+/// One stuck-request case: `prepare` runs through the mount; then `syscall` of the server is
+/// held by strace (before it runs with `enter`, else after it ran, before the reply), `op`
+/// runs through the mount in a thread until the server is inside that call for `name`, and
+/// the server is killed. The kernel resends the request to the new server, and the caller
+/// must get `want`, as if the first server had answered.
+#[allow(clippy::too_many_arguments)]
+fn stuck(
+    what: &str,
+    syscall: &str,
+    enter: bool,
+    when: u32,
+    name: &str,
+    prepare: impl FnOnce(&Node, &Path),
+    op: impl FnOnce(&Path) -> std::io::Result<String> + Send + 'static,
+    want: Result<String, i32>,
+) -> Node {
+    let n = Node::new();
+    let mut args = n.mount_args();
+    args.extend(["--threads", "1"]);
+    let m = Mount::new(&n.base, &args);
+    prepare(&n, &m.dir);
+    let server = m.server_pid();
+    let restarts = server_restarts(&m);
+    let log = n.s.path("strace.log");
+    let tracer = delay(server, syscall, enter, when, log.clone());
+    let (tx, rx) = mpsc::channel();
+    let started = Instant::now();
+    let dir = m.dir.clone();
+    std::thread::spawn(move || {
+        let r = op(&dir).map_err(errno_of);
+        let _ = tx.send((r, started.elapsed()));
+    });
+    wait_in_flight(&log, name);
+    unsafe { libc::kill(server as i32, libc::SIGKILL) };
+    let got = rx.recv_timeout(Duration::from_secs(20));
+    drop(tracer);
+    let (got, took) = got.unwrap_or_else(|_| {
+        panic!("{what}: the stuck request was never answered\n{}", m.log_text())
+    });
+    assert_eq!(got, want, "{what}: the caller's result after the server died ({took:?})");
+    wait_until(Duration::from_secs(5), "the old server gone", || (!alive(server)).then_some(()));
+    assert_ne!(m.server_pid(), server, "{what}: no new server");
+    assert_eq!(server_restarts(&m), restarts + 1, "{what}: exactly one restart");
+    let resent = m.log_text();
+    assert!(m.stop().success(), "{what}: the daemon did not stop cleanly\n{resent}");
+    n
+}
+
+/// A lookup held before the server's `openat` of the name runs: resent, and the caller gets the
+/// file's real attributes.
+#[test]
+fn a_lookup_stuck_in_a_dying_server_is_resent_and_answered() {
+    stuck(
+        "lookup",
+        "openat",
+        true,
+        1,
+        "fresh-name",
+        // Made under the mount: the kernel has never looked the name up.
+        |n, _| fill(&n.real("fresh-name"), 0x33, 4321),
+        |dir| fs::symlink_metadata(dir.join("fresh-name")).map(|md| md.len().to_string()),
+        Ok("4321".into()),
+    );
+}
+
+/// A `mkdir` whose `mkdirat` had run when the server died: the resent MKDIR succeeds (no
+/// spurious `EEXIST`) and the directory is there once.
+#[test]
+fn a_mkdir_done_by_a_dying_server_is_answered_as_done() {
+    let n = stuck(
+        "mkdir",
+        "mkdirat",
+        false,
+        1,
+        "newdir",
+        |_, _| {},
+        |dir| fs::create_dir(dir.join("newdir")).map(|_| String::new()),
+        Ok(String::new()),
+    );
+    assert!(n.real("newdir").is_dir(), "the directory is missing");
+}
+
+/// An exclusive create whose `openat` had run: the resent CREATE opens the file it made (no
+/// spurious `EEXIST`), and the write through the returned descriptor lands.
+#[test]
+fn an_exclusive_create_done_by_a_dying_server_is_answered_as_done() {
+    let n = stuck(
+        "create",
+        "openat",
+        false,
+        2,
+        "newfile",
+        |_, _| {},
+        |dir| {
+            let mut f =
+                fs::OpenOptions::new().write(true).create_new(true).open(dir.join("newfile"))?;
+            f.write_all(b"made once")?;
+            Ok(String::new())
+        },
+        Ok(String::new()),
+    );
+    assert_eq!(fs::read(n.real("newfile")).unwrap(), b"made once");
+}
+
+/// An unlink whose `unlinkat` had run: the resent UNLINK succeeds (no spurious `ENOENT`).
+#[test]
+fn an_unlink_done_by_a_dying_server_is_answered_as_done() {
+    let n = stuck(
+        "unlink",
+        "unlinkat",
+        false,
+        1,
+        "victim",
+        |_, dir| fill(&dir.join("victim"), 0x71, 100),
+        |dir| fs::remove_file(dir.join("victim")).map(|_| String::new()),
+        Ok(String::new()),
+    );
+    assert!(!n.real("victim").exists(), "the file is still there");
+}
+
+/// A rename whose `renameat` had run: the resent RENAME succeeds (no spurious `ENOENT`),
+/// and the file is under its new name with its content.
+#[test]
+fn a_rename_done_by_a_dying_server_is_answered_as_done() {
+    let n = stuck(
+        "rename",
+        "renameat",
+        false,
+        1,
+        "from-name",
+        |_, dir| fill(&dir.join("from-name"), 0x72, 2000),
+        |dir| fs::rename(dir.join("from-name"), dir.join("to-name")).map(|_| String::new()),
+        Ok(String::new()),
+    );
+    assert!(!n.real("from-name").exists(), "the old name is still there");
+    assert_eq!(fs::read(n.real("to-name")).unwrap(), vec![0x72; 2000]);
+}
+
+// ------------------------------------------------------------------------------------------
+// Upgrade: `imagecachefs restart DIR` to the binary now on disk.
+// ------------------------------------------------------------------------------------------
+
+/// The inode of the program `pid` runs.
+fn exe_ino(pid: u32) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    fs::metadata(format!("/proc/{pid}/exe")).unwrap_or_else(|e| panic!("exe of {pid}: {e}")).ino()
+}
+
+/// Copies the binary under test to `to` through a new file renamed over it (a new inode, as
+/// a package upgrade makes); returns that inode.
+fn install_binary(to: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let tmp = to.with_extension("new");
+    fs::copy(bin(), &tmp).unwrap();
+    fs::rename(&tmp, to).unwrap();
+    fs::metadata(to).unwrap().ino()
+}
+
+/// `imagecachefs restart DIR` three times, each to a newly installed copy of the binary,
+/// while a VM-like `qemu-io` (direct, native AIO) reads its base through the mount: zero
+/// errors; each time the supervisor keeps its pid and runs the new file, a new server runs
+/// it too, and `status.json` counts the restart with a new start time.
+#[test]
+fn restart_to_a_newly_installed_binary_under_a_reading_vm_costs_nothing() {
+    let n = Node::new();
+    // Every slot holds its own byte, so a read from the wrong place is seen.
+    let f = File::create(n.real(RAW)).unwrap();
+    let mut expect = Vec::new();
+    for slot in 0..SLOTS {
+        let b = (slot % 251) as u8 + 1;
+        f.write_all_at(&vec![b; SLOT as usize], slot as u64 * SLOT).unwrap();
+        expect.push(b);
+    }
+    f.sync_all().unwrap();
+    let prog = n.s.path("bin/imagecachefs");
+    fs::create_dir_all(prog.parent().unwrap()).unwrap();
+    install_binary(&prog);
+    let m = Mount::with_binary(&prog, &n.base, &n.mount_args());
+    let sup = m.pid();
+    let mut vm = Vm::new(qemu_raw(&n.base.join(RAW), true), 0);
+    vm.expect = expect;
+    let qpid = vm.q.pid();
+    let stop = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let stop = stop.clone();
+        std::thread::spawn(move || vm.run(7, false, stop))
+    };
+    for round in 1..=3u64 {
+        let ctx = format!("restart {round}");
+        let before = server_status(&m);
+        let old_server = m.server_pid();
+        let restarts = server_restarts(&m);
+        // A start time in a later second than the old server's, whatever its resolution.
+        let t0 = unix_now();
+        wait_until(Duration::from_secs(3), "the clock to pass a second", || {
+            (unix_now() > t0).then_some(())
+        });
+        let ino = install_binary(&prog);
+        let (code, out, err) =
+            run_timeout(Command::new(&prog).arg("restart").arg(&m.dir), Duration::from_secs(60));
+        assert_eq!(code, 0, "{ctx}: imagecachefs restart failed:\n{out}{err}\n{}", m.log_text());
+        assert_eq!(out.trim().lines().count(), 1, "{ctx}: restart prints one line: {out:?}");
+        assert!(m.running(), "{ctx}: the supervisor exited");
+        let server = m.server_pid();
+        assert_ne!(server, old_server, "{ctx}: the server was not replaced");
+        assert_eq!(exe_ino(sup), ino, "{ctx}: the supervisor does not run the new binary");
+        assert_eq!(exe_ino(server), ino, "{ctx}: the server does not run the new binary");
+        let after = server_status(&m);
+        assert_eq!(after["pid"].as_u64(), Some(server as u64), "{ctx}: status.json {after}");
+        assert_ne!(after["started"], before["started"], "{ctx}: start time kept: {after}");
+        assert_eq!(server_restarts(&m), restarts + 1, "{ctx}: restarts: {after}");
+        assert!(!after["last_restart"].is_null(), "{ctx}: no last_restart: {after}");
+        assert_eq!(
+            refs(&m.dir, RAW),
+            fds_on(qpid, &n.base.join(RAW)),
+            "{ctx}: refs of the VM's base"
+        );
+    }
+    stop.store(true, Ordering::Relaxed);
+    let vm = reader.join().expect("the qemu-io reader panicked");
+    assert!(vm.errors.is_empty(), "qemu-io saw errors:\n{}", vm.errors.join("\n"));
+    assert!(vm.ops > SLOTS, "qemu-io made only {} reads", vm.ops);
+    vm.q.quit();
+    wait_until(POLL, "refs of RAW back to 0", || (refs(&m.dir, RAW) == 0).then_some(()));
+    assert!(m.stop().success(), "the daemon did not stop cleanly");
+}
+
+/// A binary that cannot read the running journal's format is refused: `restart` exits
+/// non-zero with one clear line naming the format, and the running server goes on serving.
+/// The running supervisor is made to write a format this binary does not read through
+/// `IMAGECACHEFS_JOURNAL_FORMAT_OVERRIDE` (a test-only switch of the daemon).
+#[test]
+fn restart_to_a_binary_that_cannot_read_the_journal_is_refused() {
+    let n = Node::new();
+    fill(&n.real(RAW), 0x61, MIB);
+    let m = Mount::with_env(
+        &n.base,
+        &n.mount_args(),
+        &[("IMAGECACHEFS_JOURNAL_FORMAT_OVERRIDE", "999")],
+    );
+    let server = m.server_pid();
+    let restarts = server_restarts(&m);
+    let (code, out, err) = run_timeout(
+        Command::new(bin())
+            .arg("restart")
+            .arg(&m.dir)
+            .env_remove("IMAGECACHEFS_JOURNAL_FORMAT_OVERRIDE"),
+        Duration::from_secs(60),
+    );
+    assert_ne!(code, 0, "a restart to a binary that cannot read format 999 succeeded:\n{out}{err}");
+    let msg = format!("{out}{err}");
+    assert_eq!(msg.trim().lines().count(), 1, "the refusal is one line: {msg:?}");
+    assert!(msg.contains("999"), "the refusal names the running format: {msg:?}");
+    assert_eq!(m.server_pid(), server, "the server was replaced anyway");
+    assert_eq!(server_restarts(&m), restarts, "a refused restart was counted");
+    assert_eq!(fs::read(m.dir.join(RAW)).unwrap(), vec![0x61; MIB as usize]);
+    assert!(m.stop().success(), "the daemon did not stop cleanly");
+}
+
+// ------------------------------------------------------------------------------------------
+// The reference model, with "server restart" among its operations.
+// ------------------------------------------------------------------------------------------
+
+/// Random opens (read or write), closes and `kill -9`s of the server through a real mount,
+/// the test process holding every handle; after each step `images/NAME` must show as many
+/// references as the model holds handles, `writing` exactly while a writer is open, and
+/// right after a restart without any wait (nothing was released meanwhile).
+#[test]
+fn references_follow_the_model_across_server_kills() {
+    const FILES: [&str; 3] = [RAW, RAW2, CHAIN];
+    let n = Node::new();
+    for (i, name) in FILES.iter().enumerate() {
+        fill(&n.real(name), i as u8 + 1, MIB);
+    }
+    let m = n.mount();
+    let seed = unix_now();
+    let mut rng = seed;
+    let mut held: Vec<(usize, bool, File)> = Vec::new();
+    let mut kills = 0;
+    let check = |held: &[(usize, bool, File)], step: usize, wait: bool| {
+        for (i, name) in FILES.iter().enumerate() {
+            let want = held.iter().filter(|h| h.0 == i).count() as u64;
+            let writing = held.iter().any(|h| h.0 == i && h.1);
+            let ok = || {
+                let img = image(&m.dir, name)?;
+                let r: u64 = img.get("refs")?.parse().ok()?;
+                (r == want && (img.get("state").map(String::as_str) == Some("writing")) == writing)
+                    .then_some(())
+            };
+            if wait {
+                wait_until(
+                    POLL,
+                    &format!("step {step} (seed {seed}): {name} refs {want}, writing {writing}"),
+                    ok,
+                );
+            } else {
+                assert!(
+                    ok().is_some(),
+                    "right after a restart, step {step} (seed {seed}): {name} should have refs \
+                     {want}, writing {writing}:\n{:?}",
+                    image(&m.dir, name)
+                );
+            }
+        }
+    };
+    for step in 0..60 {
+        let r = splitmix64(&mut rng);
+        match r % 8 {
+            0..=3 => {
+                let file = (r >> 8) as usize % FILES.len();
+                let write = (r >> 16).is_multiple_of(3);
+                let path = m.dir.join(FILES[file]);
+                let f = fs::OpenOptions::new().read(true).write(write).open(&path).unwrap();
+                held.push((file, write, f));
+                check(&held, step, true);
+            }
+            4 | 5 if !held.is_empty() => {
+                held.remove((r >> 8) as usize % held.len());
+                check(&held, step, true);
+            }
+            _ => {
+                m.kill_server();
+                kills += 1;
+                check(&held, step, false);
+            }
+        }
+    }
+    held.clear();
+    check(&held, 60, true);
+    assert!(kills > 0, "no kill in the sequence (seed {seed})");
+    assert!(m.stop().success(), "the daemon did not stop cleanly");
+}
