@@ -200,7 +200,6 @@ fn systemd_unit_and_drop_in_carry_the_required_keys_and_verify() {
     assert_eq!(unit_value(&keys, "Service", "Type"), "notify");
     assert_eq!(unit_value(&keys, "Service", "NotifyAccess"), "main");
     assert_eq!(unit_value(&keys, "Service", "FileDescriptorStoreMax"), "3");
-    assert_eq!(unit_value(&keys, "Service", "FileDescriptorStorePreserve"), "yes");
     assert!(unit_value(&keys, "Service", "ExecReload")
         .ends_with(" restart /var/lib/nova/instances/_base"));
     assert_eq!(
