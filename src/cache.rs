@@ -1031,6 +1031,7 @@ impl Cache {
                 reader,
                 persisted,
                 space,
+                server: self.server_info(),
             };
             let text = match file {
                 VFile::Status => status::table(&view),

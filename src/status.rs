@@ -77,6 +77,8 @@ pub struct View<'a> {
     pub reader: Reader,
     pub persisted: Persisted,
     pub space: Space,
+    /// The serving process (absent outside a mount).
+    pub server: Option<&'a crate::cache::ServerInfo>,
 }
 
 /// The width of the `NAME` column of `status`: longer names are cut (the full name is in
@@ -151,10 +153,27 @@ struct JsonImage<'a> {
 
 /// `status.json`.
 #[derive(Serialize)]
+struct JsonRestart {
+    cause: String,
+    at: String,
+    duration_ms: u64,
+}
+
+#[derive(Serialize)]
+struct JsonServer {
+    pid: u32,
+    started: String,
+    restarts: u64,
+    last_restart: Option<JsonRestart>,
+}
+
+#[derive(Serialize)]
 struct JsonStatus<'a> {
     generated_at: String,
     persisted: bool,
     persisted_at: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    server: Option<JsonServer>,
     images: Vec<JsonImage<'a>>,
 }
 
@@ -351,6 +370,16 @@ pub fn json(view: &View) -> String {
         generated_at: rfc3339(view.now),
         persisted: p.on_disk,
         persisted_at: p.at.map_or("never".into(), rfc3339),
+        server: view.server.map(|s| JsonServer {
+            pid: s.pid,
+            started: rfc3339(s.started),
+            restarts: s.restarts,
+            last_restart: s.last_restart.as_ref().map(|l| JsonRestart {
+                cause: l.cause.clone(),
+                at: rfc3339(l.at),
+                duration_ms: l.duration.as_millis() as u64,
+            }),
+        }),
         images: rows
             .iter()
             .map(|r| JsonImage {
@@ -650,6 +679,7 @@ mod tests {
             reader,
             persisted: Persisted::default(),
             space: Space::default(),
+            server: None,
         }
     }
 

@@ -402,7 +402,6 @@ fn hostile_clients_stall_neither_a_scrape_nor_the_mount() {
     drop(m);
 }
 
-
 #[test]
 fn operations_md_alert_rules_use_metrics_the_daemon_serves() {
     let docs = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs");
