@@ -448,10 +448,8 @@ impl Supervisor {
                 for &fd in &keep {
                     inherit(fd)?;
                 }
-                // The server blocks the signals it takes itself.
-                let mut empty: libc::sigset_t = std::mem::zeroed();
-                libc::sigemptyset(&mut empty);
-                libc::pthread_sigmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+                // The signals stay blocked across exec: one that arrives while the server
+                // starts waits for its signal thread instead of killing it.
                 Ok(())
             });
         }
@@ -485,9 +483,6 @@ impl Supervisor {
             // The server has its copy of the readiness pipe: if it dies before it writes,
             // whoever waits there must see the end of it.
             close_ready_fd();
-            if self.stopping {
-                unsafe { libc::kill(server.pid, libc::SIGTERM) };
-            }
             let ended = self.watch(&mut server);
             let Some(ended) = ended else {
                 // `restart`: the server is gone and a new supervisor takes over (the exec
@@ -587,10 +582,13 @@ impl Supervisor {
     fn on_signal(&mut self, sig: libc::c_int, server: &Server) {
         match sig {
             libc::SIGTERM | libc::SIGINT => {
-                // The server detaches the mount and serves open files until their last close.
+                // The server detaches the mount and serves open files until their last close;
+                // one still starting is told once it serves.
                 self.stopping = true;
                 info!("{}: stopping the server {}", (self.plan.signal_name)(sig), server.pid);
-                unsafe { libc::kill(server.pid, sig) };
+                if server.ready {
+                    unsafe { libc::kill(server.pid, sig) };
+                }
             }
             libc::SIGHUP => {
                 let _ = crate::run::reopen_log_file();
@@ -645,6 +643,9 @@ impl Supervisor {
             }
             self.quick_deaths = 0;
             notify_systemd("READY=1");
+            if self.stopping {
+                unsafe { libc::kill(server.pid, libc::SIGTERM) };
+            }
         } else if msg == MSG_RESTART {
             match self.check_upgrade() {
                 Err(why) => {
