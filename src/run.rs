@@ -923,11 +923,15 @@ pub fn restart_command(dir: &Path) -> i32 {
         Ok(d) => d,
         Err(e) => return fail(e),
     };
-    let server = |what: &str| -> Option<String> {
+    // One read gives both (two reads could straddle the replacement).
+    let server = || -> Option<(String, String)> {
         let text = std::fs::read_to_string(sdir.join("server")).ok()?;
-        text.lines().find_map(|l| l.strip_prefix(what)).map(|v| v.trim().to_owned())
+        let get = |what: &str| {
+            text.lines().find_map(|l| l.strip_prefix(what)).map(|v| v.trim().to_owned())
+        };
+        Some((get("pid:")?, get("started:")?))
     };
-    let (Some(pid), Some(started)) = (server("pid:"), server("started:")) else {
+    let Some((pid, started)) = server() else {
         return fail(format!("{}: no server information in the status tree", dir.display()));
     };
     let refusals = || {
@@ -956,7 +960,7 @@ pub fn restart_command(dir: &Path) -> i32 {
                 .unwrap_or_default();
             return fail(format!("restart refused: {why}"));
         }
-        if let (Some(p), Some(s)) = (server("pid:"), server("started:")) {
+        if let Some((p, s)) = server() {
             if p != pid || s != started {
                 println!(
                     "restarted {}: server {pid} -> {p}, serving after {} ms",

@@ -941,33 +941,41 @@ fn restart_to_a_newly_installed_binary_under_a_reading_vm_costs_nothing() {
 
 /// A binary that cannot read the running journal's format is refused: `restart` exits
 /// non-zero with one clear line naming the format, and the running server goes on serving.
-/// The running supervisor is made to write a format this binary does not read through
-/// `IMAGECACHEFS_JOURNAL_FORMAT_OVERRIDE` (a test-only switch of the daemon).
 #[test]
 fn restart_to_a_binary_that_cannot_read_the_journal_is_refused() {
     let n = Node::new();
     fill(&n.real(RAW), 0x61, MIB);
-    let m = Mount::with_env(
-        &n.base,
-        &n.mount_args(),
-        &[("IMAGECACHEFS_JOURNAL_FORMAT_OVERRIDE", "999")],
-    );
+    let prog = n.s.path("bin/imagecachefs");
+    fs::create_dir_all(prog.parent().unwrap()).unwrap();
+    install_binary(&prog);
+    let m = Mount::with_binary(&prog, &n.base, &n.mount_args());
     let server = m.server_pid();
     let restarts = server_restarts(&m);
-    let (code, out, err) = run_timeout(
-        Command::new(bin())
-            .arg("restart")
-            .arg(&m.dir)
-            .env_remove("IMAGECACHEFS_JOURNAL_FORMAT_OVERRIDE"),
-        Duration::from_secs(60),
-    );
-    assert_ne!(code, 0, "a restart to a binary that cannot read format 999 succeeded:\n{out}{err}");
+    // The "new version" installed over the running one reads only a journal format this
+    // mount does not write (a format change), as `journal-formats` says.
+    let tmp = prog.with_extension("new");
+    fs::write(&tmp, "#!/bin/sh\n[ \"$1\" = journal-formats ] && echo 999 && exit 0\nexit 1\n")
+        .unwrap();
+    fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    fs::rename(&tmp, &prog).unwrap();
+    let (code, out, err) =
+        run_timeout(Command::new(bin()).arg("restart").arg(&m.dir), Duration::from_secs(60));
+    assert_ne!(code, 0, "a restart to a binary that reads only format 999 succeeded:\n{out}{err}");
     let msg = format!("{out}{err}");
     assert_eq!(msg.trim().lines().count(), 1, "the refusal is one line: {msg:?}");
-    assert!(msg.contains("999"), "the refusal names the running format: {msg:?}");
+    assert!(msg.contains("restart refused"), "{msg:?}");
+    assert!(msg.contains("[999]"), "the refusal names what the new binary reads: {msg:?}");
+    assert!(msg.contains("the running mount's is 1"), "and the running format: {msg:?}");
     assert_eq!(m.server_pid(), server, "the server was replaced anyway");
     assert_eq!(server_restarts(&m), restarts, "a refused restart was counted");
     assert_eq!(fs::read(m.dir.join(RAW)).unwrap(), vec![0x61; MIB as usize]);
+    // The real binary back in place: the mount upgrades as usual.
+    install_binary(&prog);
+    let (code, out, err) =
+        run_timeout(Command::new(&prog).arg("restart").arg(&m.dir), Duration::from_secs(60));
+    assert_eq!(code, 0, "restart after the refusal:\n{out}{err}\n{}", m.log_text());
+    assert_ne!(m.server_pid(), server, "the server was not replaced");
+    assert_eq!(server_restarts(&m), restarts + 1);
     assert!(m.stop().success(), "the daemon did not stop cleanly");
 }
 
