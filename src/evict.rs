@@ -126,7 +126,7 @@ pub fn try_evict(
     if !cache.owns_mount() {
         return Err(Refused::Detached);
     }
-    if cache.policy.shared.is_some() {
+    if cache.policy.uncoordinated() {
         return Err(Refused::Blocked(Blocker::SharedStorage));
     }
     // Nova's lock first: whatever Nova does to this file (or to overlays on it) under the
