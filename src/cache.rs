@@ -992,7 +992,10 @@ impl Cache {
         let now = self.now();
         let (text, stamp) = {
             let state = self.state.lock();
-            let counters = self.counters.lock();
+            let mut counters = self.counters.lock();
+            if let Some(k) = self.keeper.get() {
+                counters.shared_lock_errors = k.errors();
+            }
             let persisted = self.persisted(state.version);
             let stamp = RenderStamp {
                 version: state.shown,
@@ -1023,7 +1026,13 @@ impl Cache {
                 }
                 VFile::Control => String::new(),
                 VFile::Image(ino) => match state.image(ino) {
-                    Some(img) if img.name.is_some() => status::image(&view, img),
+                    Some(img) if img.name.is_some() => {
+                        let mut text = status::image(&view, img);
+                        if let (Some(k), Some(name)) = (self.keeper.get(), &img.name) {
+                            text.push_str(&crate::shared::status_lines(k, name));
+                        }
+                        text
+                    }
                     _ => String::new(),
                 },
             };

@@ -380,8 +380,20 @@ impl OfdLocks {
         Ok(OfdLocks { dir: lock_dir(root)?, shared: HashMap::new(), exclusive: HashMap::new() })
     }
 
+    /// Opens `name`'s lock file, creating it with the epoch as mtime: its mtime is the last
+    /// release on any host, and a creation is no use.
     fn open_lock(&self, name: &OsStr) -> io::Result<File> {
-        backing::create_at(self.dir.as_fd(), name, libc::O_RDWR, 0o600)
+        match backing::create_at(self.dir.as_fd(), name, libc::O_RDWR | libc::O_EXCL, 0o600) {
+            Ok(f) => {
+                let epoch = Some(backing::SetTime::At(SystemTime::UNIX_EPOCH));
+                backing::set_times(f.as_fd(), None, epoch)?;
+                Ok(f)
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
+                backing::open_at(self.dir.as_fd(), name, libc::O_RDWR)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Opens `name`'s lock file and takes `kind` on it; a lock file unlinked by another
@@ -643,9 +655,23 @@ pub struct Keeper {
     swept: std::sync::atomic::AtomicBool,
     errors: std::sync::atomic::AtomicU64,
     quarantine: Duration,
+    /// How long an eviction waits for an answer ([`GATE_TIMEOUT`]).
+    timeout: Duration,
 }
 
 impl Keeper {
+    fn new(jobs: Sender<Job>, quarantine: Duration, timeout: Duration) -> Self {
+        Keeper {
+            jobs: Mutex::new(jobs),
+            sync_queued: Default::default(),
+            seen: Mutex::new(BTreeMap::new()),
+            swept: Default::default(),
+            errors: Default::default(),
+            quarantine,
+            timeout,
+        }
+    }
+
     /// Asks for the shared locks to follow the references (never waits).
     pub fn sync(&self) {
         if !self.sync_queued.swap(true, std::sync::atomic::Ordering::AcqRel) {
@@ -660,16 +686,13 @@ impl Keeper {
         if self.jobs.lock().send(Job::Gate { name: name.to_owned(), now, reply: tx }).is_err() {
             return Gate::Unknown("the lock keeper is gone".into());
         }
-        match rx.recv_timeout(GATE_TIMEOUT) {
+        match rx.recv_timeout(self.timeout) {
             Ok(g) => g,
             Err(_) => {
                 // If the answer comes late with the lock taken, this releases it: the keeper
                 // takes jobs in order.
                 self.finish(name, false);
-                Gate::Unknown(format!(
-                    "the lock call did not answer within {} s",
-                    GATE_TIMEOUT.as_secs()
-                ))
+                Gate::Unknown(format!("the lock call did not answer within {:?}", self.timeout))
             }
         }
     }
@@ -697,6 +720,22 @@ impl Keeper {
     }
 }
 
+/// The `--shared` lines of `images/NAME`: whether another host holds the file's lock, and
+/// when its quarantine ends, as the keeper's last sweep saw them.
+pub fn status_lines(keeper: &Keeper, name: &OsStr) -> String {
+    let seen = keeper.seen(name);
+    let holds = match seen.and_then(|s| s.other_holds) {
+        Some(true) => "yes",
+        Some(false) => "no",
+        None => "unknown",
+    };
+    let ends = match seen {
+        None => "unknown".into(),
+        Some(s) => s.quarantine_ends.map_or("-".into(), crate::clock::rfc3339),
+    };
+    format!("other_node_holds: {holds}\nquarantine_ends: {ends}\n")
+}
+
 /// How often the keeper checks its locks and looks at the other hosts' (a tenth of the
 /// quarantine, between 1 and 30 s): a lock held elsewhere for less than this between two
 /// sweeps is caught by the lock file's mtime its release sets.
@@ -711,14 +750,7 @@ pub fn start(cache: &Arc<Cache>, quarantine: Option<u64>) -> Result<(), String> 
     let backend = OfdLocks::open(cache.root()).map_err(|e| format!("{LOCK_DIR}: {e}"))?;
     let quarantine = Duration::from_secs(q);
     let (tx, rx) = mpsc::channel();
-    let keeper = Arc::new(Keeper {
-        jobs: Mutex::new(tx),
-        sync_queued: Default::default(),
-        seen: Mutex::new(BTreeMap::new()),
-        swept: Default::default(),
-        errors: Default::default(),
-        quarantine,
-    });
+    let keeper = Arc::new(Keeper::new(tx, quarantine, GATE_TIMEOUT));
     cache.set_keeper(keeper.clone());
     let weak = Arc::downgrade(cache);
     let protocol = Protocol::new(backend, quarantine);
@@ -816,5 +848,370 @@ fn run<B: LockBackend>(
             }
         }
         keeper.errors.store(p.errors, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+    use std::sync::Arc;
+
+    fn t(secs: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000 + secs)
+    }
+
+    fn n(s: &str) -> OsString {
+        OsString::from(s)
+    }
+
+    fn errno(e: i32) -> io::Error {
+        io::Error::from_raw_os_error(e)
+    }
+
+    /// One cluster's lock table, shared by the fake hosts.
+    struct Table {
+        /// Per lock file: (host, exclusive) of each lock held.
+        locks: HashMap<OsString, Vec<(usize, bool)>>,
+        /// Lock files and their mtimes.
+        files: HashMap<OsString, SystemTime>,
+        /// The clock the fake filesystem stamps mtimes with.
+        now: SystemTime,
+    }
+
+    /// Errors to inject into one host's calls (an errno, for every call of that kind).
+    #[derive(Default)]
+    struct Faults {
+        share: Option<i32>,
+        check: Option<i32>,
+        exclusive: Option<i32>,
+        /// `last_release` fails: an error right after the exclusive lock was taken.
+        stat: Option<i32>,
+        test: Option<i32>,
+    }
+
+    struct Fake {
+        host: usize,
+        table: Arc<Mutex<Table>>,
+        faults: Arc<Mutex<Faults>>,
+    }
+
+    impl Fake {
+        fn conflicts(&self, name: &OsStr, exclusive: bool) -> bool {
+            let t = self.table.lock();
+            t.locks
+                .get(name)
+                .is_some_and(|l| l.iter().any(|&(h, x)| h != self.host && (x || exclusive)))
+        }
+        fn take(&self, name: &OsStr, exclusive: bool) -> Try {
+            if self.conflicts(name, exclusive) {
+                return Try::Busy;
+            }
+            let mut t = self.table.lock();
+            t.files.entry(name.to_owned()).or_insert(SystemTime::UNIX_EPOCH);
+            let l = t.locks.entry(name.to_owned()).or_default();
+            l.retain(|&(h, x)| !(h == self.host && x == exclusive));
+            l.push((self.host, exclusive));
+            Try::Taken
+        }
+        fn drop_lock(&self, name: &OsStr, exclusive: bool) {
+            let mut t = self.table.lock();
+            if let Some(l) = t.locks.get_mut(name) {
+                l.retain(|&(h, x)| !(h == self.host && x == exclusive));
+            }
+        }
+    }
+
+    impl LockBackend for Fake {
+        fn share(&mut self, name: &OsStr) -> io::Result<Try> {
+            if let Some(e) = self.faults.lock().share {
+                return Err(errno(e));
+            }
+            Ok(self.take(name, false))
+        }
+        fn unshare(&mut self, name: &OsStr, used: bool) -> io::Result<()> {
+            self.drop_lock(name, false);
+            if used {
+                let mut t = self.table.lock();
+                let now = t.now;
+                t.files.insert(name.to_owned(), now);
+            }
+            Ok(())
+        }
+        fn check(&mut self, name: &OsStr) -> io::Result<()> {
+            if let Some(e) = self.faults.lock().check {
+                return Err(errno(e));
+            }
+            let t = self.table.lock();
+            let held = t.locks.get(name).is_some_and(|l| l.contains(&(self.host, false)));
+            // What GlusterFS with strict locks says of a lock lost over a reconnect.
+            if held {
+                Ok(())
+            } else {
+                Err(errno(libc::EBADFD))
+            }
+        }
+        fn exclusive(&mut self, name: &OsStr) -> io::Result<Try> {
+            if let Some(e) = self.faults.lock().exclusive {
+                return match e {
+                    libc::EAGAIN | libc::EACCES => Ok(Try::Busy),
+                    e => Err(errno(e)),
+                };
+            }
+            Ok(self.take(name, true))
+        }
+        fn unexclusive(&mut self, name: &OsStr, remove: bool) -> io::Result<()> {
+            if remove {
+                self.table.lock().files.remove(name);
+            }
+            self.drop_lock(name, true);
+            Ok(())
+        }
+        fn held_elsewhere(&mut self, name: &OsStr) -> io::Result<bool> {
+            if let Some(e) = self.faults.lock().test {
+                return Err(errno(e));
+            }
+            Ok(self.conflicts(name, true))
+        }
+        fn last_release(&mut self, name: &OsStr) -> io::Result<Option<SystemTime>> {
+            if let Some(e) = self.faults.lock().stat {
+                return Err(errno(e));
+            }
+            Ok(self.table.lock().files.get(name).copied())
+        }
+    }
+
+    const Q: Duration = Duration::from_secs(900);
+
+    struct Cluster {
+        table: Arc<Mutex<Table>>,
+        faults: Vec<Arc<Mutex<Faults>>>,
+    }
+
+    impl Cluster {
+        fn new() -> Self {
+            Cluster {
+                table: Arc::new(Mutex::new(Table {
+                    now: t(0),
+                    locks: HashMap::new(),
+                    files: HashMap::new(),
+                })),
+                faults: vec![],
+            }
+        }
+        fn host(&mut self) -> Protocol<Fake> {
+            let faults = Arc::new(Mutex::new(Faults::default()));
+            self.faults.push(faults.clone());
+            let host = self.faults.len() - 1;
+            Protocol::new(Fake { host, table: self.table.clone(), faults }, Q)
+        }
+        fn at(&self, now: SystemTime) {
+            self.table.lock().now = now;
+        }
+        /// Whether anyone holds an exclusive lock on `name`.
+        fn exclusive_held(&self, name: &str) -> bool {
+            self.table.lock().locks.get(OsStr::new(name)).is_some_and(|l| l.iter().any(|l| l.1))
+        }
+    }
+
+    fn set(names: &[&str]) -> BTreeSet<OsString> {
+        names.iter().map(|s| n(s)).collect()
+    }
+
+    #[test]
+    fn a_host_using_a_file_keeps_it_from_the_others_until_the_quarantine_passes() {
+        let mut c = Cluster::new();
+        let (mut a, mut b) = (c.host(), c.host());
+        a.sync(&set(&["x"]));
+        assert_eq!(b.gate(OsStr::new("x"), t(10)), Gate::OtherHost);
+        assert!(!c.exclusive_held("x"));
+        // A's last reference goes at 100: the lock file's mtime says so.
+        c.at(t(100));
+        a.sync(&set(&[]));
+        // Seen free at 200, but last used at 100: the quarantine counts from 200.
+        assert_eq!(b.gate(OsStr::new("x"), t(200)), Gate::Quarantine { until: t(200) + Q });
+        assert!(!c.exclusive_held("x"), "a refusal keeps no lock");
+        let Gate::Go { last_release } = b.gate(OsStr::new("x"), t(200) + Q) else {
+            panic!("free for the whole quarantine")
+        };
+        assert_eq!(last_release, Some(t(100)));
+        assert!(c.exclusive_held("x"), "held across the unlink");
+        // While B evicts, A cannot take its shared lock: it stays unprotected and retries.
+        a.sync(&set(&["x"]));
+        assert!(a.unprotected().contains(OsStr::new("x")));
+        b.finish(OsStr::new("x"), true);
+        assert!(!c.exclusive_held("x"));
+        assert!(!c.table.lock().files.contains_key(OsStr::new("x")), "lock file removed");
+    }
+
+    #[test]
+    fn this_hosts_own_lock_is_not_another_hosts() {
+        let mut c = Cluster::new();
+        let mut a = c.host();
+        a.sync(&set(&["x"]));
+        assert_eq!(a.gate(OsStr::new("x"), t(0) + Q * 2), Gate::HeldHere);
+    }
+
+    #[test]
+    fn a_lock_or_a_release_seen_during_the_quarantine_starts_it_again() {
+        let mut c = Cluster::new();
+        let (mut a, mut b) = (c.host(), c.host());
+        let x = [n("x")];
+        assert_eq!(b.sweep(&x, t(0))[&x[0]].quarantine_ends, Some(t(0) + Q));
+        // A uses it for a while: B's sweep sees the lock.
+        c.at(t(10));
+        a.sync(&set(&["x"]));
+        let seen = b.sweep(&x, t(20));
+        assert_eq!((seen[&x[0]].other_holds, seen[&x[0]].quarantine_ends), (Some(true), None));
+        c.at(t(30));
+        a.sync(&set(&[]));
+        assert_eq!(b.sweep(&x, t(40))[&x[0]].quarantine_ends, Some(t(40) + Q));
+        // A short use between two sweeps: only the release's mtime tells.
+        c.at(t(50));
+        a.sync(&set(&["x"]));
+        a.sync(&set(&[]));
+        assert_eq!(b.gate(OsStr::new("x"), t(40) + Q), Gate::Quarantine { until: t(50) + Q });
+        assert!(matches!(b.gate(OsStr::new("x"), t(50) + Q), Gate::Go { .. }));
+    }
+
+    #[test]
+    fn busy_means_another_host_every_other_error_means_unknown_and_nothing_goes() {
+        for (e, want_other) in [
+            (libc::EAGAIN, true),
+            (libc::EACCES, true),
+            (libc::ENOLCK, false),
+            (libc::EIO, false),
+            (libc::EINTR, false),
+            (libc::ESTALE, false),
+            (libc::ETIMEDOUT, false),
+        ] {
+            let mut c = Cluster::new();
+            let mut b = c.host();
+            // Free long enough: only the error can stop it.
+            b.sweep(&[n("x")], t(0));
+            c.faults[0].lock().exclusive = Some(e);
+            let g = b.gate(OsStr::new("x"), t(0) + Q * 2);
+            if want_other {
+                assert_eq!(g, Gate::OtherHost, "errno {e}");
+                // A lock sighting: the quarantine starts again.
+                c.faults[0].lock().exclusive = None;
+                assert!(matches!(b.gate(OsStr::new("x"), t(0) + Q * 2), Gate::Quarantine { .. }));
+            } else {
+                assert!(matches!(g, Gate::Unknown(_)), "errno {e}: {g:?}");
+                // An unknown neither starts nor ends a quarantine.
+                c.faults[0].lock().exclusive = None;
+                assert!(
+                    matches!(b.gate(OsStr::new("x"), t(0) + Q * 2), Gate::Go { .. }),
+                    "errno {e}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn an_error_right_after_the_exclusive_lock_releases_it_and_keeps_the_file() {
+        let mut c = Cluster::new();
+        let mut b = c.host();
+        b.sweep(&[n("x")], t(0));
+        c.faults[0].lock().stat = Some(libc::EIO);
+        let g = b.gate(OsStr::new("x"), t(0) + Q * 2);
+        assert!(matches!(&g, Gate::Unknown(w) if w.contains("lock file")), "{g:?}");
+        assert!(!c.exclusive_held("x"), "the exclusive lock is not left behind");
+        assert!(b.errors > 0);
+    }
+
+    #[test]
+    fn a_failed_test_neither_starts_nor_ends_a_quarantine() {
+        let mut c = Cluster::new();
+        let mut b = c.host();
+        c.faults[0].lock().test = Some(libc::ENOLCK);
+        let seen = b.sweep(&[n("x")], t(0));
+        assert_eq!((seen[&n("x")].other_holds, seen[&n("x")].quarantine_ends), (None, None));
+        c.faults[0].lock().test = None;
+        b.sweep(&[n("x")], t(10));
+        let epoch = Some(SystemTime::UNIX_EPOCH);
+        assert_eq!(b.gate(OsStr::new("x"), t(10) + Q), Gate::Go { last_release: epoch });
+    }
+
+    #[test]
+    fn a_lock_that_cannot_be_taken_leaves_the_file_unprotected_and_is_retried() {
+        let mut c = Cluster::new();
+        let mut a = c.host();
+        c.faults[0].lock().share = Some(libc::ENOLCK);
+        a.sync(&set(&["x"]));
+        assert!(a.unprotected().contains(OsStr::new("x")) && a.held().is_empty());
+        c.faults[0].lock().share = None;
+        a.sync(&set(&["x"]));
+        assert!(a.unprotected().is_empty() && a.held().contains(OsStr::new("x")));
+    }
+
+    #[test]
+    fn a_lock_lost_over_a_reconnect_is_taken_again_at_the_next_heal() {
+        let mut c = Cluster::new();
+        let (mut a, mut b) = (c.host(), c.host());
+        a.sync(&set(&["x"]));
+        // GlusterFS without strict locks: the brick forgot A's lock, A's fd still works.
+        c.table.lock().locks.clear();
+        b.sweep(&[n("x")], t(0));
+        a.heal();
+        assert!(a.held().contains(OsStr::new("x")));
+        assert_eq!(b.gate(OsStr::new("x"), t(0) + Q * 2), Gate::OtherHost);
+        // NFSv4 after a lease expired: EIO through the lock's descriptor; taken again too.
+        c.faults[0].lock().check = Some(libc::EIO);
+        a.heal();
+        c.faults[0].lock().check = None;
+        assert!(a.held().contains(OsStr::new("x")));
+        assert_eq!(b.gate(OsStr::new("x"), t(0) + Q * 3), Gate::OtherHost);
+    }
+
+    #[test]
+    fn an_eviction_whose_answer_comes_too_late_counts_as_unknown_and_its_lock_is_released() {
+        let (tx, rx) = mpsc::channel();
+        let keeper = Keeper::new(tx, Q, Duration::from_millis(50));
+        let started = Instant::now();
+        // Nobody answers: the keeper is stuck in a lock call.
+        let g = keeper.gate(OsStr::new("x"), t(0));
+        assert!(matches!(&g, Gate::Unknown(w) if w.contains("did not answer")), "{g:?}");
+        assert!(started.elapsed() < Duration::from_secs(5));
+        // Queued behind it: the release of whatever the late answer took.
+        assert!(matches!(rx.try_recv(), Ok(Job::Gate { .. })));
+        assert!(matches!(rx.try_recv(), Ok(Job::Finish { removed: false, .. })));
+    }
+
+    #[test]
+    fn local_only_lock_managers_are_recognised() {
+        assert!(local_only_locks("nfs", "rw,relatime,vers=3,nolock,proto=tcp").is_some());
+        assert!(local_only_locks("nfs4", "rw,vers=4.2,local_lock=flock").is_some());
+        assert!(local_only_locks("nfs4", "rw,vers=4.2,local_lock=all").is_some());
+        assert!(local_only_locks("nfs4", "rw,vers=4.2,local_lock=none").is_none());
+        assert!(local_only_locks("nfs", "rw,vers=3,lock").is_none());
+        assert!(local_only_locks("fuse.glusterfs", "rw,nolock").is_none(), "only NFS has it");
+    }
+
+    #[test]
+    fn ofd_locks_of_two_descriptions_conflict_like_two_hosts() {
+        let dir = tempfile::Builder::new().prefix("icfs-test-ofd").tempdir().unwrap();
+        let root = backing::open_dir_path(
+            &std::ffi::CString::new(dir.path().as_os_str().as_encoded_bytes()).unwrap(),
+        )
+        .unwrap();
+        probe(root.as_fd()).unwrap();
+        let (mut a, mut b) =
+            (OfdLocks::open(root.as_fd()).unwrap(), OfdLocks::open(root.as_fd()).unwrap());
+        let x = OsStr::new("x");
+        assert!(!b.held_elsewhere(x).unwrap(), "no lock file yet");
+        assert_eq!(a.share(x).unwrap(), Try::Taken);
+        let created = b.last_release(x).unwrap();
+        assert_eq!(created, Some(SystemTime::UNIX_EPOCH), "a creation is no use");
+        assert!(b.held_elsewhere(x).unwrap());
+        assert!(!a.held_elsewhere(OsStr::new("y")).unwrap());
+        assert_eq!(b.exclusive(x).unwrap(), Try::Busy);
+        a.check(x).unwrap();
+        a.unshare(x, true).unwrap();
+        assert!(b.last_release(x).unwrap().is_some());
+        assert_eq!(b.exclusive(x).unwrap(), Try::Taken);
+        assert_eq!(a.share(x).unwrap(), Try::Busy, "an evictor holds it");
+        b.unexclusive(x, true).unwrap();
+        assert_eq!(b.last_release(x).unwrap(), None, "removed with the file");
     }
 }

@@ -823,21 +823,34 @@ impl CacheState {
         now: SystemTime,
         min_age_override: Option<u64>,
     ) -> Result<(), Blocker> {
-        let img = self.images.get_mut(&ino).ok_or(Blocker::NotDue)?;
+        self.may_evict(ino, policy, referenced, now, min_age_override)?;
+        if let Some(img) = self.images.get_mut(&ino) {
+            img.evicting = true;
+        }
+        Ok(())
+    }
+
+    /// What [`CacheState::begin_evict`] would decide, changing nothing (asked before the
+    /// other hosts are).
+    pub fn may_evict(
+        &self,
+        ino: u64,
+        policy: &Policy,
+        referenced: bool,
+        now: SystemTime,
+        min_age_override: Option<u64>,
+    ) -> Result<(), Blocker> {
+        let img = self.images.get(&ino).ok_or(Blocker::NotDue)?;
         if img.evicting || img.name.is_none() {
             // Another eviction of the same file is under way, or the name is gone.
             return Err(Blocker::NotDue);
         }
-        let blocker = match Self::blocker(img, policy, referenced, now) {
+        match Self::blocker(img, policy, referenced, now) {
             // Pressure and operators may go below the threshold (down to their own floor).
-            Some(Blocker::NotDue) if min_age_override.is_some_and(|m| img.age(now) >= m) => None,
-            b => b,
-        };
-        if let Some(b) = blocker {
-            return Err(b);
+            Some(Blocker::NotDue) if min_age_override.is_some_and(|m| img.age(now) >= m) => Ok(()),
+            Some(b) => Err(b),
+            None => Ok(()),
         }
-        img.evicting = true;
-        Ok(())
     }
 
     /// An eviction of `ino` was refused for `reason`: true if that is news (the first refusal,
