@@ -46,8 +46,12 @@ pub const SHARED_REFUSALS: [&str; 3] = ["other_host", "quarantine", "unknown"];
 pub fn storage_text(policy: &Policy) -> String {
     match &policy.shared {
         None => "local".into(),
-        Some(kind) if policy.coordinated => format!("shared {kind}, coordinated (--shared)"),
-        Some(kind) => format!("shared {kind}, not coordinated: nothing is evicted"),
+        Some(kind) if policy.coordinated => {
+            format!("shared {}, coordinated (--shared)", escape(kind.as_bytes()))
+        }
+        Some(kind) => {
+            format!("shared {}, not coordinated: nothing is evicted", escape(kind.as_bytes()))
+        }
     }
 }
 
@@ -258,7 +262,7 @@ pub fn image(view: &View, img: &Image) -> String {
         r.evicts_at,
         r.sha1_text(),
         r.verified,
-        escape(storage_text(view.policy).as_bytes()),
+        storage_text(view.policy),
     )
 }
 

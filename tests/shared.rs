@@ -1,0 +1,205 @@
+//! `--shared` on a real mount. OFD locks work on the local scratch filesystem, so one daemon
+//! over `<tmp>/instances/_base` with `--storage shared --shared` stands for one host, and
+//! this test process, taking OFD locks on the covered lock files through the bind mount made
+//! before the overlay, stands for "another host". (Two hosts over a real cluster filesystem
+//! are the end-to-end tests' business.) Every wait has a deadline, every loop a bound.
+
+mod common;
+mod nova;
+
+use std::fs::{self, File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant, SystemTime};
+
+use common::{bin, run, wait_until};
+use nova::*;
+
+/// The quarantine the daemons here run with, seconds.
+const QUARANTINE: u64 = 3;
+
+const LOCK_DIR: &str = ".imagecachefs.locks";
+
+fn shared_mount(n: &Nova) -> common::Mount {
+    n.mount(
+        ("1", "1", "1"),
+        &["--storage", "shared", "--shared", "--shared-quarantine", &QUARANTINE.to_string()],
+    )
+}
+
+/// `name`'s lock file, in the covered directory.
+fn lock_path(n: &Nova, name: &str) -> PathBuf {
+    n.covered.target.join(LOCK_DIR).join(name)
+}
+
+fn flock(kind: i32) -> libc::flock {
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = kind as libc::c_short;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    fl.l_len = 1;
+    fl
+}
+
+/// "Another host": a shared OFD lock on byte 0 of `path`, held while the file stays open.
+fn hold_shared(path: &Path) -> File {
+    fs::create_dir_all(path.parent().unwrap()).unwrap();
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)
+        .unwrap();
+    let fl = flock(libc::F_RDLCK);
+    let rc = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_OFD_SETLK, &fl) };
+    assert_eq!(rc, 0, "OFD shared lock on {path:?}: {}", std::io::Error::last_os_error());
+    f
+}
+
+/// The lock type someone else holds on byte 0 of `path` (`F_UNLCK`: none; `None`: no file).
+fn lock_held(path: &Path) -> Option<i32> {
+    let f = File::open(path).ok()?;
+    let mut fl = flock(libc::F_WRLCK);
+    let rc = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_OFD_GETLK, &mut fl) };
+    assert_eq!(rc, 0, "F_OFD_GETLK on {path:?}: {}", std::io::Error::last_os_error());
+    Some(fl.l_type as i32)
+}
+
+fn metric(n: &Nova, line_prefix: &str) -> u64 {
+    let text = fs::read_to_string(n.dir.join(".imagecache/metrics")).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(line_prefix)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {line_prefix} in metrics:\n{text}"))
+}
+
+/// Another host's shared lock keeps a file past its deadline; once it is released, the file
+/// goes only after the quarantine, and its lock file with it. A file nobody locks goes after
+/// the quarantine too, never before.
+#[test]
+fn another_hosts_lock_keeps_a_file_until_released_and_quarantined() {
+    let n = Nova::new();
+    write_file(&n.at(H1), &pseudo_random(4096, 1));
+    write_file(&n.at(H2), &pseudo_random(4096, 2));
+    let other = hold_shared(&lock_path(&n, H1));
+    let mounted = Instant::now();
+    let m = shared_mount(&n);
+    let q = Duration::from_secs(QUARANTINE);
+
+    // H2: nobody holds it, yet it waits out the quarantine.
+    let gone = n.wait_evicted(H2, q * 10);
+    assert!(
+        gone.duration_since(mounted) >= q,
+        "{H2} was evicted {:?} after the mount, inside the {q:?} quarantine\n{}",
+        gone.duration_since(mounted),
+        m.log_text()
+    );
+    assert!(lock_held(&lock_path(&n, H2)).is_none(), "its lock file went with it");
+
+    // H1: held by "another host".
+    wait_until(Duration::from_secs(10), "other_node_holds: yes", || {
+        (n.field(H1, "other_node_holds") == "yes").then_some(())
+    });
+    assert_eq!(n.field(H1, "quarantine_ends"), "-");
+    assert!(n.field(H1, "storage").starts_with("shared "), "{}", n.status(H1).unwrap());
+    n.stays(&m, H1, q * 2, "another host holds its lock");
+    wait_until(Duration::from_secs(10), "a cross-host refusal counted", || {
+        (metric(&n, "imagecachefs_shared_refusals_total{reason=\"other_host\"}") > 0).then_some(())
+    });
+    assert!(n.has_event("eviction-refused"), "{}", n.events());
+
+    drop(other);
+    let released = Instant::now();
+    let gone = n.wait_evicted(H1, q * 10);
+    assert!(
+        gone.duration_since(released) >= q,
+        "{H1} was evicted {:?} after the other host released it, inside the quarantine\n{}",
+        gone.duration_since(released),
+        m.log_text()
+    );
+    n.assert_fully_evicted(H1);
+    assert!(lock_held(&lock_path(&n, H1)).is_none(), "its lock file went with it");
+    // The state file is this host's own.
+    wait_until(Duration::from_secs(10), "a per-host state file", || {
+        fs::read_dir(&n.covered.target)
+            .unwrap()
+            .any(|e| {
+                let name = e.unwrap().file_name().to_string_lossy().into_owned();
+                name.starts_with(".imagecachefs.state.") && !name.ends_with(".tmp")
+            })
+            .then_some(())
+    });
+    let own: Vec<String> = fs::read_dir(&n.covered.target)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".imagecachefs.state"))
+        .collect();
+    assert!(!own.iter().any(|n| n == ".imagecachefs.state"), "{own:?}");
+}
+
+/// What this host uses, it holds a shared lock on, which another host sees: an open handle
+/// through the mount, and a stopped instance's disk naming the file as its backing file. The
+/// last release stamps the lock file's mtime (the last use, for every host). The lock
+/// directory is hidden from the mount like the daemon's other files.
+#[test]
+fn what_this_host_uses_it_holds_a_shared_lock_on() {
+    common::require_tool("qemu-img");
+    let n = Nova::new();
+    write_file(&n.at(H1), &pseudo_random(4096, 1));
+    write_file(&n.at(H3), &pseudo_random(65536, 3));
+    // A stopped instance whose disk has H3 as backing file.
+    common::overlay(&n.instances.join(INSTANCE).join("disk"), &n.at(H3));
+    let m = n.mount(
+        (LONG, LONG, LONG),
+        &["--storage", "shared", "--shared", "--shared-quarantine", &QUARANTINE.to_string()],
+    );
+
+    wait_until(Duration::from_secs(15), "the stopped instance's base locked", || {
+        (lock_held(&lock_path(&n, H3)) == Some(libc::F_RDLCK)).then_some(())
+    });
+    let reader = File::open(n.at(H1)).unwrap();
+    wait_until(Duration::from_secs(10), "the open file locked", || {
+        (lock_held(&lock_path(&n, H1)) == Some(libc::F_RDLCK)).then_some(())
+    });
+    // The other host's view: nobody else holds them (the locks are this host's own).
+    assert_eq!(n.field(H1, "state"), "in-use");
+    let before_close = SystemTime::now() - Duration::from_secs(1);
+    drop(reader);
+    wait_until(Duration::from_secs(10), "the lock released at the last close", || {
+        (lock_held(&lock_path(&n, H1)) == Some(libc::F_UNLCK)).then_some(())
+    });
+    let mtime = fs::metadata(lock_path(&n, H1)).unwrap().modified().unwrap();
+    assert!(mtime >= before_close, "the release stamps the last use: {mtime:?}");
+    assert_eq!(lock_held(&lock_path(&n, H3)), Some(libc::F_RDLCK), "still referenced");
+
+    // Hidden: not listed, not found, not creatable through the mount.
+    let listed: Vec<String> = fs::read_dir(&n.dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(!listed.iter().any(|l| l.starts_with(".imagecachefs")), "{listed:?}");
+    assert_eq!(errno(fs::metadata(n.dir.join(LOCK_DIR))), Some(libc::ENOENT));
+    drop(m);
+}
+
+/// `--shared` where no other host can share the directory (local storage, not overridden)
+/// is refused with one line, and nothing is mounted.
+#[test]
+fn shared_on_local_storage_is_refused() {
+    let n = Nova::new();
+    let (code, _, err) =
+        run(Command::new(bin()).arg("mount").arg(&n.dir).args(["--check", "--shared"]));
+    assert_eq!(code, 1, "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("--shared") && err.contains("local storage"), "{err}");
+    let (code, _, err) = common::run_timeout(
+        Command::new(bin()).arg("mount").arg(&n.dir).arg("--shared"),
+        Duration::from_secs(20),
+    );
+    assert_ne!(code, 0, "{err}");
+    assert!(err.contains("local storage"), "{err}");
+    assert!(!common::is_fuse(&n.dir), "nothing is mounted");
+    assert!(!n.covered.target.join(LOCK_DIR).exists(), "nothing is created");
+}
