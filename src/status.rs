@@ -339,12 +339,12 @@ fn json_str(s: &str) -> String {
 pub fn json(view: &View) -> String {
     let p = view.persisted;
     let mut out = format!(
-        "{{\"generated_at\":{},\"persisted\":{},\"persisted_at\":{},\"storage\":{},\"images\":[",
+        "{{\"generated_at\":{},\"persisted\":{},\"persisted_at\":{},\"images\":[",
         json_str(&rfc3339(view.now)),
         p.on_disk,
         json_str(&p.at.map_or("never".into(), rfc3339)),
-        json_str(&storage_text(view.policy)),
     );
+    let storage = json_str(&storage_text(view.policy));
     for (i, r) in view.rows().enumerate() {
         if i > 0 {
             out.push(',');
@@ -358,7 +358,8 @@ pub fn json(view: &View) -> String {
         let _ = write!(
             out,
             "{{\"name\":{},\"kind\":{},\"size\":{},\"refs\":{},\"holders\":{},\"age\":{},\
-             \"last_used\":{},\"min_age\":{},\"state\":{},\"evicts_at\":{},\"sha1\":{},\"verified\":{}}}",
+             \"last_used\":{},\"min_age\":{},\"state\":{},\"evicts_at\":{},\"sha1\":{},\"verified\":{},\
+             \"storage\":{}}}",
             json_str(&r.name),
             json_str(r.kind.as_str()),
             r.size,
@@ -370,7 +371,8 @@ pub fn json(view: &View) -> String {
             json_str(r.state.as_str()),
             json_str(&r.evicts_at),
             r.sha1.as_deref().map_or("null".into(), json_str),
-            json_str(&r.verified)
+            json_str(&r.verified),
+            storage
         );
     }
     out.push_str("]}\n");
