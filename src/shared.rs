@@ -226,7 +226,9 @@ impl<B: LockBackend> Protocol<B> {
         for name in names {
             let mut seen = Seen::default();
             if self.held.contains(name) {
+                // Used here: no quarantine runs; another host may hold it as well.
                 self.free_since.remove(name);
+                seen.other_holds = self.backend.held_elsewhere(name).ok();
             } else {
                 match self.backend.held_elsewhere(name) {
                     Ok(true) => {
@@ -493,6 +495,10 @@ impl LockBackend for OfdLocks {
     }
 
     fn held_elsewhere(&mut self, name: &OsStr) -> io::Result<bool> {
+        // Through the description holding this host's lock, which never conflicts with it.
+        if let Some(file) = self.shared.get(name) {
+            return ofd_test(file.as_fd());
+        }
         let file = match backing::open_at(self.dir.as_fd(), name, libc::O_RDONLY) {
             Ok(f) => f,
             // No lock file: nobody has ever locked it.
@@ -1201,6 +1207,7 @@ mod tests {
         let x = OsStr::new("x");
         assert!(!b.held_elsewhere(x).unwrap(), "no lock file yet");
         assert_eq!(a.share(x).unwrap(), Try::Taken);
+        assert!(!a.held_elsewhere(x).unwrap(), "its own lock is nobody else's");
         let created = b.last_release(x).unwrap();
         assert_eq!(created, Some(SystemTime::UNIX_EPOCH), "a creation is no use");
         assert!(b.held_elsewhere(x).unwrap());

@@ -163,8 +163,16 @@ fn what_this_host_uses_it_holds_a_shared_lock_on() {
     wait_until(Duration::from_secs(10), "the open file locked", || {
         (lock_held(&lock_path(&n, H1)) == Some(libc::F_RDLCK)).then_some(())
     });
-    // The other host's view: nobody else holds them (the locks are this host's own).
     assert_eq!(n.field(H1, "state"), "in-use");
+    // This host's own lock is not another host's; a second holder is.
+    wait_until(Duration::from_secs(10), "other_node_holds: no", || {
+        (n.field(H1, "other_node_holds") == "no").then_some(())
+    });
+    let other = hold_shared(&lock_path(&n, H1));
+    wait_until(Duration::from_secs(10), "other_node_holds: yes", || {
+        (n.field(H1, "other_node_holds") == "yes").then_some(())
+    });
+    drop(other);
     let before_close = SystemTime::now() - Duration::from_secs(1);
     drop(reader);
     wait_until(Duration::from_secs(10), "the lock released at the last close", || {
