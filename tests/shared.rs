@@ -211,3 +211,29 @@ fn shared_on_local_storage_is_refused() {
     assert!(!common::is_fuse(&n.dir), "nothing is mounted");
     assert!(!n.covered.target.join(LOCK_DIR).exists(), "nothing is created");
 }
+
+/// The `/etc/fstab` helper turns `shared` and `shared_quarantine=SECS` into the flags.
+#[test]
+fn the_fstab_helper_takes_the_shared_options() {
+    let n = Nova::new();
+    let helper =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("mount-scripts/mount.fuse.imagecachefs");
+    let dir = n.dir.to_str().unwrap();
+    let (code, _, err) = common::run_timeout(
+        Command::new(&helper)
+            .args([dir, dir, "-f", "-o", "shared,shared_quarantine=60"])
+            .env("IMAGECACHEFS_BIN", bin()),
+        Duration::from_secs(10),
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains(" --shared --shared-quarantine 60"), "{err}");
+    let (code, _, err) = common::run_timeout(
+        Command::new(&helper)
+            .args([dir, dir, "-f", "-o", "shared=yes"])
+            .env("IMAGECACHEFS_BIN", bin()),
+        Duration::from_secs(10),
+    );
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("option shared takes no value"), "{err}");
+    assert!(!common::is_fuse(&n.dir));
+}
