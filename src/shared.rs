@@ -754,9 +754,24 @@ fn sweep_every(quarantine: Duration) -> Duration {
 pub fn start(cache: &Arc<Cache>, quarantine: Option<u64>) -> Result<(), String> {
     let Some(q) = quarantine else { return Ok(()) };
     let backend = OfdLocks::open(cache.root()).map_err(|e| format!("{LOCK_DIR}: {e}"))?;
-    let quarantine = Duration::from_secs(q);
+    start_with(cache, Duration::from_secs(q), backend, GATE_TIMEOUT)?;
+    info!(
+        "--shared: eviction coordinated with the other hosts through {LOCK_DIR}/ (quarantine \
+         {q} s)"
+    );
+    Ok(())
+}
+
+/// Starts the keeper over any lock backend (tests: [`fake`]), evictions waiting `timeout`
+/// for its answers.
+pub fn start_with<B: LockBackend + 'static>(
+    cache: &Arc<Cache>,
+    quarantine: Duration,
+    backend: B,
+    timeout: Duration,
+) -> Result<(), String> {
     let (tx, rx) = mpsc::channel();
-    let keeper = Arc::new(Keeper::new(tx, quarantine, GATE_TIMEOUT));
+    let keeper = Arc::new(Keeper::new(tx, quarantine, timeout));
     cache.set_keeper(keeper.clone());
     let weak = Arc::downgrade(cache);
     let protocol = Protocol::new(backend, quarantine);
@@ -764,10 +779,6 @@ pub fn start(cache: &Arc<Cache>, quarantine: Option<u64>) -> Result<(), String> 
         .name("locks".into())
         .spawn(move || run(protocol, rx, keeper, weak))
         .map_err(|e| format!("starting the lock keeper: {e}"))?;
-    info!(
-        "--shared: eviction coordinated with the other hosts through {LOCK_DIR}/ (quarantine \
-         {q} s)"
-    );
     Ok(())
 }
 
@@ -857,46 +868,40 @@ fn run<B: LockBackend>(
     }
 }
 
-#[cfg(test)]
-mod tests {
+/// A lock table shared by fake hosts, with errors and stalls to inject: the lock manager of
+/// a cluster filesystem, for tests of the protocol and of the evictor over it.
+pub mod fake {
     use super::*;
-    use std::collections::HashMap;
-    use std::sync::Arc;
-
-    fn t(secs: u64) -> SystemTime {
-        SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000 + secs)
-    }
-
-    fn n(s: &str) -> OsString {
-        OsString::from(s)
-    }
 
     fn errno(e: i32) -> io::Error {
         io::Error::from_raw_os_error(e)
     }
 
     /// One cluster's lock table, shared by the fake hosts.
-    struct Table {
+    pub struct Table {
         /// Per lock file: (host, exclusive) of each lock held.
-        locks: HashMap<OsString, Vec<(usize, bool)>>,
+        pub locks: HashMap<OsString, Vec<(usize, bool)>>,
         /// Lock files and their mtimes.
-        files: HashMap<OsString, SystemTime>,
+        pub files: HashMap<OsString, SystemTime>,
         /// The clock the fake filesystem stamps mtimes with.
-        now: SystemTime,
+        pub now: SystemTime,
     }
 
     /// Errors to inject into one host's calls (an errno, for every call of that kind).
     #[derive(Default)]
-    struct Faults {
-        share: Option<i32>,
-        check: Option<i32>,
-        exclusive: Option<i32>,
+    pub struct Faults {
+        pub share: Option<i32>,
+        pub check: Option<i32>,
+        pub exclusive: Option<i32>,
         /// `last_release` fails: an error right after the exclusive lock was taken.
-        stat: Option<i32>,
-        test: Option<i32>,
+        pub stat: Option<i32>,
+        pub test: Option<i32>,
+        /// The exclusive lock call stalls this long first (a filesystem that hangs).
+        pub stall: Option<Duration>,
     }
 
-    struct Fake {
+    /// One host's view of the table.
+    pub struct Fake {
         host: usize,
         table: Arc<Mutex<Table>>,
         faults: Arc<Mutex<Faults>>,
@@ -958,6 +963,10 @@ mod tests {
             }
         }
         fn exclusive(&mut self, name: &OsStr) -> io::Result<Try> {
+            let stall = self.faults.lock().stall;
+            if let Some(d) = stall {
+                std::thread::sleep(d);
+            }
             if let Some(e) = self.faults.lock().exclusive {
                 return match e {
                     libc::EAGAIN | libc::EACCES => Ok(Try::Busy),
@@ -987,38 +996,67 @@ mod tests {
         }
     }
 
-    const Q: Duration = Duration::from_secs(900);
-
-    struct Cluster {
-        table: Arc<Mutex<Table>>,
-        faults: Vec<Arc<Mutex<Faults>>>,
+    /// The cluster: its table, and each host's faults (by host number).
+    pub struct Cluster {
+        pub table: Arc<Mutex<Table>>,
+        pub faults: Vec<Arc<Mutex<Faults>>>,
     }
 
     impl Cluster {
-        fn new() -> Self {
+        /// A cluster whose filesystem clock starts at `now`.
+        pub fn new(now: SystemTime) -> Self {
             Cluster {
                 table: Arc::new(Mutex::new(Table {
-                    now: t(0),
+                    now,
                     locks: HashMap::new(),
                     files: HashMap::new(),
                 })),
                 faults: vec![],
             }
         }
-        fn host(&mut self) -> Protocol<Fake> {
+        /// A new host's backend.
+        pub fn backend(&mut self) -> Fake {
             let faults = Arc::new(Mutex::new(Faults::default()));
             self.faults.push(faults.clone());
             let host = self.faults.len() - 1;
-            Protocol::new(Fake { host, table: self.table.clone(), faults }, Q)
+            Fake { host, table: self.table.clone(), faults }
         }
-        fn at(&self, now: SystemTime) {
+        /// A new host's protocol, with the quarantine `q`.
+        pub fn host(&mut self, q: Duration) -> Protocol<Fake> {
+            Protocol::new(self.backend(), q)
+        }
+
+        /// The same, through a shared reference (the table is behind its lock).
+        pub fn host_with(&self, q: Duration) -> Protocol<Fake> {
+            let host = self.faults.len() + 1000;
+            let faults = Arc::new(Mutex::new(Faults::default()));
+            Protocol::new(Fake { host, table: self.table.clone(), faults }, q)
+        }
+        /// Sets the filesystem's clock (the mtimes releases stamp).
+        pub fn at(&self, now: SystemTime) {
             self.table.lock().now = now;
         }
         /// Whether anyone holds an exclusive lock on `name`.
-        fn exclusive_held(&self, name: &str) -> bool {
+        pub fn exclusive_held(&self, name: &str) -> bool {
             self.table.lock().locks.get(OsStr::new(name)).is_some_and(|l| l.iter().any(|l| l.1))
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fake::Cluster;
+    use super::*;
+
+    fn t(secs: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000 + secs)
+    }
+
+    fn n(s: &str) -> OsString {
+        OsString::from(s)
+    }
+
+    const Q: Duration = Duration::from_secs(900);
 
     fn set(names: &[&str]) -> BTreeSet<OsString> {
         names.iter().map(|s| n(s)).collect()
@@ -1026,8 +1064,8 @@ mod tests {
 
     #[test]
     fn a_host_using_a_file_keeps_it_from_the_others_until_the_quarantine_passes() {
-        let mut c = Cluster::new();
-        let (mut a, mut b) = (c.host(), c.host());
+        let mut c = Cluster::new(t(0));
+        let (mut a, mut b) = (c.host(Q), c.host(Q));
         a.sync(&set(&["x"]));
         assert_eq!(b.gate(OsStr::new("x"), t(10)), Gate::OtherHost);
         assert!(!c.exclusive_held("x"));
@@ -1052,16 +1090,16 @@ mod tests {
 
     #[test]
     fn this_hosts_own_lock_is_not_another_hosts() {
-        let mut c = Cluster::new();
-        let mut a = c.host();
+        let mut c = Cluster::new(t(0));
+        let mut a = c.host(Q);
         a.sync(&set(&["x"]));
         assert_eq!(a.gate(OsStr::new("x"), t(0) + Q * 2), Gate::HeldHere);
     }
 
     #[test]
     fn a_lock_or_a_release_seen_during_the_quarantine_starts_it_again() {
-        let mut c = Cluster::new();
-        let (mut a, mut b) = (c.host(), c.host());
+        let mut c = Cluster::new(t(0));
+        let (mut a, mut b) = (c.host(Q), c.host(Q));
         let x = [n("x")];
         assert_eq!(b.sweep(&x, t(0))[&x[0]].quarantine_ends, Some(t(0) + Q));
         // A uses it for a while: B's sweep sees the lock.
@@ -1091,8 +1129,8 @@ mod tests {
             (libc::ESTALE, false),
             (libc::ETIMEDOUT, false),
         ] {
-            let mut c = Cluster::new();
-            let mut b = c.host();
+            let mut c = Cluster::new(t(0));
+            let mut b = c.host(Q);
             // Free long enough: only the error can stop it.
             b.sweep(&[n("x")], t(0));
             c.faults[0].lock().exclusive = Some(e);
@@ -1116,8 +1154,8 @@ mod tests {
 
     #[test]
     fn an_error_right_after_the_exclusive_lock_releases_it_and_keeps_the_file() {
-        let mut c = Cluster::new();
-        let mut b = c.host();
+        let mut c = Cluster::new(t(0));
+        let mut b = c.host(Q);
         b.sweep(&[n("x")], t(0));
         c.faults[0].lock().stat = Some(libc::EIO);
         let g = b.gate(OsStr::new("x"), t(0) + Q * 2);
@@ -1128,8 +1166,8 @@ mod tests {
 
     #[test]
     fn a_failed_test_neither_starts_nor_ends_a_quarantine() {
-        let mut c = Cluster::new();
-        let mut b = c.host();
+        let mut c = Cluster::new(t(0));
+        let mut b = c.host(Q);
         c.faults[0].lock().test = Some(libc::ENOLCK);
         let seen = b.sweep(&[n("x")], t(0));
         assert_eq!((seen[&n("x")].other_holds, seen[&n("x")].quarantine_ends), (None, None));
@@ -1141,8 +1179,8 @@ mod tests {
 
     #[test]
     fn a_lock_that_cannot_be_taken_leaves_the_file_unprotected_and_is_retried() {
-        let mut c = Cluster::new();
-        let mut a = c.host();
+        let mut c = Cluster::new(t(0));
+        let mut a = c.host(Q);
         c.faults[0].lock().share = Some(libc::ENOLCK);
         a.sync(&set(&["x"]));
         assert!(a.unprotected().contains(OsStr::new("x")) && a.held().is_empty());
@@ -1153,8 +1191,8 @@ mod tests {
 
     #[test]
     fn a_lock_lost_over_a_reconnect_is_taken_again_at_the_next_heal() {
-        let mut c = Cluster::new();
-        let (mut a, mut b) = (c.host(), c.host());
+        let mut c = Cluster::new(t(0));
+        let (mut a, mut b) = (c.host(Q), c.host(Q));
         a.sync(&set(&["x"]));
         // GlusterFS without strict locks: the brick forgot A's lock, A's fd still works.
         c.table.lock().locks.clear();

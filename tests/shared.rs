@@ -237,3 +237,160 @@ fn the_fstab_helper_takes_the_shared_options() {
     assert!(err.contains("option shared takes no value"), "{err}");
     assert!(!common::is_fuse(&n.dir));
 }
+
+// ---------------------------------------------------------------------------------------------
+// The evictor over an injected lock backend (no mount: `Cache` over a plain directory, a
+// manual clock, `evict::run_once` called directly).
+
+mod core {
+    use std::ffi::{CString, OsStr};
+    use std::os::fd::{FromRawFd, OwnedFd};
+    use std::os::unix::ffi::OsStrExt;
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use imagecachefs::cache::{Cache, Settings, VFile};
+    use imagecachefs::clock::{from_unix_secs, ManualClock};
+    use imagecachefs::evict;
+    use imagecachefs::procfs::ProcRoot;
+    use imagecachefs::shared::fake::Cluster;
+    use imagecachefs::state::Policy;
+
+    use crate::common::wait_until;
+    use crate::nova::H1;
+
+    const Q: u64 = 900;
+    /// How long an eviction waits for the lock keeper here.
+    const TIMEOUT: Duration = Duration::from_millis(300);
+
+    struct World {
+        tmp: tempfile::TempDir,
+        clock: Arc<ManualClock>,
+        cache: Arc<Cache>,
+        cluster: Cluster,
+    }
+
+    impl World {
+        /// One cache file, idle since the start; this host is the cluster's host 0.
+        fn new() -> Self {
+            let tmp = tempfile::Builder::new().prefix("icfs-test-shared").tempdir().unwrap();
+            let base = tmp.path().join("instances/_base");
+            std::fs::create_dir_all(&base).unwrap();
+            std::fs::create_dir_all(tmp.path().join("proc")).unwrap();
+            let start = from_unix_secs(1_800_000_000);
+            std::fs::write(base.join(H1), b"base image").unwrap();
+            let f = std::fs::File::options().write(true).open(base.join(H1)).unwrap();
+            f.set_modified(start).unwrap();
+            let clock = ManualClock::new(start);
+            let c = CString::new(base.as_os_str().as_bytes()).unwrap();
+            let fd = unsafe {
+                libc::open(c.as_ptr(), libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC)
+            };
+            assert!(fd >= 0);
+            let policy = Policy {
+                original_min_age: 10,
+                shared: Some("test".into()),
+                coordinated: true,
+                ..Policy::default()
+            };
+            let settings = Settings {
+                cache_dir: base.clone(),
+                instances_dir: tmp.path().join("instances"),
+                min_free: None,
+                pressure_min_age: 600,
+                verify_interval: 86_400,
+                verify_rate_mib: 0,
+            };
+            let cache = Cache::open(
+                unsafe { OwnedFd::from_raw_fd(fd) },
+                policy,
+                clock.clone(),
+                ProcRoot(tmp.path().join("proc")),
+                settings,
+                Vec::new(),
+            )
+            .unwrap();
+            let mut cluster = Cluster::new(start);
+            let backend = cluster.backend();
+            imagecachefs::shared::start_with(&cache, Duration::from_secs(Q), backend, TIMEOUT)
+                .unwrap();
+            World { tmp, clock, cache, cluster }
+        }
+
+        fn exists(&self) -> bool {
+            self.tmp.path().join("instances/_base").join(H1).exists()
+        }
+
+        fn advance(&self, secs: u64) {
+            self.clock.advance(Duration::from_secs(secs));
+        }
+
+        /// Schedules the file now and runs one eviction step.
+        fn try_now(&self) -> usize {
+            self.cache.schedule(self.cache.ino_of(OsStr::new(H1)).unwrap());
+            evict::run_once(&self.cache)
+        }
+
+        fn last_refusal(&self) -> String {
+            let ev = String::from_utf8(self.cache.render(VFile::Events)).unwrap();
+            ev.lines().rfind(|l| l.contains("eviction-refused")).unwrap_or_default().to_string()
+        }
+
+        fn metric(&self, prefix: &str) -> u64 {
+            let text = String::from_utf8(self.cache.render(VFile::Metrics)).unwrap();
+            text.lines().find_map(|l| l.strip_prefix(prefix)?.trim().parse().ok()).unwrap()
+        }
+    }
+
+    /// The first sighting starts the quarantine; every lock error, a stall past the timeout
+    /// and an error right after the exclusive lock keep the file (and leave no lock behind);
+    /// another host's lock keeps it and starts the quarantine again; then it goes.
+    #[test]
+    fn the_evictor_never_deletes_on_a_lock_error() {
+        let w = World::new();
+        w.advance(20);
+        assert_eq!(w.try_now(), 0);
+        assert!(w.exists());
+        assert!(w.last_refusal().contains("free of locks for less than"), "{}", w.last_refusal());
+        w.advance(Q);
+        let faults = w.cluster.faults[0].clone();
+        for e in [libc::ENOLCK, libc::EIO, libc::ESTALE, libc::EINTR] {
+            faults.lock().exclusive = Some(e);
+            assert_eq!(w.try_now(), 0, "errno {e}");
+            assert!(w.exists(), "evicted on errno {e}");
+            assert!(w.last_refusal().contains("could not be checked"), "{}", w.last_refusal());
+        }
+        faults.lock().exclusive = None;
+        faults.lock().stat = Some(libc::EIO);
+        assert_eq!(w.try_now(), 0);
+        assert!(w.exists() && !w.cluster.exclusive_held(H1), "EIO after the exclusive lock");
+        faults.lock().stat = None;
+        // A lock call that hangs past the timeout: unknown; the late lock is released.
+        faults.lock().stall = Some(TIMEOUT * 3);
+        let asked = Instant::now();
+        assert_eq!(w.try_now(), 0);
+        assert!(asked.elapsed() < TIMEOUT * 3, "the evictor waits no longer than its timeout");
+        assert!(w.exists());
+        faults.lock().stall = None;
+        assert!(w.metric("imagecachefs_shared_refusals_total{reason=\"unknown\"}") >= 6);
+
+        // Another host holds it: refused (once the stalled call has ended), and its
+        // quarantine starts again from here.
+        let mut other = w.cluster.host_with(Duration::from_secs(Q));
+        other.sync(&[H1.into()].into());
+        wait_until(Duration::from_secs(10), "a refusal for the other host's lock", || {
+            (w.try_now() == 0 && w.last_refusal().contains("another host uses it")).then_some(())
+        });
+        assert!(w.exists() && !w.cluster.exclusive_held(H1), "no exclusive lock left behind");
+        other.sync(&Default::default());
+        w.advance(1);
+        assert_eq!(w.try_now(), 0, "free again, but only just");
+        w.advance(Q);
+        assert_eq!(w.try_now(), 1, "free for the whole quarantine:\n{}", w.last_refusal());
+        assert!(!w.exists());
+        wait_until(Duration::from_secs(10), "its lock file removed and unlocked", || {
+            let gone = !w.cluster.table.lock().files.contains_key(OsStr::new(H1));
+            (gone && !w.cluster.exclusive_held(H1)).then_some(())
+        });
+    }
+}
