@@ -162,37 +162,42 @@ impl<B: LockBackend> Protocol<B> {
             }
         }
         self.unprotected.retain(|n| want.contains(n));
-        for name in want.difference(&self.held.clone()) {
-            // Used here: whatever another host does, its quarantine starts again.
-            self.free_since.remove(name);
-            match self.backend.share(name) {
-                Ok(Try::Taken) => {
-                    self.held.insert(name.clone());
-                    if self.unprotected.remove(name) {
-                        info!("{}: shared lock taken; protected again", shown(name));
-                    }
+        let new: Vec<OsString> = want.difference(&self.held).cloned().collect();
+        for name in new {
+            self.take_shared(&name);
+        }
+    }
+
+    /// Takes the shared lock on `name`, or marks it unprotected (logged once).
+    fn take_shared(&mut self, name: &OsStr) {
+        // Used here: whatever another host does, its quarantine starts again.
+        self.free_since.remove(name);
+        match self.backend.share(name) {
+            Ok(Try::Taken) => {
+                self.held.insert(name.to_owned());
+                if self.unprotected.remove(name) {
+                    info!("{}: shared lock taken; protected again", shown(name));
                 }
-                Ok(Try::Busy) => {
-                    // An evictor elsewhere holds the exclusive lock right now: it re-checks
-                    // under it and finds the file used here only through a holder it cannot
-                    // see. Nothing to do but try again soon.
-                    if self.unprotected.insert(name.clone()) {
-                        warn!(
-                            "{}: another host holds the exclusive lock (evicting it?); \
-                             retrying the shared lock",
-                            shown(name)
-                        );
-                    }
+            }
+            Ok(Try::Busy) => {
+                // Another host holds the exclusive lock: it is evicting the file this very
+                // moment (the open-to-lock window, DESIGN.md). Retried at the next sync.
+                if self.unprotected.insert(name.to_owned()) {
+                    warn!(
+                        "{}: another host holds the exclusive lock (evicting it?); retrying the \
+                         shared lock",
+                        shown(name)
+                    );
                 }
-                Err(e) => {
-                    self.errors += 1;
-                    if self.unprotected.insert(name.clone()) {
-                        error!(
-                            "{}: cannot take the shared lock ({e}): other hosts may evict it \
-                             while it is used here; retrying",
-                            shown(name)
-                        );
-                    }
+            }
+            Err(e) => {
+                self.errors += 1;
+                if self.unprotected.insert(name.to_owned()) {
+                    error!(
+                        "{}: cannot take the shared lock ({e}): other hosts may evict it while \
+                         it is used here; retrying",
+                        shown(name)
+                    );
                 }
             }
         }
@@ -212,9 +217,7 @@ impl<B: LockBackend> Protocol<B> {
                 );
                 self.held.remove(&name);
                 let _ = self.backend.unshare(&name, false);
-                let want: BTreeSet<OsString> =
-                    self.held.iter().cloned().chain([name.clone()]).collect();
-                self.sync(&want);
+                self.take_shared(&name);
             }
         }
     }
@@ -782,7 +785,7 @@ pub fn start_with<B: LockBackend + 'static>(
     Ok(())
 }
 
-/// The names used on this host (open handles, holders from before the mount, instance
+/// The names used on this host (open handles, holders from before the mount, pins, instance
 /// disks' backing files as last read), given the locks `held` now. Memory only. While the
 /// instance disks could not be read, the locks held stay held: a stopped VM's base keeps
 /// its protection through a hung instances directory.
@@ -791,7 +794,7 @@ fn wanted(cache: &Cache, held: &BTreeSet<OsString>) -> BTreeSet<OsString> {
     let state = cache.state.lock();
     let mut want: BTreeSet<OsString> = state
         .images()
-        .filter(|i| i.refs() > 0)
+        .filter(|i| i.refs() > 0 || i.pinned)
         .filter_map(|i| i.name.clone())
         .chain(
             referenced
