@@ -1189,13 +1189,14 @@ pub fn is_own_file(name: &OsStr) -> bool {
 pub const STATE_PER_HOST: &str = ".imagecachefs.state.";
 
 /// The state file and its temporary twin: on shared storage one pair per host
-/// (`.imagecachefs.state.<machine id>`), so that two hosts never write the same file.
+/// (`.imagecachefs.state.<machine id>`, and the same with `~`, which no node name has), so
+/// that two hosts never write the same file.
 pub fn state_names(policy: &Policy) -> (OsString, OsString) {
     if policy.shared.is_none() {
         return (STATE_FILE.into(), STATE_TMP.into());
     }
     let node = crate::shared::node_name();
-    (format!("{STATE_PER_HOST}{node}").into(), format!("{STATE_PER_HOST}{node}.tmp").into())
+    (format!("{STATE_PER_HOST}{node}").into(), format!("{STATE_PER_HOST}{node}~").into())
 }
 
 /// A file being evicted is first renamed to `EVICTING` + its name in hex (so that a rename

@@ -1226,6 +1226,23 @@ mod tests {
     }
 
     #[test]
+    fn each_host_has_its_own_reserved_state_file() {
+        let node = node_name();
+        assert!(!node.is_empty() && node != "tmp");
+        assert!(node.chars().all(|c| c.is_ascii_alphanumeric() || ".-_".contains(c)), "{node}");
+        let shared = crate::state::Policy { shared: Some("nfs4".into()), ..Default::default() };
+        let (file, tmp) = crate::cache::state_names(&shared);
+        assert_eq!(file, OsString::from(format!(".imagecachefs.state.{node}")));
+        assert_ne!(file, tmp);
+        for n in [&file, &tmp] {
+            assert!(crate::cache::is_own_file(n), "{n:?} is reserved");
+        }
+        let local = crate::cache::state_names(&Default::default());
+        assert_eq!(local.0, OsString::from(crate::cache::STATE_FILE));
+        assert!(crate::cache::is_own_file(OsStr::new(LOCK_DIR)));
+    }
+
+    #[test]
     fn local_only_lock_managers_are_recognised() {
         assert!(local_only_locks("nfs", "rw,relatime,vers=3,nolock,proto=tcp").is_some());
         assert!(local_only_locks("nfs4", "rw,vers=4.2,local_lock=flock").is_some());

@@ -127,7 +127,7 @@ fn another_hosts_lock_keeps_a_file_until_released_and_quarantined() {
             .unwrap()
             .any(|e| {
                 let name = e.unwrap().file_name().to_string_lossy().into_owned();
-                name.starts_with(".imagecachefs.state.") && !name.ends_with(".tmp")
+                name.starts_with(".imagecachefs.state.") && !name.ends_with('~')
             })
             .then_some(())
     });
