@@ -783,9 +783,39 @@ impl Cache {
     pub fn opened(&self, ino: u64, fh: u64, pid: u32, write: bool) -> bool {
         let holder = self.holder(pid);
         let now = self.now();
-        let effect = self.state.lock().reference(RefChange::Open { fh, ino, holder, write }, now);
-        self.sync_locks();
-        effect != RefEffect::Gone
+        let (effect, name) = {
+            let mut state = self.state.lock();
+            let effect = state.reference(RefChange::Open { fh, ino, holder, write }, now);
+            (effect, state.image(ino).and_then(|i| i.name.clone()))
+        };
+        if effect == RefEffect::Gone {
+            return false;
+        }
+        match (self.keeper.get(), name) {
+            (Some(k), Some(name)) => {
+                if !self.protect(k, &name, ino) {
+                    // Evicted by another host just before this host's lock: a cache miss.
+                    self.released(fh, None);
+                    return false;
+                }
+            }
+            _ => self.sync_locks(),
+        }
+        true
+    }
+
+    /// `--shared`: before an open of `name` (inode `ino`) is answered, this host's shared
+    /// lock on it, and then the file still there: false if another host evicted it first.
+    /// Waits for the keeper a bounded time; without its lock the open goes ahead (logged by
+    /// the keeper, retried at its next look).
+    fn protect(&self, keeper: &crate::shared::Keeper, name: &OsStr, ino: u64) -> bool {
+        if keeper.ensure(name) != Some(true) {
+            return true;
+        }
+        match backing::open_path_at(self.root(), name).and_then(|fd| backing::stat(fd.as_fd())) {
+            Ok(st) => st.ino == ino,
+            Err(e) => e.raw_os_error() != Some(libc::ENOENT),
+        }
     }
 
     /// A handle released; `size`: the file's size now, if the handle could have changed it.

@@ -18,9 +18,10 @@
 //! Lock calls can block for as long as the filesystem wants (a CephFS non-blocking lock was
 //! measured to take 30 s): they all run on one thread of their own, the keeper, fed by a
 //! queue. The state lock is never held across one, and nothing waits for the keeper without
-//! a bound: the bookkeeping only says which files want a shared lock; an eviction waits
-//! [`GATE_TIMEOUT`] at most for its answer, then counts it as "unknown". Lock descriptors
-//! are `O_CLOEXEC` and never serve data.
+//! a bound: the bookkeeping only says which files want a shared lock; the first open of a
+//! file on this host waits [`ENSURE_TIMEOUT`] at most for its lock (then goes ahead
+//! unprotected), an eviction [`GATE_TIMEOUT`] for its exclusive one (then counts it as
+//! "unknown"). Lock descriptors are `O_CLOEXEC` and never serve data.
 //!
 //! The protocol ([`Protocol`]) runs over a [`LockBackend`]: [`OfdLocks`] on the real
 //! filesystem, a fake one in the tests.
@@ -48,6 +49,14 @@ const PROBE: &str = ".imagecachefs.probe";
 
 /// How long an eviction waits for the keeper's answer before it counts as "unknown".
 pub const GATE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long the first open of a file on this host waits for its shared lock, at most; past
+/// it the open goes ahead unprotected (a VM must start) and the lock is retried.
+pub const ENSURE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How often a shared lock refused as busy (another host's eviction holds the exclusive
+/// lock for its rename and unlink) is tried again while an open waits.
+const BUSY_RETRY: Duration = Duration::from_millis(20);
 
 /// A non-blocking lock attempt that did not fail.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -652,6 +661,13 @@ enum Job {
         name: OsString,
         removed: bool,
     },
+    /// An open waits: take the shared lock on `name` now (retrying while another host's
+    /// eviction holds the exclusive lock, until `until`) and say whether it is held.
+    Ensure {
+        name: OsString,
+        until: Instant,
+        reply: Sender<bool>,
+    },
 }
 
 /// The handle other threads have on the keeper: a queue in, and what its last sweep saw.
@@ -666,6 +682,8 @@ pub struct Keeper {
     quarantine: Duration,
     /// How long an eviction waits for an answer ([`GATE_TIMEOUT`]).
     timeout: Duration,
+    /// The names this host holds its shared lock on, as of the keeper's last change.
+    held: Mutex<BTreeSet<OsString>>,
 }
 
 impl Keeper {
@@ -678,7 +696,23 @@ impl Keeper {
             errors: Default::default(),
             quarantine,
             timeout,
+            held: Mutex::new(BTreeSet::new()),
         }
+    }
+
+    /// Before an open of `name` is answered (its reference registered already): makes sure
+    /// this host holds the shared lock, waiting [`ENSURE_TIMEOUT`] at most. `Some(true)`: held
+    /// (the caller then checks that the file is still there: another host may have evicted
+    /// it just before); `Some(false)`: could not be taken; `None`: no answer in time.
+    pub fn ensure(&self, name: &OsStr) -> Option<bool> {
+        if self.held.lock().contains(name) {
+            return Some(true);
+        }
+        let (tx, rx) = mpsc::channel();
+        let until = Instant::now() + ENSURE_TIMEOUT;
+        let job = Job::Ensure { name: name.to_owned(), until, reply: tx };
+        self.jobs.lock().send(job).ok()?;
+        rx.recv_timeout(ENSURE_TIMEOUT).ok()
     }
 
     /// Asks for the shared locks to follow the references (never waits).
@@ -843,6 +877,22 @@ fn run<B: LockBackend>(
                 }
             }
             Some(Job::Finish { name, removed }) => p.finish(&name, removed),
+            Some(Job::Ensure { name, until, reply }) => {
+                let want = wanted(&cache, p.held());
+                p.sync(&want);
+                // Busy: another host's eviction is between its checks and its unlink; it
+                // takes milliseconds.
+                while want.contains(&name)
+                    && !p.held().contains(&name)
+                    && p.unprotected().contains(&name)
+                    && Instant::now() + BUSY_RETRY < until
+                {
+                    std::thread::sleep(BUSY_RETRY);
+                    p.sync(&want);
+                }
+                *keeper.held.lock() = p.held().clone();
+                let _ = reply.send(p.held().contains(&name));
+            }
             None => {}
         }
         // Jobs arriving without a pause must not starve the sweep.
@@ -867,6 +917,7 @@ fn run<B: LockBackend>(
                 next = Instant::now() + every;
             }
         }
+        *keeper.held.lock() = p.held().clone();
         keeper.errors.store(p.errors, std::sync::atomic::Ordering::Relaxed);
     }
 }
@@ -901,6 +952,8 @@ pub mod fake {
         pub test: Option<i32>,
         /// The exclusive lock call stalls this long first (a filesystem that hangs).
         pub stall: Option<Duration>,
+        /// Shared lock calls made (counted, not injected).
+        pub shares: u64,
     }
 
     /// One host's view of the table.
@@ -938,6 +991,7 @@ pub mod fake {
 
     impl LockBackend for Fake {
         fn share(&mut self, name: &OsStr) -> io::Result<Try> {
+            self.faults.lock().shares += 1;
             if let Some(e) = self.faults.lock().share {
                 return Err(errno(e));
             }

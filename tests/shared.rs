@@ -160,9 +160,8 @@ fn what_this_host_uses_it_holds_a_shared_lock_on() {
         (lock_held(&lock_path(&n, H3)) == Some(libc::F_RDLCK)).then_some(())
     });
     let reader = File::open(n.at(H1)).unwrap();
-    wait_until(Duration::from_secs(10), "the open file locked", || {
-        (lock_held(&lock_path(&n, H1)) == Some(libc::F_RDLCK)).then_some(())
-    });
+    // Taken before the open was answered.
+    assert_eq!(lock_held(&lock_path(&n, H1)), Some(libc::F_RDLCK), "{}", m.log_text());
     assert_eq!(n.field(H1, "state"), "in-use");
     // This host's own lock is not another host's; a second holder is.
     wait_until(Duration::from_secs(10), "other_node_holds: no", || {
@@ -392,5 +391,50 @@ mod core {
             let gone = !w.cluster.table.lock().files.contains_key(OsStr::new(H1));
             (gone && !w.cluster.exclusive_held(H1)).then_some(())
         });
+    }
+
+    /// The first open of a file waits for this host's shared lock; one that finds another
+    /// host evicting the file (its exclusive lock) waits for the eviction to end and then
+    /// misses the file (`ENOENT`, a cache miss), never opens a file about to be deleted.
+    #[test]
+    fn an_open_takes_its_lock_first_and_misses_a_file_another_host_evicted() {
+        let w = World::new();
+        let ino = w.cache.ino_of(OsStr::new(H1)).unwrap();
+        let me = std::process::id();
+        assert!(w.cache.opened(ino, 1, me, false));
+        let held_here = |w: &World| {
+            w.cluster
+                .table
+                .lock()
+                .locks
+                .get(OsStr::new(H1))
+                .is_some_and(|l| l.contains(&(0, false)))
+        };
+        assert!(held_here(&w), "held when the open is answered");
+        w.cache.released(1, None);
+        wait_until(Duration::from_secs(10), "the lock released", || (!held_here(&w)).then_some(()));
+
+        // Another host, free of locks for its quarantine, takes the exclusive lock.
+        let mut other = w.cluster.host_with(Duration::from_secs(Q));
+        let t0 = from_unix_secs(1_900_000_000);
+        other.sweep(&[H1.into()], t0);
+        let go = other.gate(OsStr::new(H1), t0 + Duration::from_secs(Q));
+        assert!(matches!(go, imagecachefs::shared::Gate::Go { .. }), "{go:?}");
+        let faults = w.cluster.faults[0].clone();
+        let before = faults.lock().shares;
+        let path = w.tmp.path().join("instances/_base").join(H1);
+        let evictor = std::thread::spawn(move || {
+            // Once this host's open is waiting for its lock: delete, drop the lock.
+            wait_until(Duration::from_secs(10), "the open waiting", || {
+                (faults.lock().shares > before + 1).then_some(())
+            });
+            std::fs::remove_file(&path).unwrap();
+            other.finish(OsStr::new(H1), true);
+        });
+        assert!(!w.cache.opened(ino, 2, me, false), "opened a file another host evicted");
+        evictor.join().unwrap();
+        assert!(!w.exists());
+        let text = String::from_utf8(w.cache.render(VFile::Image(ino))).unwrap();
+        assert!(text.contains("\nrefs: 0\n"), "no reference kept:\n{text}");
     }
 }
