@@ -428,6 +428,9 @@ impl Cache {
             Ok(None) => {}
             Err(e) => warn!("reading {shown_file}: {e}; starting with empty state"),
         }
+        if state_file != STATE_FILE {
+            restore_other_hosts(root.as_fd(), &state_file, &mut state);
+        }
         let disks =
             crate::disks::Disks::spawn(settings.instances_dir.clone(), settings.cache_dir.clone());
         let cache = Arc::new(Cache {
@@ -1213,6 +1216,29 @@ pub fn is_own_file(name: &OsStr) -> bool {
         || name.as_bytes().starts_with(STATE_PER_HOST.as_bytes())
         || name == crate::shared::LOCK_DIR
         || is_evicting_name(name)
+}
+
+/// How many other hosts' state files are read for their checksums at start.
+const OTHER_HOSTS_READ: usize = 64;
+
+/// On shared storage: the checksums other hosts recorded (their state files), so that a file
+/// another host already hashed is not read again here when its stamp matches.
+fn restore_other_hosts(root: BorrowedFd<'_>, own: &OsStr, state: &mut CacheState) {
+    let Ok(entries) = backing::read_dir(root) else { return };
+    let others = entries
+        .into_iter()
+        .filter(|e| e.kind == libc::S_IFREG && e.name != own)
+        .filter(|e| e.name.as_bytes().starts_with(STATE_PER_HOST.as_bytes()))
+        .filter(|e| !e.name.as_bytes().ends_with(b"~") && e.name != STATE_TMP)
+        .take(OTHER_HOSTS_READ);
+    for e in others {
+        if let Ok(Some(text)) = backing::read_file_at(root, &e.name) {
+            let bad = state.restore_others(&String::from_utf8_lossy(&text));
+            if bad > 0 {
+                warn!("{}: skipped {bad} unreadable line(s)", e.name.to_string_lossy());
+            }
+        }
+    }
 }
 
 /// The prefix of the per-host state files on shared storage.

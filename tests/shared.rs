@@ -438,3 +438,33 @@ mod core {
         assert!(text.contains("\nrefs: 0\n"), "no reference kept:\n{text}");
     }
 }
+
+/// On shared storage a file another host already hashed (its state file records the same
+/// inode, size and mtime) takes that host's SHA-1 and verdict instead of being read again;
+/// nothing else of that host's record (its pin) is taken.
+#[test]
+fn a_checksum_another_host_recorded_is_taken_for_the_same_content() {
+    use std::os::unix::fs::MetadataExt;
+    let n = Nova::new();
+    let data = pseudo_random(65536, 7);
+    write_file(&n.at(H1), &data);
+    let meta = fs::metadata(n.real(H1)).unwrap();
+    let mtime_ns = meta.mtime() as i128 * 1_000_000_000 + meta.mtime_nsec() as i128;
+    let sha1 = {
+        let (code, out, err) = run(Command::new("sha1sum").arg(n.real(H1)));
+        assert_eq!(code, 0, "sha1sum: {err}");
+        out.split_whitespace().next().unwrap().to_string()
+    };
+    let hex_name: String = H1.bytes().map(|b| format!("{b:02x}")).collect();
+    // Verified by the other host at 1800000000 (2027-01-15T08:00:00Z), and pinned there.
+    let record = format!(
+        "imagecachefs-state 2\n{hex_name}\t1700000000\t1\t{sha1}\t1700000000\tok\t1800000000\t{}\t{}\t{mtime_ns}\n",
+        meta.ino(),
+        meta.len()
+    );
+    fs::write(n.real(".imagecachefs.state.otherhost"), record).unwrap();
+    let _m = n.mount((LONG, LONG, LONG), &["--storage", "shared"]);
+    assert_eq!(n.field(H1, "sha1"), sha1);
+    assert_eq!(n.field(H1, "verified"), "ok 2027-01-15T08:00:00Z", "taken, not hashed again");
+    assert_eq!(n.field(H1, "state"), "idle", "the other host's pin is its own");
+}
