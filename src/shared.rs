@@ -190,7 +190,8 @@ impl<B: LockBackend> Protocol<B> {
             }
             Ok(Try::Busy) => {
                 // Another host holds the exclusive lock: it is evicting the file this very
-                // moment (the open-to-lock window, DESIGN.md). Retried at the next sync.
+                // moment. An open waiting for this lock tries again until the eviction is
+                // over, and then finds the file gone; otherwise retried at the next sync.
                 if self.unprotected.insert(name.to_owned()) {
                     warn!(
                         "{}: another host holds the exclusive lock (evicting it?); retrying the \
@@ -231,8 +232,8 @@ impl<B: LockBackend> Protocol<B> {
         }
     }
 
-    /// Looks at `names` (files not used here): a lock seen resets a file's quarantine; a
-    /// file seen free starts one.
+    /// Looks at `names` (every cache file known here): a lock seen, or a use here, resets a
+    /// file's quarantine; a file seen free starts one. A failed test changes neither.
     pub fn sweep(&mut self, names: &[OsString], now: SystemTime) -> BTreeMap<OsString, Seen> {
         let mut out = BTreeMap::new();
         for name in names {
