@@ -58,6 +58,10 @@ pub const ENSURE_TIMEOUT: Duration = Duration::from_secs(2);
 /// lock for its rename and unlink) is tried again while an open waits.
 const BUSY_RETRY: Duration = Duration::from_millis(20);
 
+/// How often the shared locks are matched to the references again while the instance disks
+/// have not been read (at start, or while they cannot be).
+const RESYNC: Duration = Duration::from_secs(1);
+
 /// A non-blocking lock attempt that did not fail.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Try {
@@ -853,13 +857,21 @@ fn run<B: LockBackend>(
 ) {
     let every = sweep_every(p.quarantine);
     let mut next = Instant::now();
+    // While the instance disks are unknown, locks are kept as they were: looked at again
+    // this often until a read comes in (memory only, unless something changed).
+    let mut resync: Option<Instant> = None;
     loop {
-        let job = match rx.recv_timeout(next.saturating_duration_since(Instant::now())) {
+        let wake = resync.map_or(next, |r| r.min(next));
+        let job = match rx.recv_timeout(wake.saturating_duration_since(Instant::now())) {
             Ok(j) => Some(j),
             Err(RecvTimeoutError::Timeout) => None,
             Err(RecvTimeoutError::Disconnected) => return,
         };
         let Some(cache) = cache.upgrade() else { return };
+        if job.is_none() && resync.is_some_and(|r| r <= Instant::now()) {
+            let want = wanted(&cache, p.held());
+            p.sync(&want);
+        }
         match job {
             Some(Job::Sync) => {
                 keeper.sync_queued.store(false, std::sync::atomic::Ordering::Release);
@@ -918,6 +930,8 @@ fn run<B: LockBackend>(
                 next = Instant::now() + every;
             }
         }
+        resync = (cache.referenced_if_known().is_none() && !p.held().is_empty())
+            .then(|| Instant::now() + RESYNC);
         *keeper.held.lock() = p.held().clone();
         keeper.errors.store(p.errors, std::sync::atomic::Ordering::Relaxed);
     }
