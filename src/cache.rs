@@ -1028,6 +1028,7 @@ impl Cache {
             let mut counters = self.counters.lock();
             if let Some(k) = self.keeper.get() {
                 counters.shared_lock_errors = k.errors();
+                counters.shared_unprotected = k.unprotected();
             }
             let persisted = self.persisted(state.version);
             let stamp = RenderStamp {

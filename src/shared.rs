@@ -689,6 +689,8 @@ pub struct Keeper {
     timeout: Duration,
     /// The names this host holds its shared lock on, as of the keeper's last change.
     held: Mutex<BTreeSet<OsString>>,
+    /// How many files used here have no shared lock (could not be taken).
+    unprotected: std::sync::atomic::AtomicU64,
 }
 
 impl Keeper {
@@ -702,6 +704,7 @@ impl Keeper {
             quarantine,
             timeout,
             held: Mutex::new(BTreeSet::new()),
+            unprotected: Default::default(),
         }
     }
 
@@ -761,6 +764,11 @@ impl Keeper {
     /// Lock calls that failed since the start.
     pub fn errors(&self) -> u64 {
         self.errors.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Files used here whose shared lock could not be taken (other hosts may evict them).
+    pub fn unprotected(&self) -> u64 {
+        self.unprotected.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn quarantine(&self) -> Duration {
@@ -934,6 +942,8 @@ fn run<B: LockBackend>(
             .then(|| Instant::now() + RESYNC);
         *keeper.held.lock() = p.held().clone();
         keeper.errors.store(p.errors, std::sync::atomic::Ordering::Relaxed);
+        let unprotected = p.unprotected().len() as u64;
+        keeper.unprotected.store(unprotected, std::sync::atomic::Ordering::Relaxed);
     }
 }
 

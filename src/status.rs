@@ -36,6 +36,8 @@ pub struct Counters {
     pub shared_refusals: BTreeMap<&'static str, u64>,
     /// `--shared`: lock calls on the shared storage that failed (as the keeper counts them).
     pub shared_lock_errors: u64,
+    /// `--shared`: files used here whose shared lock could not be taken.
+    pub shared_unprotected: u64,
 }
 
 /// The reasons of `imagecachefs_shared_refusals_total`, all shown (at 0 until they happen).
@@ -496,6 +498,13 @@ pub fn metrics(view: &View) -> String {
         "Lock calls on the shared storage that failed (--shared).",
     );
     let _ = writeln!(out, "imagecachefs_shared_lock_errors_total {}", c.shared_lock_errors);
+    metric(
+        &mut out,
+        "shared_unprotected_files",
+        "gauge",
+        "Files used here whose shared lock could not be taken (--shared): other hosts may evict them.",
+    );
+    let _ = writeln!(out, "imagecachefs_shared_unprotected_files {}", c.shared_unprotected);
     let p = view.persisted;
     metric(&mut out, "state_writes_total", "counter", "Writes of the state file.");
     let _ = writeln!(out, "imagecachefs_state_writes_total {}", p.writes);

@@ -393,6 +393,29 @@ mod core {
         });
     }
 
+    /// A shared lock that cannot be taken does not fail the open (a VM must start): it is an
+    /// alarm (`imagecachefs_shared_unprotected_files`), and the next open takes it.
+    #[test]
+    fn a_lock_that_cannot_be_taken_is_an_alarm_not_a_failed_open() {
+        let w = World::new();
+        let ino = w.cache.ino_of(OsStr::new(H1)).unwrap();
+        let me = std::process::id();
+        let faults = w.cluster.faults[0].clone();
+        faults.lock().share = Some(libc::ENOLCK);
+        assert!(w.cache.opened(ino, 1, me, false), "the open goes ahead");
+        wait_until(Duration::from_secs(10), "the alarm", || {
+            (w.metric("imagecachefs_shared_unprotected_files") == 1).then_some(())
+        });
+        assert!(w.metric("imagecachefs_shared_lock_errors_total") > 0);
+        faults.lock().share = None;
+        assert!(w.cache.opened(ino, 2, me, false));
+        wait_until(Duration::from_secs(10), "the alarm over", || {
+            (w.metric("imagecachefs_shared_unprotected_files") == 0).then_some(())
+        });
+        w.cache.released(1, None);
+        w.cache.released(2, None);
+    }
+
     /// The first open of a file waits for this host's shared lock; one that finds another
     /// host evicting the file (its exclusive lock) waits for the eviction to end and then
     /// misses the file (`ENOENT`, a cache miss), never opens a file about to be deleted.
