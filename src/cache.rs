@@ -794,15 +794,15 @@ impl Cache {
         if effect == RefEffect::Gone {
             return false;
         }
-        match (self.keeper.get(), name) {
-            (Some(k), Some(name)) => {
-                if !self.protect(k, &name, ino) {
-                    // Evicted by another host just before this host's lock: a cache miss.
-                    self.released(fh, None);
-                    return false;
-                }
+        // Also when the keeper's list says the lock is held: it may be dropping it for the
+        // release this open follows.
+        self.sync_locks();
+        if let (Some(k), Some(name)) = (self.keeper.get(), name) {
+            if !self.protect(k, &name, ino) {
+                // Evicted by another host just before this host's lock: a cache miss.
+                self.released(fh, None);
+                return false;
             }
-            _ => self.sync_locks(),
         }
         true
     }
