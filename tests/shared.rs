@@ -491,3 +491,36 @@ fn a_checksum_another_host_recorded_is_taken_for_the_same_content() {
     assert_eq!(n.field(H1, "verified"), "ok 2027-01-15T08:00:00Z", "taken, not hashed again");
     assert_eq!(n.field(H1, "state"), "idle", "the other host's pin is its own");
 }
+
+/// An open through the mount that meets "another host" evicting the file (its exclusive lock
+/// on the lock file) waits for the eviction to end and then gets `ENOENT`: it never opens a
+/// file that is being deleted.
+#[test]
+fn an_open_during_another_hosts_eviction_misses_the_file() {
+    let n = Nova::new();
+    write_file(&n.at(H1), &pseudo_random(4096, 1));
+    let m = n.mount(
+        (LONG, LONG, LONG),
+        &["--storage", "shared", "--shared", "--shared-quarantine", &QUARANTINE.to_string()],
+    );
+    // The other host's eviction: its exclusive lock first.
+    let lock = lock_path(&n, H1);
+    let evicting =
+        OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&lock).unwrap();
+    let fl = flock(libc::F_WRLCK);
+    let rc = unsafe { libc::fcntl(evicting.as_raw_fd(), libc::F_OFD_SETLK, &fl) };
+    assert_eq!(rc, 0, "exclusive lock: {}", std::io::Error::last_os_error());
+    let path = n.at(H1);
+    let opener =
+        std::thread::spawn(move || File::open(path).map(drop).map_err(|e| e.raw_os_error()));
+    // The open is registered and waits for its lock.
+    wait_until(Duration::from_secs(10), "the open waiting", || {
+        (n.field(H1, "refs") == "1").then_some(())
+    });
+    // The other host deletes the file and its lock file, then lets go.
+    fs::remove_file(n.real(H1)).unwrap();
+    fs::remove_file(&lock).unwrap();
+    drop(evicting);
+    let opened = opener.join().unwrap();
+    assert_eq!(opened, Err(Some(libc::ENOENT)), "{}", m.log_text());
+}
