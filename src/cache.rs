@@ -429,6 +429,7 @@ impl Cache {
             Err(e) => warn!("reading {shown_file}: {e}; starting with empty state"),
         }
         if state_file != STATE_FILE {
+            info!("shared storage: this host's state file is {shown_file}");
             restore_other_hosts(root.as_fd(), &state_file, &mut state);
         }
         let disks =

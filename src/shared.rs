@@ -628,9 +628,23 @@ fn probe(root: BorrowedFd<'_>) -> io::Result<()> {
     Ok(())
 }
 
-/// The node's name for its own files on shared storage: `/etc/machine-id`, else the
-/// hostname; only `[A-Za-z0-9._-]` kept.
+/// `--node-name`, once set at start.
+static NODE_NAME: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Sets this host's name (`--node-name`) before the cache is opened; `None` keeps the
+/// default.
+pub fn set_node_name(name: Option<String>) {
+    if let Some(n) = name {
+        let _ = NODE_NAME.set(n);
+    }
+}
+
+/// The node's name for its own files on shared storage: `--node-name`, else
+/// `/etc/machine-id`, else the hostname; only `[A-Za-z0-9._-]` kept.
 pub fn node_name() -> String {
+    if let Some(n) = NODE_NAME.get() {
+        return n.clone();
+    }
     let id = std::fs::read_to_string("/etc/machine-id")
         .ok()
         .map(|s| s.trim().to_string())

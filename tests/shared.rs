@@ -22,10 +22,21 @@ const QUARANTINE: u64 = 3;
 
 const LOCK_DIR: &str = ".imagecachefs.locks";
 
+/// This host's name for its state file in the tests that set it.
+const NODE: &str = "test-node-a";
+
 fn shared_mount(n: &Nova) -> common::Mount {
     n.mount(
         ("1", "1", "1"),
-        &["--storage", "shared", "--shared", "--shared-quarantine", &QUARANTINE.to_string()],
+        &[
+            "--storage",
+            "shared",
+            "--shared",
+            "--shared-quarantine",
+            &QUARANTINE.to_string(),
+            "--node-name",
+            NODE,
+        ],
     )
 }
 
@@ -122,14 +133,8 @@ fn another_hosts_lock_keeps_a_file_until_released_and_quarantined() {
     n.assert_fully_evicted(H1);
     assert!(lock_held(&lock_path(&n, H1)).is_none(), "its lock file went with it");
     // The state file is this host's own.
-    wait_until(Duration::from_secs(10), "a per-host state file", || {
-        fs::read_dir(&n.covered.target)
-            .unwrap()
-            .any(|e| {
-                let name = e.unwrap().file_name().to_string_lossy().into_owned();
-                name.starts_with(".imagecachefs.state.") && !name.ends_with('~')
-            })
-            .then_some(())
+    wait_until(Duration::from_secs(10), "this host's state file", || {
+        n.real(&format!(".imagecachefs.state.{NODE}")).is_file().then_some(())
     });
     let own: Vec<String> = fs::read_dir(&n.covered.target)
         .unwrap()
