@@ -641,7 +641,7 @@ mod tests {
                 for img in s.images() {
                     let text = image(&v, img);
                     let keys: Vec<&str> = text.lines().map(|l| l.split_once(": ").unwrap().0).collect();
-                    prop_assert_eq!(keys.len(), 12, "{}", text);
+                    prop_assert_eq!(keys.len(), 13, "{}", text);
                     let name = text.lines().next().unwrap().strip_prefix("name: ").unwrap();
                     prop_assert_eq!(
                         crate::text::unescape(name),
