@@ -172,6 +172,25 @@ pub struct MountArgs {
     /// (e.g. 127.0.0.1:9477; [::]:9477 for every address). Off by default.
     #[arg(long, value_name = "ADDR:PORT", value_parser = parse_listen, help_heading = "Monitoring")]
     pub metrics_listen: Option<std::net::SocketAddr>,
+
+    /// On shared storage, coordinate eviction with the other hosts through the filesystem's
+    /// own locks (each host holds a shared lock on what it uses; a file goes only once no
+    /// host has held it for --shared-quarantine).
+    #[arg(long, help_heading = "Shared storage")]
+    pub shared: bool,
+
+    /// With --shared: how long a file must be seen unlocked by every host before any host
+    /// evicts it.
+    #[arg(long, value_name = "SECS", default_value_t = crate::config::SHARED_QUARANTINE,
+          help_heading = "Shared storage", value_parser = parse_secs,
+          allow_negative_numbers = true)]
+    pub shared_quarantine: u64,
+
+    /// This host's name for its own files on shared storage (its state file), letters,
+    /// digits, '.', '-' and '_' [default: /etc/machine-id, else the hostname].
+    #[arg(long, value_name = "NAME", help_heading = "Shared storage",
+          value_parser = crate::config::parse_node_name)]
+    pub node_name: Option<String>,
 }
 
 /// `--metrics-listen`: an IP address and a port other than 0 (no host names: the listener
@@ -269,6 +288,7 @@ impl MountArgs {
             evict: !self.no_evict,
             // Decided at mount, once the filesystem is known.
             shared: None,
+            coordinated: self.shared,
         };
         Ok(MountConfig {
             dir: self.dir,
@@ -295,6 +315,8 @@ impl MountArgs {
             metrics_listen: self.metrics_listen,
             create_dir: self.create_dir,
             context: self.context,
+            shared_quarantine: self.shared_quarantine,
+            node_name: self.node_name,
         })
     }
 }
@@ -493,6 +515,7 @@ mod tests {
             "--partial-min-age",
             "--pressure-min-age",
             "--verify-interval",
+            "--shared-quarantine",
         ] {
             for bad in ["18446744073709551615", "9223372036854775807", "315360001", "-5"] {
                 let e = parse_error(&[flag, bad]);
@@ -546,6 +569,28 @@ mod tests {
         let cli = Cli::try_parse_from(["imagecachefs", "mount", "/x"]).unwrap();
         let Command::Mount(m) = cli.command else { panic!("not mount") };
         assert_eq!(m.into_config().unwrap().metrics_listen, None, "off by default");
+    }
+
+    #[test]
+    fn shared_coordination_is_off_by_default() {
+        let config = |args: &[&str]| {
+            let mut all = vec!["imagecachefs", "mount", "/x"];
+            all.extend_from_slice(args);
+            let Command::Mount(m) = Cli::try_parse_from(all).unwrap().command else {
+                panic!("not mount")
+            };
+            m.into_config().unwrap()
+        };
+        let off = config(&[]);
+        assert!(!off.policy.coordinated);
+        assert_eq!(off.shared_quarantine, crate::config::SHARED_QUARANTINE);
+        let on = config(&["--shared", "--shared-quarantine", "60"]);
+        assert!(on.policy.coordinated);
+        assert_eq!(on.shared_quarantine, 60);
+        assert_eq!(config(&["--node-name", "node-a.1"]).node_name.as_deref(), Some("node-a.1"));
+        for bad in ["", "a/b", "tmp", "a b", &"x".repeat(65)] {
+            assert!(parse_error(&["--node-name", bad]).contains("is not a node name"), "{bad}");
+        }
     }
 
     #[test]

@@ -14,6 +14,11 @@ pub const MAX_RATE_MIB: u64 = 1 << 20;
 /// The largest `--min-free` size in bytes: below 2^63 (what `statfs` sizes can express).
 pub const MAX_MIN_FREE_BYTES: u64 = i64::MAX as u64;
 
+/// The default `--shared-quarantine`, seconds: well above an NFSv4 lease (90 s on Linux) and
+/// CephFS's session autoclose (300 s), so a host that lost its locks in a short partition is
+/// not undercut the moment they lapse.
+pub const SHARED_QUARANTINE: u64 = 900;
+
 /// `--threads` range.
 pub const THREADS: std::ops::RangeInclusive<u64> = 1..=64;
 
@@ -26,6 +31,19 @@ pub fn parse_bounded(s: &str, range: std::ops::RangeInclusive<u64>) -> Result<u6
     match n {
         Some(n) if range.contains(&n) => Ok(n),
         _ => Err(format!("{s:?} is not a whole number from {lo} to {hi}")),
+    }
+}
+
+/// `--node-name`: 1 to 64 of `[A-Za-z0-9._-]`, not `tmp` (the name of the state file's
+/// temporary twin without a node).
+pub fn parse_node_name(s: &str) -> Result<String, String> {
+    let ok = (1..=64).contains(&s.len())
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+        && s != "tmp";
+    if ok {
+        Ok(s.to_string())
+    } else {
+        Err(format!("{s:?} is not a node name (1 to 64 letters, digits, '.', '-' or '_')"))
     }
 }
 
@@ -139,6 +157,10 @@ pub struct MountConfig {
     pub create_dir: bool,
     /// The SELinux `context=` mount option, if any.
     pub context: Option<String>,
+    /// `--shared-quarantine`, seconds (used with `--shared`, i.e. `policy.coordinated`).
+    pub shared_quarantine: u64,
+    /// `--node-name`: this host's name for its state file on shared storage.
+    pub node_name: Option<String>,
 }
 
 impl MountConfig {
@@ -168,6 +190,8 @@ impl MountConfig {
             ("verify_rate_mib".into(), self.verify_rate_mib.to_string()),
             ("threads".into(), self.threads.to_string()),
             ("storage".into(), if p.shared.is_some() { "shared" } else { "local" }.into()),
+            ("shared".into(), if p.coordinated { "on" } else { "off" }.into()),
+            ("shared_quarantine".into(), self.shared_quarantine.to_string()),
             ("metrics_listen".into(), self.metrics_listen.map_or("off".into(), |a| a.to_string())),
         ]
     }

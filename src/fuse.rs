@@ -29,6 +29,13 @@ use crate::passthrough::Passthrough;
 /// stay in the kernel.
 pub const TTL: Duration = Duration::from_secs(60);
 
+/// The TTL on shared storage: other hosts create and delete cache files behind the mount,
+/// and Nova here checks that a base exists before it spawns on it, so a deleted file must not
+/// look present for long. Costs a `LOOKUP`/`GETATTR` round trip to the daemon (one `fstatat`
+/// on the shared filesystem, which its own client caches for its `actimeo`) for each `stat`
+/// more than a second after the last.
+pub const SHARED_TTL: Duration = Duration::from_secs(1);
+
 const FUSE_SUPER_MAGIC: i64 = 0x6573_5546;
 const OVERLAYFS_SUPER_MAGIC: i64 = 0x794c_7630;
 const ECRYPTFS_SUPER_MAGIC: i64 = 0xf15f;
@@ -39,6 +46,8 @@ pub struct FuseAdapter {
     dev: Option<OwnedFd>,
     /// `statfs` type of the covered filesystem, which decides the stacking depth.
     covered_fs_type: i64,
+    /// Entry and attribute TTL of covered files: [`TTL`], or [`SHARED_TTL`] on shared storage.
+    ttl: Duration,
 }
 
 /// Bit 63 of `unique`: the kernel resends a request a dead server read but never answered.
@@ -47,13 +56,14 @@ const RESENT: u64 = 1 << 63;
 impl FuseAdapter {
     /// `dev: None` serves every read and write through the daemon (`--no-passthrough`).
     pub fn new(core: Arc<OverlayFs>, dev: Option<OwnedFd>, covered_fs_type: i64) -> Self {
-        FuseAdapter { core, dev, covered_fs_type }
+        let ttl = if core.cache().policy.shared.is_some() { SHARED_TTL } else { TTL };
+        FuseAdapter { core, dev, covered_fs_type, ttl }
     }
 
     /// For a server taking over a live connection: `init` is not called again (the core
     /// was set up from the journal).
     pub fn resumed(core: Arc<OverlayFs>, covered_fs_type: i64) -> Self {
-        FuseAdapter { core, dev: None, covered_fs_type }
+        FuseAdapter::new(core, None, covered_fs_type)
     }
 
     /// For a resent request, the result its first execution recorded.
@@ -98,7 +108,7 @@ impl FuseAdapter {
         match result {
             Ok(st) => {
                 self.record(req, Outcome::Entry(st.ino));
-                reply.entry(&TTL, &attr(&st), Generation(0))
+                reply.entry(&self.ttl, &attr(&st), Generation(0))
             }
             Err(e) => {
                 self.record(req, Outcome::Err(e.errno()));
@@ -201,13 +211,15 @@ fn set_time(t: Option<TimeOrNow>) -> Option<SetTime> {
     })
 }
 
-/// Status-tree nodes change on every read: the kernel must not cache them.
-fn ttl(st: &Stat) -> &'static Duration {
-    const NONE: Duration = Duration::ZERO;
-    if is_virtual(st.ino) {
-        &NONE
-    } else {
-        &TTL
+impl FuseAdapter {
+    /// Status-tree nodes change on every read: the kernel must not cache them.
+    fn ttl(&self, st: &Stat) -> &Duration {
+        const NONE: Duration = Duration::ZERO;
+        if is_virtual(st.ino) {
+            &NONE
+        } else {
+            &self.ttl
+        }
     }
 }
 
@@ -305,7 +317,7 @@ impl Filesystem for FuseAdapter {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         match self.core.lookup(parent.0, name) {
-            Ok(st) => reply.entry(ttl(&st), &attr(&st), Generation(0)),
+            Ok(st) => reply.entry(self.ttl(&st), &attr(&st), Generation(0)),
             Err(e) => reply.error(fail("lookup", e)),
         }
     }
@@ -316,7 +328,7 @@ impl Filesystem for FuseAdapter {
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         match self.core.getattr(ino.0) {
-            Ok(st) => reply.attr(ttl(&st), &attr(&st)),
+            Ok(st) => reply.attr(self.ttl(&st), &attr(&st)),
             Err(e) => reply.error(fail("getattr", e)),
         }
     }
@@ -348,7 +360,7 @@ impl Filesystem for FuseAdapter {
         match result {
             Ok(st) => {
                 self.record(req, Outcome::Ok);
-                reply.attr(ttl(&st), &attr(&st))
+                reply.attr(self.ttl(&st), &attr(&st))
             }
             Err(e) => {
                 self.record(req, Outcome::Err(e.errno()));
@@ -684,7 +696,7 @@ impl Filesystem for FuseAdapter {
                     Err(_) => continue,
                 }
             };
-            if reply.add(INodeNo(st.ino), next, &e.name, ttl(&st), &attr(&st), Generation(0)) {
+            if reply.add(INodeNo(st.ino), next, &e.name, self.ttl(&st), &attr(&st), Generation(0)) {
                 if !dots && !is_virtual(st.ino) {
                     self.core.forget(st.ino, 1);
                 }
@@ -808,7 +820,7 @@ impl Filesystem for FuseAdapter {
                 Some(id) => {
                     let b = unsafe { reply.wrap_backing(id) };
                     reply.created_passthrough(
-                        &TTL,
+                        &self.ttl,
                         &attr(&st),
                         Generation(0),
                         FileHandle(o.fh),
@@ -818,7 +830,7 @@ impl Filesystem for FuseAdapter {
                     let _ = b.into_raw();
                 }
                 None => reply.created(
-                    &TTL,
+                    &self.ttl,
                     &attr(&st),
                     Generation(0),
                     FileHandle(o.fh),

@@ -26,6 +26,7 @@ pub mod passthrough;
 pub mod procfs;
 pub mod run;
 pub mod setup;
+pub mod shared;
 pub mod state;
 pub mod status;
 pub mod supervise;

@@ -491,7 +491,11 @@ fn serve(cfg: &MountConfig, on_ready: impl FnOnce(), sup: ServerFds) -> Result<(
     warn_request_timeout();
     let (fstype, fs_type) = mount::filesystem_of(dir_fd.as_fd());
     let shared = shared_storage(cfg.storage, &fstype, fs_type);
-    if let Some(kind) = shared.as_ref().filter(|_| !taking_over) {
+    if cfg.policy.coordinated && !taking_over {
+        crate::shared::check(&dir, shared.as_deref(), &fstype, dir_fd.as_fd()).map_err(Refusal)?;
+    }
+    if let (Some(kind), false) = (shared.as_ref().filter(|_| !taking_over), cfg.policy.coordinated)
+    {
         log::warn!(
             "{} is on shared storage ({kind}): other hosts may use its files, so nothing is \
              evicted (use --storage local if only this host uses it)",
@@ -519,6 +523,7 @@ fn serve(cfg: &MountConfig, on_ready: impl FnOnce(), sup: ServerFds) -> Result<(
     let root = dir_fd.try_clone().map_err(|e| Refusal(format!("dup: {e}")))?;
     let mut shown_cfg = MountConfig { instances_dir: Some(instances_dir_shown), ..cfg.clone() };
     shown_cfg.policy = policy.clone();
+    crate::shared::set_node_name(cfg.node_name.clone());
     let cache = Cache::open(
         root,
         policy,
@@ -532,6 +537,8 @@ fn serve(cfg: &MountConfig, on_ready: impl FnOnce(), sup: ServerFds) -> Result<(
         },
     )
     .map_err(|e| Refusal(format!("reading {}: {e}", dir.display())))?;
+    crate::shared::start(&cache, cfg.policy.coordinated.then_some(cfg.shared_quarantine))
+        .map_err(Refusal)?;
     match &prepared {
         Some(prepared) => {
             crate::exporter::start(cfg.metrics_listen, &cache)?;
@@ -846,6 +853,24 @@ pub fn check_command(cfg: &MountConfig) -> i32 {
         (fstype, magic) = mount::filesystem_of(fd.as_fd());
     }
     shown.policy.shared = shared_storage(cfg.storage, &fstype, magic);
+    if cfg.policy.coordinated {
+        // Not probed (that would create the lock directory): the storage kind and mount
+        // options are.
+        let checked = backing::open_dir_path(&c)
+            .map_err(|e| format!("{}: {e}", dir.display()))
+            .and_then(|fd| {
+                crate::shared::check_options(
+                    &dir,
+                    shown.policy.shared.as_deref(),
+                    &fstype,
+                    fd.as_fd(),
+                )
+            });
+        if let Err(e) = checked {
+            eprintln!("imagecachefs: {e}");
+            return 1;
+        }
+    }
     let mut pairs = shown.pairs();
     pairs.push(("filesystem".into(), if fstype.is_empty() { "-".into() } else { fstype }));
     let mut out = String::new();

@@ -42,9 +42,12 @@ pub struct Policy {
     pub partial_min_age: u64,
     /// `false`: never evict by age (`remove_unused_base_images = False`); corrupt files still go.
     pub evict: bool,
-    /// The cache directory is on storage other hosts share (its filesystem type) and nothing
-    /// coordinates eviction with them: nothing is evicted, for any reason.
+    /// The cache directory is on storage other hosts share (its filesystem type). Unless
+    /// `coordinated`, nothing is evicted, for any reason.
     pub shared: Option<String>,
+    /// `--shared`: eviction on shared storage is coordinated with the other hosts through the
+    /// filesystem's locks (`shared.rs`), so it goes ahead as on local storage.
+    pub coordinated: bool,
 }
 
 impl Default for Policy {
@@ -55,11 +58,17 @@ impl Default for Policy {
             partial_min_age: 3_600,
             evict: true,
             shared: None,
+            coordinated: false,
         }
     }
 }
 
 impl Policy {
+    /// On shared storage with nothing to coordinate eviction with the other hosts.
+    pub fn uncoordinated(&self) -> bool {
+        self.shared.is_some() && !self.coordinated
+    }
+
     pub fn min_age(&self, kind: Kind) -> u64 {
         match kind {
             Kind::Original | Kind::Ephemeral | Kind::Swap => self.original_min_age,
@@ -353,6 +362,9 @@ pub struct CacheState {
     events: VecDeque<Event>,
     /// Restored records not yet matched with a file.
     saved: HashMap<OsString, Saved>,
+    /// Checksums other hosts sharing the directory recorded (their state files), applied to a
+    /// file that has none of its own when the stamp matches.
+    others: HashMap<OsString, (Checksum, Verified)>,
     /// Bumped on every change worth persisting.
     pub version: u64,
     /// Bumped on every change a status file shows (those, and opens).
@@ -436,6 +448,14 @@ impl CacheState {
             if s.checksum.is_some_and(|c| c.stamp == now) {
                 img.checksum = s.checksum;
                 img.verified = s.verified;
+            }
+        }
+        if let Some((c, v)) = self.others.remove(name) {
+            // Another host hashed the same content (same inode, size and mtime): no need to
+            // read it again here.
+            if img.checksum.is_none() && c.stamp == (Stamp { ino, size, mtime }) {
+                img.checksum = Some(c);
+                img.verified = v;
             }
         }
         self.names.insert(name.to_os_string(), ino);
@@ -526,6 +546,19 @@ impl CacheState {
                 effect
             }
         }
+    }
+
+    /// A use of `name` on another host (the lock file's mtime a release there set): the idle
+    /// age counts from the last use anywhere. Returns the inode if its deadline moved.
+    pub fn used_elsewhere(&mut self, name: &OsStr, at: SystemTime) -> Option<u64> {
+        let ino = *self.names.get(name)?;
+        let img = self.images.get_mut(&ino)?;
+        if at <= img.last_used {
+            return None;
+        }
+        img.last_used = at;
+        self.changed();
+        Some(ino)
     }
 
     /// A use that is not a release: `utime`/`touch`, a write, a size change.
@@ -759,7 +792,7 @@ impl CacheState {
     /// When the file becomes due for eviction by age alone; `None`: never (eviction off and
     /// not corrupt). A corrupt file is due at once.
     pub fn deadline(img: &Image, policy: &Policy) -> Option<SystemTime> {
-        if policy.shared.is_some() {
+        if policy.uncoordinated() {
             return None;
         }
         if img.corrupt() {
@@ -788,7 +821,7 @@ impl CacheState {
             Some(Blocker::Pinned)
         } else if referenced {
             Some(Blocker::Referenced)
-        } else if policy.shared.is_some() {
+        } else if policy.uncoordinated() {
             Some(Blocker::SharedStorage)
         } else if Self::deadline(img, policy).is_none_or(|d| d > now) {
             Some(Blocker::NotDue)
@@ -807,21 +840,34 @@ impl CacheState {
         now: SystemTime,
         min_age_override: Option<u64>,
     ) -> Result<(), Blocker> {
-        let img = self.images.get_mut(&ino).ok_or(Blocker::NotDue)?;
+        self.may_evict(ino, policy, referenced, now, min_age_override)?;
+        if let Some(img) = self.images.get_mut(&ino) {
+            img.evicting = true;
+        }
+        Ok(())
+    }
+
+    /// What [`CacheState::begin_evict`] would decide, changing nothing (asked before the
+    /// other hosts are).
+    pub fn may_evict(
+        &self,
+        ino: u64,
+        policy: &Policy,
+        referenced: bool,
+        now: SystemTime,
+        min_age_override: Option<u64>,
+    ) -> Result<(), Blocker> {
+        let img = self.images.get(&ino).ok_or(Blocker::NotDue)?;
         if img.evicting || img.name.is_none() {
             // Another eviction of the same file is under way, or the name is gone.
             return Err(Blocker::NotDue);
         }
-        let blocker = match Self::blocker(img, policy, referenced, now) {
+        match Self::blocker(img, policy, referenced, now) {
             // Pressure and operators may go below the threshold (down to their own floor).
-            Some(Blocker::NotDue) if min_age_override.is_some_and(|m| img.age(now) >= m) => None,
-            b => b,
-        };
-        if let Some(b) = blocker {
-            return Err(b);
+            Some(Blocker::NotDue) if min_age_override.is_some_and(|m| img.age(now) >= m) => Ok(()),
+            Some(b) => Err(b),
+            None => Ok(()),
         }
-        img.evicting = true;
-        Ok(())
     }
 
     /// An eviction of `ino` was refused for `reason`: true if that is news (the first refusal,
@@ -900,6 +946,28 @@ impl CacheState {
             line(name, &self.saved[name]);
         }
         out
+    }
+
+    /// Loads the checksums of another host's state file (shared storage): each applies to a
+    /// file observed later that has no checksum of its own, if its stamp matches the file.
+    /// Nothing else of the other host's records is taken (its pins and uses are its own).
+    /// Returns the number of unreadable lines.
+    pub fn restore_others(&mut self, text: &str) -> usize {
+        let mut lines = text.lines();
+        if lines.next().and_then(|h| h.strip_prefix(STATE_HEADER)) != Some("2") {
+            return 0;
+        }
+        let mut bad = 0;
+        for line in lines {
+            match parse_saved(line, 2) {
+                Some((name, Saved { checksum: Some(c), verified, .. })) => {
+                    self.others.entry(name).or_insert((c, verified));
+                }
+                Some(_) => {}
+                None => bad += 1,
+            }
+        }
+        bad
     }
 
     /// Loads saved records; they apply when their files are observed. Malformed lines are
@@ -1275,6 +1343,32 @@ mod tests {
             assert_eq!((i.checksum, i.verified), (None, Verified::Never), "{ino} {size}");
             assert!(i.pinned, "the pin stays with the name");
             assert_eq!(unix_secs(i.last_used), unix_secs(img(&s).last_used), "last use stays");
+        }
+    }
+
+    #[test]
+    fn another_hosts_checksum_applies_to_the_same_content_and_nothing_else_of_it_does() {
+        let at = stamp(4096, 1_000_000_123);
+        let mut s = hashed(at);
+        assert!(s.set_pin(OsStr::new(NAME), true, t(120)));
+        let gen = img(&s).write_gen;
+        s.record_hash(INO, gen, GOOD, at, t(150));
+        let theirs = s.persist_text();
+
+        let mut mine = CacheState::new();
+        assert_eq!(mine.restore_others(&theirs), 0);
+        mine.observe(OsStr::new(NAME), INO, at.size, at.mtime);
+        assert_eq!(img(&mine).checksum.map(|c| (c.sha1, c.stamp)), Some((GOOD, at)));
+        assert_eq!(img(&mine).verified, Verified::Ok(t(150)));
+        assert!(!img(&mine).pinned, "a pin is its host's own");
+        assert_eq!(img(&mine).last_used, at.mtime, "so is its use");
+
+        // Another stamp: not the content they hashed.
+        for (ino, size, mtime) in [(INO + 1, at.size, at.mtime), (INO, at.size, t(7))] {
+            let mut mine = CacheState::new();
+            mine.restore_others(&theirs);
+            mine.observe(OsStr::new(NAME), ino, size, mtime);
+            assert_eq!(mine.image(ino).unwrap().checksum, None, "{ino} {mtime:?}");
         }
     }
 

@@ -34,6 +34,30 @@ pub struct Counters {
     pub verifier_bytes: u64,
     pub verifier_seconds: f64,
     pub passthrough_fallbacks: u64,
+    /// `--shared`: evictions refused because of the other hosts, by reason (`other_host`,
+    /// `quarantine`, `unknown`).
+    pub shared_refusals: BTreeMap<&'static str, u64>,
+    /// `--shared`: lock calls on the shared storage that failed (as the keeper counts them).
+    pub shared_lock_errors: u64,
+    /// `--shared`: files used here whose shared lock could not be taken.
+    pub shared_unprotected: u64,
+}
+
+/// The reasons of `imagecachefs_shared_refusals_total`, all shown (at 0 until they happen).
+pub const SHARED_REFUSALS: [&str; 3] = ["other_host", "quarantine", "unknown"];
+
+/// The `storage` line of `images/NAME`: `local`, or `shared TYPE` and whether eviction is
+/// coordinated with the other hosts (`--shared`) or off.
+pub fn storage_text(policy: &Policy) -> String {
+    match &policy.shared {
+        None => "local".into(),
+        Some(kind) if policy.coordinated => {
+            format!("shared {}, coordinated (--shared)", escape(kind.as_bytes()))
+        }
+        Some(kind) => {
+            format!("shared {}, not coordinated: nothing is evicted", escape(kind.as_bytes()))
+        }
+    }
 }
 
 /// Who reads a status file. Everything about the files (names, kinds, sizes, reference
@@ -149,6 +173,7 @@ struct JsonImage<'a> {
     evicts_at: &'a str,
     sha1: Option<&'a str>,
     verified: &'a str,
+    storage: &'a str,
 }
 
 /// `status.json`.
@@ -295,7 +320,7 @@ pub fn image(view: &View, img: &Image) -> String {
     let r = view.row(img);
     format!(
         "name: {}\nkind: {}\nsize: {}\nrefs: {}\nholders: {}\nage: {}\nlast_used: {}\n\
-         min_age: {}\nstate: {}\nevicts_at: {}\nsha1: {}\nverified: {}\n",
+         min_age: {}\nstate: {}\nevicts_at: {}\nsha1: {}\nverified: {}\nstorage: {}\n",
         r.name,
         r.kind.as_str(),
         r.size,
@@ -307,7 +332,8 @@ pub fn image(view: &View, img: &Image) -> String {
         r.state.as_str(),
         r.evicts_at,
         r.sha1_text(),
-        r.verified
+        r.verified,
+        storage_text(view.policy),
     )
 }
 
@@ -366,6 +392,7 @@ pub fn table(view: &View) -> String {
 pub fn json(view: &View) -> String {
     let p = view.persisted;
     let rows: Vec<Row> = view.rows().collect();
+    let storage = storage_text(view.policy);
     let doc = JsonStatus {
         generated_at: rfc3339(view.now),
         persisted: p.on_disk,
@@ -395,6 +422,7 @@ pub fn json(view: &View) -> String {
                 evicts_at: &r.evicts_at,
                 sha1: r.sha1.as_deref(),
                 verified: &r.verified,
+                storage: &storage,
             })
             .collect(),
     };
@@ -576,6 +604,30 @@ pub fn metrics(view: &View) -> String {
         "Inodes served by the daemon because the kernel refused passthrough.",
     );
     let _ = writeln!(out, "imagecachefs_passthrough_fallbacks_total {}", c.passthrough_fallbacks);
+    metric(
+        &mut out,
+        "shared_refusals_total",
+        "counter",
+        "Evictions refused because of other hosts (--shared), by reason.",
+    );
+    for r in SHARED_REFUSALS {
+        let n = c.shared_refusals.get(r).copied().unwrap_or(0);
+        let _ = writeln!(out, "imagecachefs_shared_refusals_total{{reason=\"{r}\"}} {n}");
+    }
+    metric(
+        &mut out,
+        "shared_lock_errors_total",
+        "counter",
+        "Lock calls on the shared storage that failed (--shared).",
+    );
+    let _ = writeln!(out, "imagecachefs_shared_lock_errors_total {}", c.shared_lock_errors);
+    metric(
+        &mut out,
+        "shared_unprotected_files",
+        "gauge",
+        "Files used here whose shared lock could not be taken (--shared): other hosts may evict them.",
+    );
+    let _ = writeln!(out, "imagecachefs_shared_unprotected_files {}", c.shared_unprotected);
     let p = view.persisted;
     metric(&mut out, "state_writes_total", "counter", "Writes of the state file.");
     let _ = writeln!(out, "imagecachefs_state_writes_total {}", p.writes);
@@ -714,7 +766,7 @@ mod tests {
                 for img in s.images() {
                     let text = image(&v, img);
                     let keys: Vec<&str> = text.lines().map(|l| l.split_once(": ").unwrap().0).collect();
-                    prop_assert_eq!(keys.len(), 12, "{}", text);
+                    prop_assert_eq!(keys.len(), 13, "{}", text);
                     let name = text.lines().next().unwrap().strip_prefix("name: ").unwrap();
                     prop_assert_eq!(
                         crate::text::unescape(name),
