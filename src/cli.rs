@@ -24,6 +24,8 @@ pub struct Cli {
     pub verbose: u8,
 }
 
+// Parsed once per process: the size of the `mount` variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Mount imagecachefs over DIR (DIR is both the source and the mount point).

@@ -116,7 +116,7 @@ impl Refused {
     }
 
     /// Every reason, for counters that are shown at 0 before the first refusal.
-    pub const ALL: [Refused; 15] = [
+    pub const ALL: [Refused; 18] = [
         Refused::Blocked(Blocker::Writing),
         Refused::Blocked(Blocker::InUse),
         Refused::Blocked(Blocker::HeldBeforeMount),
@@ -132,6 +132,9 @@ impl Refused {
         Refused::Linked,
         Refused::Detached,
         Refused::InProgress,
+        Refused::OtherHost,
+        Refused::Quarantine,
+        Refused::ClusterUnknown,
     ];
 
     /// The `reason` label of `imagecachefs_eviction_refusals_total`.
@@ -529,6 +532,9 @@ mod tests {
             Refused::Linked => 12,
             Refused::Detached => 13,
             Refused::InProgress => 14,
+            Refused::OtherHost => 15,
+            Refused::Quarantine => 16,
+            Refused::ClusterUnknown => 17,
         }
     }
 

@@ -304,6 +304,7 @@ mod core {
                 pressure_min_age: 600,
                 verify_interval: 86_400,
                 verify_rate_mib: 0,
+                own_dev: None,
             };
             let cache = Cache::open(
                 unsafe { OwnedFd::from_raw_fd(fd) },
