@@ -102,7 +102,7 @@ fn descriptors_held_on_status_json_share_one_rendering() {
     steady(&m, files);
     let one = run_ok(nobody("cat").arg(&json)).len() as u64;
     assert!(one > 200_000, "status.json of {files} files is only {one} bytes");
-    let before = rss_kib(m.pid());
+    let before = rss_kib(m.server_pid());
 
     let holders = 1000;
     let script = "import resource, sys, time\n\
@@ -114,7 +114,7 @@ fn descriptors_held_on_status_json_share_one_rendering() {
     let n = holders.to_string();
     let mut p = Proc::spawn(&mut nobody_python(script, &[&json, Path::new(&n)]));
     p.wait_line("ready");
-    let during = rss_kib(m.pid());
+    let during = rss_kib(m.server_pid());
     let grown = during.saturating_sub(before) * 1024;
     // Shared renderings: one per second of opening (a few), plus per-handle bookkeeping
     // (well under 1 KiB each) and allocator slack. One copy per descriptor would be
@@ -149,7 +149,7 @@ fn renderings_kept_by_non_root_readers_are_capped() {
     let json = sfile(&l.base, "status.json");
     steady(&m, files);
     let one = run_ok(nobody("cat").arg(&json)).len() as u64;
-    let before = rss_kib(m.pid());
+    let before = rss_kib(m.server_pid());
     let cap: u64 = 64 << 20;
     let rounds = 1000;
     assert!(rounds * one > 2 * cap, "the test would not reach the cap");
@@ -166,7 +166,7 @@ fn renderings_kept_by_non_root_readers_are_capped() {
     let image = l.base.join("0000".to_string() + &"n".repeat(196));
     let mut p = Proc::spawn(&mut nobody_python(script, &[&json, &image, Path::new(&n)]));
     p.wait_line("ready");
-    let grown = rss_kib(m.pid()).saturating_sub(before) * 1024;
+    let grown = rss_kib(m.server_pid()).saturating_sub(before) * 1024;
     let bound = cap + 8 * one + rounds * 1024 + (8 << 20);
     assert!(
         grown <= bound,
@@ -291,7 +291,7 @@ fn names_and_program_names_cannot_forge_lines() {
         let t = fs::read_to_string(sfile(&l.base, &format!("images/{evil}"))).ok()?;
         (t.contains("refs: 1\n") && !t.contains("sha1: pending")).then_some(t)
     });
-    assert_eq!(image.lines().count(), 12, "12 keys, one line each:\n{image}");
+    assert_eq!(image.lines().count(), 13, "13 keys, one line each:\n{image}");
     assert_eq!(image.lines().filter(|l| l.starts_with("state: ")).count(), 1, "{image}");
     assert!(image.starts_with(&format!("name: {escaped_evil}\n")), "{image}");
     let want_holder = format!("holders: {} ta\\x0ail\n", holder.pid());
@@ -392,7 +392,7 @@ fn status_reads_reuse_the_backing_file_names_for_a_few_seconds() {
         fs::read_to_string(&image).ok()?.contains("state: referenced\n").then_some(())
     });
     let trace = l.s.path("strace.log");
-    let pid = m.pid().to_string();
+    let pid = m.server_pid().to_string();
     let strace = Proc::spawn_logged(
         tool("strace")
             .args(["-f", "-qq", "-e", "trace=openat,open", "-o"])

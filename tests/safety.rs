@@ -84,7 +84,14 @@ fn a_detached_daemon_evicts_nothing_and_writes_no_state() {
     // A is read through daemon 1's (detached) overlay: daemon 2 sees that reader, and only it.
     let holders = n.field(A, "holders");
     assert!(holders.contains(&hold_a.pid().to_string()), "A's holders: {holders:?}");
-    assert!(!holders.contains(&m1.pid().to_string()), "daemon 1 counted as holder: {holders:?}");
+    assert!(
+        !holders.contains(&m1.server_pid().to_string()),
+        "daemon 1 counted as holder: {holders:?}"
+    );
+    assert!(
+        !holders.contains(&m1.pid().to_string()),
+        "supervisor 1 counted as holder: {holders:?}"
+    );
 
     // Daemon 2 has written its state (a status read persists it). Now A's reader closes its
     // file through daemon 1, which then exits: neither may touch the state file.
@@ -121,12 +128,12 @@ fn an_overlay_created_while_eviction_waits_for_the_lock_is_seen() {
             .args(["-f", "-qq", "-e", "trace=openat", "-e", "inject=openat:delay_enter=3000000"])
             .arg("-P")
             .arg(&lock)
-            .args(["-p", &m.pid().to_string()]),
+            .args(["-p", &m.server_pid().to_string()]),
         n.s.path("strace.log"),
     );
     // strace is attached once it has printed nothing but the daemon is stopped/traced.
     wait_until(Duration::from_secs(10), "strace to attach", || {
-        let status = fs::read_to_string(format!("/proc/{}/status", m.pid())).ok()?;
+        let status = fs::read_to_string(format!("/proc/{}/status", m.server_pid())).ok()?;
         status
             .lines()
             .any(|l| l.starts_with("TracerPid:") && l.trim_end() != "TracerPid:\t0")
@@ -462,8 +469,9 @@ fn an_instance_directory_on_a_hung_filesystem_blocks_no_worker() {
     fs::create_dir_all(&inst).unwrap();
     let stalled = Mount::new(&inst, &["--no-evict"]);
     let m = n.mount((LONG, LONG, LONG), &["--threads", "1"]);
-    unsafe { libc::kill(stalled.pid() as i32, libc::SIGSTOP) };
-    let _cont = Continue(stalled.pid());
+    // The server answers requests (its supervisor only holds the connection).
+    unsafe { libc::kill(stalled.server_pid() as i32, libc::SIGSTOP) };
+    let _cont = Continue(stalled.server_pid());
     for _ in 0..3 {
         let (code, out, err) = run_timeout(
             tool("setpriv")
@@ -601,8 +609,8 @@ fn two_unmounts_at_once_detach_only_the_overlay() {
 fn unmount_of_a_stopped_daemon_detaches_it() {
     let s = Scratch::new();
     let m = Mount::new(&s.base, &[]);
-    unsafe { libc::kill(m.pid() as i32, libc::SIGSTOP) };
-    let cont = Continue(m.pid());
+    unsafe { libc::kill(m.server_pid() as i32, libc::SIGSTOP) };
+    let cont = Continue(m.server_pid());
     let started = Instant::now();
     let (code, _, err) =
         run_timeout(Command::new(bin()).arg("unmount").arg(&s.base), Duration::from_secs(40));

@@ -362,7 +362,12 @@ pub fn children(pid: u32) -> Vec<u32> {
 pub fn alive(pid: u32) -> bool {
     match fs::read_to_string(format!("/proc/{pid}/stat")) {
         // The state follows the parenthesised command name (which may hold spaces).
-        Ok(stat) => stat.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z')),
+        // A zombie leader whose other threads still exit keeps the process's descriptors
+        // (a FUSE connection among them) until the last one is gone.
+        Ok(stat) => stat.rsplit_once(") ").is_some_and(|(_, rest)| {
+            !rest.starts_with('Z')
+                || fs::read_dir(format!("/proc/{pid}/task")).map_or(0, |d| d.count()) > 1
+        }),
         Err(_) => false,
     }
 }
