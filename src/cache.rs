@@ -519,7 +519,12 @@ impl Cache {
                         Verified::Ok(t) | Verified::Mismatch(t) => Some(t),
                         Verified::Never | Verified::Pending => None,
                     };
-                    (i.ino, next_check(i.checksum.map(|c| c.at), v, interval, now))
+                    // A `verify` acknowledged by an earlier daemon that stopped first: now.
+                    let at = match i.verified {
+                        Verified::Pending if i.checksum.is_some() => Some(now),
+                        _ => next_check(i.checksum.map(|c| c.at), v, interval, now),
+                    };
+                    (i.ino, at)
                 })
                 .collect()
         };

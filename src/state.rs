@@ -915,7 +915,8 @@ impl CacheState {
             };
             let (v, vat) = match s.verified {
                 Verified::Never => ("never", 0),
-                Verified::Pending => ("never", 0),
+                // An acknowledged `verify` is done by the next daemon if this one stops first.
+                Verified::Pending => ("pending", 0),
                 Verified::Ok(t) => ("ok", unix_secs(t)),
                 Verified::Mismatch(t) => ("mismatch", unix_secs(t)),
             };
@@ -1012,6 +1013,7 @@ fn parse_saved(line: &str, version: u32) -> Option<(OsString, Saved)> {
     let vat = from_unix_secs(f[6].parse().ok()?);
     let verified = match f[5] {
         "never" => Verified::Never,
+        "pending" => Verified::Pending,
         "ok" => Verified::Ok(vat),
         "mismatch" => Verified::Mismatch(vat),
         _ => return None,
@@ -1305,6 +1307,18 @@ mod tests {
         open(&mut s, 1, true);
         release(&mut s, 1);
         assert_eq!(s.plan_check(INO, img(&s).write_gen, at), CheckPlan::Hash);
+    }
+
+    #[test]
+    fn an_acknowledged_verify_survives_a_restart() {
+        let at = stamp(4096, 1_000_000_123);
+        let mut s = hashed(at);
+        s.set_verify_pending(INO);
+        let text = s.persist_text();
+        let mut next = CacheState::new();
+        assert_eq!(next.restore(&text), 0);
+        next.observe(OsStr::new(NAME), INO, at.size, at.mtime);
+        assert_eq!(img(&next).verified, Verified::Pending, "{text}");
     }
 
     #[test]

@@ -147,6 +147,10 @@ fn background_without_log_file_logs_to_syslog() {
         panic!("mount --background: exit {code}, daemons {pids:?}\nstdout: {out}\nstderr: {err}");
     }
     let pid = pids[0];
+    // The supervisor (pid) runs the server, which mounts and says so.
+    let server = common::children(pid as u32);
+    assert_eq!(server.len(), 1, "the supervisor runs one server: {server:?}");
+    let server = server[0];
     let mut got: Vec<String> = Vec::new();
     let recv_until = |needle: &str, got: &mut Vec<String>| {
         let deadline = Instant::now() + WAIT;
@@ -175,7 +179,10 @@ fn background_without_log_file_logs_to_syslog() {
     assert!(mounted && usr1 && ended, "syslog datagrams: {got:#?}");
     assert_eq!(ucode, 0, "unmount: {uerr}");
     let line = got.iter().find(|l| l.contains("mounted over")).unwrap();
-    let want = format!("<30>imagecachefs[{pid}]: mounted over {}", s.base.display());
+    let want = format!("<30>imagecachefs[{server}]: mounted over {}", s.base.display());
     assert!(line.starts_with(&want), "facility daemon, severity info: {line:?}, want {want:?}");
     assert!(got.iter().all(|l| !l.ends_with('\n')), "one record per datagram: {got:#?}");
+    // SIGUSR1 went to the supervisor, which logs it the same way.
+    let usr1 = got.iter().find(|l| l.contains("SIGUSR1: ignored")).unwrap();
+    assert!(usr1.starts_with(&format!("<30>imagecachefs[{pid}]: ")), "{usr1:?}");
 }
