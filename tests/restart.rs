@@ -886,6 +886,8 @@ fn restart_to_a_newly_installed_binary_under_a_reading_vm_costs_nothing() {
         expect.push(b);
     }
     f.sync_all().unwrap();
+    // Closed before the mount: a writer from before the mount is a holder of its own.
+    drop(f);
     let prog = n.s.path("bin/imagecachefs");
     fs::create_dir_all(prog.parent().unwrap()).unwrap();
     install_binary(&prog);
@@ -927,7 +929,9 @@ fn restart_to_a_newly_installed_binary_under_a_reading_vm_costs_nothing() {
         assert_eq!(
             refs(&m.dir, RAW),
             fds_on(qpid, &n.base.join(RAW)),
-            "{ctx}: refs of the VM's base"
+            "{ctx}: refs of the VM's base: {:?}\n{}",
+            image(&m.dir, RAW),
+            m.log_text()
         );
     }
     stop.store(true, Ordering::Relaxed);
