@@ -223,6 +223,23 @@ pub fn rename_at(
     .map(drop)
 }
 
+/// Renames `name` to `newname` in `dir` unless `newname` exists (`EEXIST`). Where the
+/// filesystem has no `RENAME_NOREPLACE` (NFS, FUSE filesystems such as GlusterFS answer
+/// `EINVAL`), a hard link under the new name (which fails if it exists) then the removal of
+/// the old one do the same without ever replacing a file.
+pub fn rename_noreplace(dir: BorrowedFd<'_>, name: &OsStr, newname: &OsStr) -> io::Result<()> {
+    match rename_at(dir, name, dir, newname, libc::RENAME_NOREPLACE) {
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            let (a, b) = (cstr(name)?, cstr(newname)?);
+            cvt(unsafe {
+                libc::linkat(dir.as_raw_fd(), a.as_ptr(), dir.as_raw_fd(), b.as_ptr(), 0)
+            })?;
+            unlink_at(dir, name, false)
+        }
+        r => r,
+    }
+}
+
 pub fn readlink(fd: BorrowedFd<'_>) -> io::Result<Vec<u8>> {
     let mut buf = vec![0u8; libc::PATH_MAX as usize + 1];
     let n = cvt_size(unsafe {

@@ -687,10 +687,9 @@ impl Cache {
     fn finish_interrupted_eviction(&self, private: &OsStr) {
         let original = evicting_original(private);
         let shown = private.to_string_lossy();
-        let restored = original.as_ref().is_some_and(|name| {
-            backing::rename_at(self.root(), private, self.root(), name, libc::RENAME_NOREPLACE)
-                .is_ok()
-        });
+        let restored = original
+            .as_ref()
+            .is_some_and(|name| backing::rename_noreplace(self.root(), private, name).is_ok());
         match (restored, original) {
             (true, Some(name)) => {
                 warn!(

@@ -324,7 +324,7 @@ fn remove(cache: &Cache, name: &OsStr, ino: u64) -> Result<(), Refused> {
     let Some(private) = crate::cache::evicting_name(name) else {
         return unlink(name);
     };
-    if let Err(e) = backing::rename_at(root, name, root, &private, libc::RENAME_NOREPLACE) {
+    if let Err(e) = backing::rename_noreplace(root, name, &private) {
         error!("evicting {}: rename to {}: {e}", shown(name), shown(&private));
         return Err(Refused::Vanished);
     }
@@ -332,7 +332,7 @@ fn remove(cache: &Cache, name: &OsStr, ino: u64) -> Result<(), Refused> {
         Ok(()) => Ok(()),
         Err(why) => {
             // Not ours (or linked meanwhile, or the unlink failed): back under its name.
-            if let Err(e) = backing::rename_at(root, &private, root, name, libc::RENAME_NOREPLACE) {
+            if let Err(e) = backing::rename_noreplace(root, &private, name) {
                 error!(
                     "evicting {}: putting back a file renamed onto it meanwhile: {e}; it is at {}",
                     shown(name),

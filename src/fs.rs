@@ -35,8 +35,8 @@ pub const ROOT: u64 = 1;
 /// The status tree's name in the root.
 pub const STATUS_DIR: &str = ".imagecache";
 
-/// Node ids of the status tree: the top bit set (real inode numbers never reach it);
-/// `images/NAME` is `IMAGE_BIT` plus the file's inode number.
+/// Node ids of the status tree: the top bit set; `images/NAME` is `IMAGE_BIT` plus the
+/// file's node id.
 const VIRTUAL: u64 = 1 << 63;
 const IMAGE_BIT: u64 = 1 << 62;
 pub const V_DIR: u64 = VIRTUAL | 1;
@@ -50,6 +50,19 @@ const V_FILES: [(&str, u64, VFile); 7] = [
     ("control", VIRTUAL | 8, VFile::Control),
     ("server", VIRTUAL | 9, VFile::Server),
 ];
+
+/// Node ids below this are the files' inode numbers; a file whose inode number is this or
+/// higher (GlusterFS's are the low 64 bits of a random UUID, overlayfs `xino` uses the top
+/// bits) gets an id from `MAPPED` up, below `IMAGE_BIT`, kept for the connection's life.
+const MAPPED: u64 = 1 << 61;
+
+/// The node ids of inode numbers from `MAPPED` up, both ways.
+#[derive(Debug, Default)]
+struct InoMap {
+    to_id: HashMap<u64, u64>,
+    to_ino: HashMap<u64, u64>,
+    next: u64,
+}
 
 pub fn is_virtual(id: u64) -> bool {
     id & VIRTUAL != 0
@@ -106,6 +119,8 @@ struct NodeState {
 #[derive(Debug)]
 pub struct Node {
     pub id: u64,
+    /// The covered file's inode number (the id itself unless mapped, see `MAPPED`).
+    pub ino: u64,
     fd: OwnedFd,
     file_type: u32,
     state: Mutex<NodeState>,
@@ -211,6 +226,7 @@ pub struct OverlayFs {
     root: Arc<Node>,
     dev: u64,
     nodes: RwLock<HashMap<u64, Arc<Node>>>,
+    inos: Mutex<InoMap>,
     handles: RwLock<HashMap<u64, Arc<Handle>>>,
     dirs: RwLock<HashMap<u64, Arc<DirHandle>>>,
     status: RwLock<HashMap<u64, Arc<StatusHandle>>>,
@@ -237,6 +253,7 @@ impl OverlayFs {
         let st = backing::stat(root_fd.as_fd())?;
         let root = Arc::new(Node {
             id: ROOT,
+            ino: st.ino,
             fd: root_fd,
             file_type: libc::S_IFDIR,
             state: Mutex::new(NodeState { nlookup: 1, ..Default::default() }),
@@ -246,6 +263,7 @@ impl OverlayFs {
             root,
             dev: st.dev,
             nodes: RwLock::new(nodes),
+            inos: Mutex::new(InoMap { next: MAPPED, ..Default::default() }),
             handles: RwLock::new(HashMap::new()),
             dirs: RwLock::new(HashMap::new()),
             status: RwLock::new(HashMap::new()),
@@ -273,17 +291,71 @@ impl OverlayFs {
         self.journal.get()
     }
 
+    /// The node id of the file with inode number `ino` (allocated, and journaled, the first
+    /// time for a number from `MAPPED` up).
+    fn id_of(&self, ino: u64) -> u64 {
+        if ino < MAPPED {
+            return ino;
+        }
+        let mut m = self.inos.lock();
+        if let Some(id) = m.to_id.get(&ino) {
+            return *id;
+        }
+        let id = m.next;
+        m.next += 1;
+        m.to_id.insert(ino, id);
+        m.to_ino.insert(id, ino);
+        if let Some(j) = self.journal.get() {
+            j.mapped(id, ino);
+        }
+        id
+    }
+
+    /// The inode number behind node id `id` (the reverse of [`Self::id_of`]).
+    fn ino_of(&self, id: u64) -> Option<u64> {
+        if id < MAPPED {
+            return Some(id);
+        }
+        self.inos.lock().to_ino.get(&id).copied()
+    }
+
+    /// A covered file's attributes as the kernel sees them: its node id as `st_ino`.
+    fn shown(&self, st: Stat) -> Stat {
+        Stat { ino: self.id_of(st.ino), ..st }
+    }
+
+    /// The attributes of a node as the cache knows the file: its inode number.
+    fn real(&self, st: &Stat) -> Stat {
+        Stat { ino: self.ino_of(st.ino).unwrap_or(st.ino), ..*st }
+    }
+
+    /// A status file of an image named by node id, as the cache names it (inode number).
+    fn vfile(&self, f: VFile) -> VFile {
+        match f {
+            VFile::Image(id) => VFile::Image(self.ino_of(id).unwrap_or(u64::MAX)),
+            f => f,
+        }
+    }
+
     /// Takes over what an earlier server of this connection handed to the kernel: its nodes
     /// (found again by file handle, or by name where the filesystem has none) with their
     /// lookup counts, and its open handles with their backing ids and references. Returns
     /// the node ids and handles that could not be found again.
     pub fn restore(&self, t: &Tables) -> (Vec<u64>, Vec<u64>) {
+        {
+            let mut m = self.inos.lock();
+            for (&id, &ino) in &t.mapped {
+                m.to_id.insert(ino, id);
+                m.to_ino.insert(id, ino);
+                m.next = m.next.max(id + 1);
+            }
+        }
         let mut lost_nodes = Vec::new();
         let mut order: Vec<(&u64, &journal::NodeRec)> = t.nodes.iter().collect();
         order.sort_by_key(|(_, n)| n.order());
         let mount_fd = backing::reopen(self.root.fd(), libc::O_RDONLY | libc::O_DIRECTORY).ok();
         for (&id, rec) in order {
-            let found = self.find_again(mount_fd.as_ref().map(|f| f.as_fd()), id, rec);
+            let found = self.find_again(mount_fd.as_ref().map(|f| f.as_fd()), rec);
             let Some((fd, st)) = found else {
                 lost_nodes.push(id);
                 continue;
@@ -292,6 +364,7 @@ impl OverlayFs {
             let node = nodes.entry(id).or_insert_with(|| {
                 Arc::new(Node {
                     id,
+                    ino: st.ino,
                     fd,
                     file_type: st.file_type(),
                     state: Mutex::new(NodeState::default()),
@@ -306,7 +379,7 @@ impl OverlayFs {
                 continue;
             };
             if node.file_type == libc::S_IFREG {
-                self.cache.opened(o.ino, fh, o.pid, o.write);
+                self.cache.opened(node.ino, fh, o.pid, o.write);
                 let mut st = node.state.lock();
                 st.opens += 1;
                 st.io = if o.backing != 0 { Io::Passthrough(o.backing) } else { Io::Daemon };
@@ -322,7 +395,6 @@ impl OverlayFs {
     fn find_again(
         &self,
         mount_fd: Option<BorrowedFd<'_>>,
-        id: u64,
         rec: &journal::NodeRec,
     ) -> Option<(OwnedFd, Stat)> {
         let by_handle = || journal::open_handle(mount_fd?, &rec.handle).ok();
@@ -332,7 +404,7 @@ impl OverlayFs {
         };
         for fd in [by_handle(), by_name()].into_iter().flatten() {
             if let Ok(st) = backing::stat(fd.as_fd()) {
-                if st.ino == id && st.dev == self.dev {
+                if st.ino == rec.ino && st.dev == self.dev {
                     return Some((fd, st));
                 }
             }
@@ -401,28 +473,21 @@ impl OverlayFs {
             warn!("refusing inode {} on device {:#x}: not on the cache filesystem", st.ino, st.dev);
             return Err(Error::NotSupported);
         }
-        if is_virtual(st.ino) {
-            // Node ids with the top bit set are the status tree's (NFS and overlayfs with
-            // `xino` can hand out such numbers): refused rather than confused with it.
-            warn!(
-                "refusing inode {:#x}: inode numbers with the top bit set are not supported",
-                st.ino
-            );
-            return Err(Error::NotSupported);
-        }
+        let id = self.id_of(st.ino);
         let journal = self.journal.get();
         // Found again by a later server through its file handle (taken outside the lock).
         let handle = match journal {
-            Some(_) if !self.nodes.read().contains_key(&st.ino) => journal::file_handle(fd.as_fd()),
+            Some(_) if !self.nodes.read().contains_key(&id) => journal::file_handle(fd.as_fd()),
             _ => Vec::new(),
         };
         let mut nodes = self.nodes.write();
-        let node = nodes.entry(st.ino).or_insert_with(|| {
+        let node = nodes.entry(id).or_insert_with(|| {
             if let Some(j) = journal {
-                j.node(st.ino, parent, name.as_bytes(), handle);
+                j.node(id, st.ino, parent, name.as_bytes(), handle);
             }
             Arc::new(Node {
-                id: st.ino,
+                id,
+                ino: st.ino,
                 fd,
                 file_type: st.file_type(),
                 state: Mutex::new(NodeState::default()),
@@ -430,9 +495,9 @@ impl OverlayFs {
         });
         node.state.lock().nlookup += 1;
         if let Some(j) = journal {
-            j.lookup(st.ino, 1);
+            j.lookup(id, 1);
         }
-        Ok(st)
+        Ok(Stat { ino: id, ..st })
     }
 
     fn lookup_in(&self, parent: &Node, name: &OsStr) -> Result<Stat> {
@@ -449,7 +514,7 @@ impl OverlayFs {
         let p = self.node(parent)?;
         let st = self.lookup_in(&p, name)?;
         if parent == ROOT {
-            self.cache.observe(name, &st);
+            self.cache.observe(name, &self.real(&st));
         }
         Ok(st)
     }
@@ -464,7 +529,7 @@ impl OverlayFs {
                 None => Err(Error::Reserved),
             },
             (_, Some(VNode::Images)) => match self.cache.ino_of(name) {
-                Some(ino) => Ok(Some(VIRTUAL | IMAGE_BIT | ino)),
+                Some(ino) => Ok(Some(VIRTUAL | IMAGE_BIT | self.id_of(ino))),
                 None => Err(Error::Reserved),
             },
             (_, Some(VNode::File(_))) => {
@@ -518,9 +583,10 @@ impl OverlayFs {
             st.nlookup == 0
         };
         if gone {
+            let ino = node.ino;
             nodes.remove(&id);
             drop(nodes);
-            self.cache.state.lock().forgotten(id);
+            self.cache.state.lock().forgotten(ino);
         }
     }
 
@@ -528,7 +594,7 @@ impl OverlayFs {
         if is_virtual(id) {
             return Ok(self.virtual_stat(id));
         }
-        Ok(backing::stat(self.node(id)?.fd())?)
+        Ok(self.shown(backing::stat(self.node(id)?.fd())?))
     }
 
     pub fn setattr(&self, id: u64, fh: Option<u64>, set: SetAttr, caller: Caller) -> Result<Stat> {
@@ -570,12 +636,12 @@ impl OverlayFs {
         let st = backing::stat(node.fd())?;
         match before {
             // Truncation changes the data: the checksum goes, and the file is hashed afresh.
-            Some(before) if set.size.is_some() => self.cache.truncated(id, &before, &st),
+            Some(before) if set.size.is_some() => self.cache.truncated(node.ino, &before, &st),
             // Nova touches a base file on every spawn: that is a use, not a write.
-            Some(before) => self.cache.touched(id, &before, &st),
+            Some(before) => self.cache.touched(node.ino, &before, &st),
             None => {}
         }
-        Ok(st)
+        Ok(self.shown(st))
     }
 
     pub fn readlink(&self, id: u64) -> Result<Vec<u8>> {
@@ -601,7 +667,7 @@ impl OverlayFs {
         let st = backing::stat(fd.as_fd())?;
         let st = self.remember(fd, st, parent.id, name)?;
         if parent.id == ROOT {
-            self.cache.observe(name, &st);
+            self.cache.observe(name, &self.real(&st));
         }
         Ok(st)
     }
@@ -649,7 +715,7 @@ impl OverlayFs {
         backing::link_at(node.fd(), p.fd(), newname)?;
         let st = self.lookup_in(&p, newname)?;
         if newparent == ROOT {
-            self.cache.observe(newname, &st);
+            self.cache.observe(newname, &self.real(&st));
         }
         Ok(st)
     }
@@ -764,7 +830,9 @@ impl OverlayFs {
             StatusHandle::Control(Mutex::new(Vec::new()))
         } else {
             let reader = if caller.uid == 0 { cache::Reader::Root } else { cache::Reader::Other };
-            StatusHandle::Snapshot(self.cache.snapshot(f, reader).ok_or(Error::TooManySnapshots)?)
+            StatusHandle::Snapshot(
+                self.cache.snapshot(self.vfile(f), reader).ok_or(Error::TooManySnapshots)?,
+            )
         };
         let fh = self.new_fh();
         self.status.write().insert(fh, Arc::new(handle));
@@ -787,7 +855,7 @@ impl OverlayFs {
         let st = self.remember(fd, backing::stat(file.as_fd())?, parent, name)?;
         let node = self.node(st.ino)?;
         if parent == ROOT {
-            self.cache.observe(name, &st);
+            self.cache.observe(name, &self.real(&st));
         }
         Ok((st, self.attach(node, Some(file), flags, caller)?))
     }
@@ -847,7 +915,7 @@ impl OverlayFs {
         let fh = self.new_fh();
         let write = flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0;
         let regular = node.file_type == libc::S_IFREG;
-        if regular && !self.cache.opened(node.id, fh, caller.pid, write) {
+        if regular && !self.cache.opened(node.ino, fh, caller.pid, write) {
             // An eviction won the race for this file: it is gone.
             return Err(Error::Io(std::io::Error::from_raw_os_error(libc::ENOENT)));
         }
@@ -928,7 +996,7 @@ impl OverlayFs {
         }
         // Writes went through the kernel: the handle's own fd tells the size they left.
         let size = if h.write {
-            backing::stat(h.node.fd()).ok().map(|st| (h.node.id, st.size))
+            backing::stat(h.node.fd()).ok().map(|st| (h.node.ino, st.size))
         } else {
             None
         };
@@ -1115,7 +1183,9 @@ impl OverlayFs {
             StatusHandle::Control(Mutex::new(Vec::new()))
         } else {
             let reader = if caller.uid == 0 { cache::Reader::Root } else { cache::Reader::Other };
-            StatusHandle::Snapshot(self.cache.snapshot(f, reader).ok_or(Error::TooManySnapshots)?)
+            StatusHandle::Snapshot(
+                self.cache.snapshot(self.vfile(f), reader).ok_or(Error::TooManySnapshots)?,
+            )
         };
         self.status.write().entry(fh).or_insert_with(|| Arc::new(handle));
         Ok(())
@@ -1135,13 +1205,14 @@ impl OverlayFs {
                 self.cache
                     .names()
                     .into_iter()
-                    .map(|(n, ino)| entry(n, VIRTUAL | IMAGE_BIT | ino, libc::S_IFREG)),
+                    .map(|(n, ino)| entry(n, VIRTUAL | IMAGE_BIT | self.id_of(ino), libc::S_IFREG)),
             ),
             (_, Some(file)) => {
                 list.extend(
                     backing::read_dir(file.as_fd())?
                         .into_iter()
-                        .filter(|e| !self.is_reserved(dh.id, &e.name)),
+                        .filter(|e| !self.is_reserved(dh.id, &e.name))
+                        .map(|e| DirEntry { ino: self.id_of(e.ino), ..e }),
                 );
                 if dh.id == ROOT {
                     list.push(entry(STATUS_DIR.into(), V_DIR, libc::S_IFDIR));

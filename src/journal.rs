@@ -49,6 +49,8 @@ pub struct Init {
 /// A node the kernel knows: how to find its file again, and its lookup count.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NodeRec {
+    /// The covered file's inode number (the node id itself unless mapped).
+    pub ino: u64,
     pub parent: u64,
     pub name: Vec<u8>,
     /// `name_to_handle_at` handle (type, then bytes), empty where the filesystem has none.
@@ -93,12 +95,34 @@ pub enum Outcome {
 enum Record {
     Init(Init),
     Incarnation(u32),
-    Node { id: u64, rec: NodeRec },
-    Lookup { id: u64, n: u64 },
-    Forget { id: u64, n: u64 },
-    Open { fh: u64, rec: OpenRec },
-    Release { fh: u64 },
-    Done { unique: u64, outcome: Outcome },
+    Node {
+        id: u64,
+        rec: NodeRec,
+    },
+    Lookup {
+        id: u64,
+        n: u64,
+    },
+    Forget {
+        id: u64,
+        n: u64,
+    },
+    Open {
+        fh: u64,
+        rec: OpenRec,
+    },
+    Release {
+        fh: u64,
+    },
+    Done {
+        unique: u64,
+        outcome: Outcome,
+    },
+    /// Node id `id` stands for inode number `ino` (one too large to be its own id).
+    Map {
+        id: u64,
+        ino: u64,
+    },
 }
 
 /// Everything the records say, applied in order.
@@ -109,6 +133,8 @@ pub struct Tables {
     pub incarnation: u32,
     pub nodes: BTreeMap<u64, NodeRec>,
     pub opens: HashMap<u64, OpenRec>,
+    /// Node ids given to inode numbers too large to be their own (id → inode number).
+    pub mapped: BTreeMap<u64, u64>,
     done: HashMap<u64, Outcome>,
     done_order: VecDeque<u64>,
     next_seq: u64,
@@ -143,6 +169,9 @@ impl Tables {
             Record::Release { fh } => {
                 self.opens.remove(&fh);
             }
+            Record::Map { id, ino } => {
+                self.mapped.insert(id, ino);
+            }
             Record::Done { unique, outcome } => {
                 if self.done.insert(unique, outcome).is_none() {
                     self.done_order.push_back(unique);
@@ -173,6 +202,9 @@ impl Tables {
             out.push(Record::Init(i));
         }
         out.push(Record::Incarnation(self.incarnation));
+        for (&id, &ino) in &self.mapped {
+            out.push(Record::Map { id, ino });
+        }
         let mut nodes: Vec<(&u64, &NodeRec)> = self.nodes.iter().collect();
         nodes.sort_by_key(|(_, n)| n.seq);
         for (id, rec) in nodes {
@@ -258,6 +290,7 @@ fn encode(r: &Record) -> Vec<u8> {
         Record::Node { id, rec } => {
             e.u8(3);
             e.u64(*id);
+            e.u64(rec.ino);
             e.u64(rec.parent);
             e.bytes(&rec.name);
             e.bytes(&rec.handle);
@@ -286,6 +319,11 @@ fn encode(r: &Record) -> Vec<u8> {
         Record::Release { fh } => {
             e.u8(7);
             e.u64(*fh);
+        }
+        Record::Map { id, ino } => {
+            e.u8(9);
+            e.u64(*id);
+            e.u64(*ino);
         }
         Record::Done { unique, outcome } => {
             e.u8(8);
@@ -323,6 +361,7 @@ fn decode(b: &[u8]) -> Option<Record> {
         3 => Record::Node {
             id: d.u64()?,
             rec: NodeRec {
+                ino: d.u64()?,
                 parent: d.u64()?,
                 name: d.bytes()?,
                 handle: d.bytes()?,
@@ -344,6 +383,7 @@ fn decode(b: &[u8]) -> Option<Record> {
             },
         },
         7 => Record::Release { fh: d.u64()? },
+        9 => Record::Map { id: d.u64()?, ino: d.u64()? },
         8 => Record::Done {
             unique: d.u64()?,
             outcome: match d.u8()? {
@@ -537,9 +577,13 @@ impl Journal {
         n
     }
 
-    pub fn node(&self, id: u64, parent: u64, name: &[u8], handle: Vec<u8>) {
-        let rec = NodeRec { parent, name: name.to_vec(), handle, nlookup: 0, seq: 0 };
+    pub fn node(&self, id: u64, ino: u64, parent: u64, name: &[u8], handle: Vec<u8>) {
+        let rec = NodeRec { ino, parent, name: name.to_vec(), handle, nlookup: 0, seq: 0 };
         self.append(Record::Node { id, rec });
+    }
+
+    pub fn mapped(&self, id: u64, ino: u64) {
+        self.append(Record::Map { id, ino });
     }
 
     pub fn lookup(&self, id: u64, n: u64) {
@@ -643,6 +687,7 @@ mod tests {
             Record::Node {
                 id: 12,
                 rec: NodeRec {
+                    ino: 12,
                     parent: 1,
                     name: b"base".to_vec(),
                     handle: vec![1, 2, 3, 4, 5],
@@ -668,6 +713,7 @@ mod tests {
             Record::Done { unique: 11, outcome: Outcome::Ok },
             Record::Forget { id: 12, n: 1 },
             Record::Release { fh: 3 },
+            Record::Map { id: 1 << 61, ino: u64::MAX - 5 },
         ]
     }
 
@@ -704,7 +750,8 @@ mod tests {
         let j = journal();
         assert_eq!(j.next_incarnation(), 1);
         j.init(Init { major: 7, minor: 40, kernel_flags: 5, passthrough: true });
-        j.node(12, 1, b"base", vec![1, 0, 0, 0, 9]);
+        j.node(12, 12, 1, b"base", vec![1, 0, 0, 0, 9]);
+        j.mapped(1 << 61, u64::MAX);
         j.lookup(12, 3);
         j.opened(100, OpenRec { ino: 12, backing: 2, unique: 77, ..Default::default() });
         j.opened(101, OpenRec { ino: 12, backing: 2, unique: 78, ..Default::default() });
@@ -716,6 +763,7 @@ mod tests {
         assert_eq!(same(t.clone()), same(j.tables()));
         assert_eq!(t.incarnation, 1);
         assert_eq!(t.nodes[&12].nlookup, 2);
+        assert_eq!(t.mapped.get(&(1 << 61)), Some(&u64::MAX));
         assert_eq!(t.opens.len(), 1);
         assert_eq!(again.opened_by(78).map(|(fh, _)| fh), Some(101));
         assert_eq!(again.outcome(55), Some(Outcome::Entry(12)));
@@ -725,7 +773,7 @@ mod tests {
     #[test]
     fn a_node_forgotten_to_zero_is_gone() {
         let j = journal();
-        j.node(5, 1, b"x", Vec::new());
+        j.node(5, 5, 1, b"x", Vec::new());
         j.lookup(5, 2);
         j.forget(5, 2);
         assert!(Journal::open(j.fd()).unwrap().tables().nodes.is_empty());
@@ -734,7 +782,7 @@ mod tests {
     #[test]
     fn a_record_cut_by_death_ends_the_log_there() {
         let j = journal();
-        j.node(5, 1, b"x", Vec::new());
+        j.node(5, 5, 1, b"x", Vec::new());
         j.lookup(5, 1);
         let tail = j.w.lock().tail;
         // A record whose length was written but whose payload was not.
@@ -749,7 +797,8 @@ mod tests {
     fn a_long_log_is_rewritten_and_keeps_the_tables() {
         let j = journal();
         j.next_incarnation();
-        j.node(5, 1, b"x", vec![1, 0, 0, 0, 7]);
+        j.node(5, 5, 1, b"x", vec![1, 0, 0, 0, 7]);
+        j.mapped(1 << 61, 1 << 63);
         j.lookup(5, 1);
         // Enough lookups and forgets to pass the rewrite threshold several times.
         for i in 0..200_000u64 {
@@ -768,6 +817,7 @@ mod tests {
         assert_eq!(same(t.clone()), same(j.tables()));
         assert_eq!(t.nodes[&5].nlookup, 1);
         assert_eq!(t.nodes[&5].handle, vec![1, 0, 0, 0, 7]);
+        assert_eq!(t.mapped.get(&(1 << 61)), Some(&(1 << 63)), "a rewrite keeps the map");
         assert!(t.opens.is_empty());
         assert_eq!(t.incarnation, 1);
     }

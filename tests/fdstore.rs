@@ -233,10 +233,10 @@ fn mount_id_of(dir: &std::path::Path) -> u64 {
     let mut text = String::new();
     File::open("/proc/self/mountinfo").unwrap().read_to_string(&mut text).unwrap();
     text.lines()
-        .filter_map(|l| {
+        .rev()
+        .find_map(|l| {
             let f: Vec<&str> = l.split(' ').collect();
             (f.get(4) == Some(&want.as_str())).then(|| f[0].parse().unwrap())
         })
-        .last()
         .unwrap_or_else(|| panic!("{dir:?} is not mounted"))
 }
