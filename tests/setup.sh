@@ -3,13 +3,14 @@
 # nothing): qemu tools, util-linux (unshare, setpriv), acl (setfacl, getfacl), strace (its
 # fault injection slows a syscall of the daemon), python3 with prometheus_client (the
 # metrics test parses the exposition with the Prometheus client's own parser), shellcheck (the
-# mount scripts must pass it). The README's test command runs it first:
+# mount scripts must pass it), glusterfs server and client with iproute2 (the shared-storage
+# tests run a one-brick volume in network namespaces). The README's test command runs it first:
 #   tests/setup.sh && cargo test --no-fail-fast
 set -euo pipefail
 
 case ${1-} in
     -h | --help)
-        sed -n '2,6p' "$0" | sed 's/^# \{0,1\}//'
+        sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//'
         exit 0 ;;
     '') ;;
     *) echo "setup: unknown argument $1 (see --help)" >&2; exit 2 ;;
@@ -25,6 +26,9 @@ command -v strace >/dev/null || need+=(strace)
 # The system's python3 too: tests run scripts as `nobody`, who cannot run a per-user one.
 command -v python3 >/dev/null && [ -x /usr/bin/python3 ] || need+=(python3)
 command -v shellcheck >/dev/null || need+=(shellcheck)
+command -v ip >/dev/null || need+=(iproute2)
+command -v glusterd >/dev/null && command -v gluster >/dev/null || need+=(glusterfs-server)
+command -v glusterfs >/dev/null || need+=(glusterfs-client)
 if ! command -v python3 >/dev/null || ! python3 -c 'import prometheus_client' 2>/dev/null; then
     need+=(python3-prometheus-client)
 fi
@@ -44,3 +48,4 @@ python3 -c 'import prometheus_client' 2>/dev/null ||
     python3 -m pip install --quiet --break-system-packages prometheus_client
 python3 -c 'import prometheus_client'
 command -v shellcheck >/dev/null
+command -v glusterd >/dev/null && command -v glusterfs >/dev/null

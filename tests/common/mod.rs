@@ -153,9 +153,15 @@ pub struct Mount {
 impl Mount {
     /// Mounts over `dir` with extra CLI arguments; returns once the mount is live.
     pub fn new(dir: &Path, extra: &[&str]) -> Self {
-        require_fuse();
         let log = dir
             .with_file_name(format!("{}.daemon.log", dir.file_name().unwrap().to_string_lossy()));
+        Mount::with_log(dir, extra, log)
+    }
+
+    /// As [`Mount::new`], the daemon's output going to `log` (not next to `dir`: where that
+    /// is a shared filesystem, two nodes' daemons would write the same file).
+    pub fn with_log(dir: &Path, extra: &[&str], log: PathBuf) -> Self {
+        require_fuse();
         let logf = File::create(&log).unwrap();
         let child = Command::new(bin())
             .arg("mount")
