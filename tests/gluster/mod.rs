@@ -27,8 +27,10 @@
 //! dead pid). Every wait has a deadline and says what did not happen, with the log's tail.
 #![allow(dead_code)]
 
+use std::ffi::CString;
 use std::fs::{self, File};
 use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -179,18 +181,80 @@ impl Node {
 
     /// Starts imagecachefs over this node's `_base` (its log and instances directory are
     /// this node's own) with extra flags; returns once the mount is live.
+    ///
+    /// Both nodes run on one machine, so they would share `/etc/machine-id`, which names a
+    /// node's files on shared storage: each daemon runs in a mount namespace of its own where
+    /// a file of this node's is bound over it. Its FUSE mount still reaches the test's
+    /// namespace: the client mount under it is made a shared mount, and only the mount
+    /// holding `/etc` is made private in the daemon's namespace.
     pub fn mount(&self, extra: &[&str]) -> Mount {
         let mut args = vec!["--instances-dir", self.instances.to_str().unwrap()];
         args.extend_from_slice(extra);
-        let m = Mount::with_log(&self.base, &args, self.logs.join("imagecachefs.log"));
-        // `Mount` waits for a FUSE filesystem at the directory, which the GlusterFS client
-        // already is: wait for ours on top of it.
-        let what = format!("imagecachefs to mount on node {}", self.name);
-        wait_until(START, &what, || {
-            let top = crate::common::mounts_at(&self.base).pop();
-            (top.as_deref() == Some("fuse.imagecachefs")).then_some(())
-        });
+        let id_file = self.logs.join("machine-id");
+        fs::write(&id_file, format!("{}\n", self.machine_id())).unwrap();
+        let c = |p: &Path| CString::new(p.as_os_str().as_bytes()).unwrap();
+        let mnt = c(&self.mnt);
+        let rc = unsafe {
+            libc::mount(
+                std::ptr::null(),
+                mnt.as_ptr(),
+                std::ptr::null(),
+                libc::MS_SHARED,
+                std::ptr::null(),
+            )
+        };
+        assert_eq!(rc, 0, "make {:?} shared: {}", self.mnt, std::io::Error::last_os_error());
+        let (id_src, id_dst) = (c(&id_file), c(Path::new("/etc/machine-id")));
+        let (root, etc) = (c(Path::new("/")), c(Path::new("/etc")));
+        let prepare = move |cmd: &mut Command| unsafe {
+            cmd.pre_exec(move || {
+                if libc::unshare(libc::CLONE_NEWNS) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                let null = std::ptr::null();
+                // `/etc` is a mount point on some hosts, not on others: either will do.
+                let private = |p: &CString| {
+                    libc::mount(null, p.as_ptr(), null, libc::MS_PRIVATE, std::ptr::null())
+                };
+                if private(&etc) != 0 && private(&root) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if libc::mount(
+                    id_src.as_ptr(),
+                    id_dst.as_ptr(),
+                    null,
+                    libc::MS_BIND,
+                    std::ptr::null(),
+                ) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        };
+        let base = self.base.clone();
+        let mounted =
+            move || crate::common::mounts_at(&base).pop().as_deref() == Some("fuse.imagecachefs");
+        let host_id = fs::read_to_string("/etc/machine-id").ok();
+        let m = Mount::spawn_with(
+            &self.base,
+            &args,
+            self.logs.join("imagecachefs.log"),
+            prepare,
+            mounted,
+        );
+        assert_eq!(
+            fs::read_to_string("/etc/machine-id").ok(),
+            host_id,
+            "node {}'s machine id leaked into the test's mount namespace",
+            self.name
+        );
         m
+    }
+
+    /// The machine id this node's daemon sees.
+    pub fn machine_id(&self) -> String {
+        format!("1c5{:029x}", self.name.as_bytes()[0])
     }
 
     /// `.imagecache/images/NAME` through this node's mount, if it can be read.
