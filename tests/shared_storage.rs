@@ -10,10 +10,13 @@ mod gluster;
 mod nova;
 
 use std::fs;
-use std::time::Duration;
+use std::io::Read;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
+use common::{overlay, splitmix64, tool, wait_until, Mount, Proc, READER};
 use gluster::{Cluster, Options};
-use nova::{field, icfs, pseudo_random, H1};
+use nova::{errno, event_lines, field, icfs, pseudo_random, H1, H2, H3, H4, INSTANCE};
 
 /// Ages of every kind, seconds: short, so that a file is overdue within the test.
 const AGE: &str = "1";
@@ -46,8 +49,8 @@ fn glusterfs_is_detected_as_shared_and_nothing_is_evicted_without_shared() {
     put(&c.a.at(H1), 1 << 20, 1);
     assert!(c.real(H1).is_file(), "{H1} written through node a is not on the brick");
     let threshold: u64 = AGE.parse().unwrap();
-    let end = std::time::Instant::now() + Duration::from_secs(4 * threshold + 1);
-    while std::time::Instant::now() < end {
+    let end = Instant::now() + Duration::from_secs(4 * threshold + 1);
+    while Instant::now() < end {
         assert!(
             !c.gone(H1),
             "{H1} was evicted on shared storage without --shared\ndaemon log:\n{}",
@@ -69,4 +72,340 @@ fn glusterfs_is_detected_as_shared_and_nothing_is_evicted_without_shared() {
     let said = log.matches("is on shared storage (fuse.glusterfs)").count();
     assert_eq!(said, 1, "the log should say once that the storage is shared:\n{log}");
     drop(m);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Coordination (`--shared`)
+//
+// Node a keeps originals for an hour (it never evicts them by age), node b only `AGE`: what b
+// does with a file a uses is the protocol's doing. Node a's short `--resized-min-age` only sets
+// how often it re-reads its instance disks.
+
+/// Node a's flags: a long threshold for originals, a short re-read of its instance disks.
+fn keeper(quarantine: u64) -> Vec<String> {
+    let mut v: Vec<String> =
+        ["--original-min-age", "3600", "--resized-min-age", AGE].map(String::from).to_vec();
+    v.extend(["--partial-min-age", AGE].map(String::from));
+    shared(v, quarantine)
+}
+
+/// Node b's flags: every kind overdue after `AGE`.
+fn evictor(quarantine: u64) -> Vec<String> {
+    shared(ages().into_iter().map(String::from).collect(), quarantine)
+}
+
+fn shared(mut v: Vec<String>, quarantine: u64) -> Vec<String> {
+    v.extend(["--shared".to_string(), "--shared-quarantine".into(), quarantine.to_string()]);
+    v
+}
+
+fn mount(n: &gluster::Node, args: &[String]) -> Mount {
+    n.mount(&args.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
+/// Looks `name` up through `n`'s mount, so that its daemon knows the file (another node
+/// made it); true when it exists there.
+fn see(n: &gluster::Node, name: &str) -> bool {
+    fs::metadata(n.at(name)).is_ok()
+}
+
+/// Waits until node b's GlusterFS client reports a lock on `name`'s lock file (node a's
+/// shared lock).
+fn wait_locked(c: &Cluster, name: &str) {
+    wait_until(Duration::from_secs(15), &format!("a lock on {name}'s lock file"), || {
+        c.b.lock_held(name).filter(|&h| h).map(drop)
+    });
+}
+
+/// Checks, over `how_long`, that `name` stays on the brick; `why` names what keeps it.
+fn stays(c: &Cluster, name: &str, how_long: Duration, why: &str, logs: &[&Mount]) {
+    let end = Instant::now() + how_long;
+    while Instant::now() < end {
+        if c.gone(name) {
+            let logs: Vec<String> = logs.iter().map(|m| m.log_text()).collect();
+            panic!("{name} was evicted although {why}\ndaemon logs:\n{}", logs.join("\n---\n"));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Waits up to `timeout` until `name` is gone from the brick; returns when.
+fn wait_gone(c: &Cluster, name: &str, timeout: Duration, logs: &[&Mount]) -> Instant {
+    let deadline = Instant::now() + timeout;
+    while !c.gone(name) {
+        if Instant::now() > deadline {
+            let logs: Vec<String> = logs.iter().map(|m| m.log_text()).collect();
+            panic!(
+                "{name} was not evicted within {timeout:?}\ndaemon logs:\n{}",
+                logs.join("\n---\n")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Instant::now()
+}
+
+/// Waits until `n`'s mount says `ENOENT` for `name` (another node deleted it); returns how
+/// long that took.
+fn wait_unseen(n: &gluster::Node, name: &str) -> Duration {
+    let start = Instant::now();
+    wait_until(Duration::from_secs(15), &format!("node {} to see {name} gone", n.name), || {
+        (errno(fs::metadata(n.at(name))) == Some(libc::ENOENT)).then_some(())
+    });
+    start.elapsed()
+}
+
+/// A QEMU-like holder on node a keeps a file from node b well past b's threshold and the
+/// quarantine; once it stops, b evicts the file, not before the quarantine has passed, and
+/// node a's mount soon says `ENOENT` (Nova on a must not believe the base still exists).
+#[test]
+fn a_holder_on_one_node_keeps_the_file_from_the_other_until_a_quarantine_after_it() {
+    const Q: u64 = 3;
+    let c = Cluster::new(Options::default());
+    let ma = mount(&c.a, &keeper(Q));
+    let mb = mount(&c.b, &evictor(Q));
+    put(&c.a.at(H1), 1 << 20, 1);
+    let mut holder = Proc::python(READER, &[&c.a.at(H1)]);
+    holder.wait_line("ready");
+    wait_locked(&c, H1);
+    assert!(see(&c.b, H1), "node b does not see {H1} made by node a");
+
+    let age: u64 = AGE.parse().unwrap();
+    stays(&c, H1, Duration::from_secs(2 * (age + Q)), "node a holds it", &[&ma, &mb]);
+    let text = c.b.status(H1).expect("node b's images/NAME");
+    assert_eq!(field(&text, "refs").as_deref(), Some("0"), "node b counts a's holder:\n{text}");
+
+    let stopped = Instant::now();
+    holder.terminate();
+    let gone = wait_gone(&c, H1, Duration::from_secs(Q + 30), &[&ma, &mb]);
+    let waited = gone - stopped;
+    assert!(
+        waited >= Duration::from_secs(Q),
+        "node b evicted {H1} {waited:?} after node a's holder stopped: the quarantine is {Q} s"
+    );
+    assert!(
+        event_lines(&c.b.status_file("events"), &format!("evicted {H1}")) > 0,
+        "node b has no `evicted {H1}` event:\n{}",
+        c.b.status_file("events")
+    );
+    let lag = wait_unseen(&c.a, H1);
+    eprintln!("measured: evicted {waited:?} after the holder stopped (quarantine {Q} s, age {age} s); node a saw ENOENT {lag:?} later");
+    drop((ma, mb));
+}
+
+/// A stopped instance on node a (a qcow2 in a's own instances directory naming the base as
+/// its backing file) keeps the base from node b, which cannot see that disk; once the
+/// instance is deleted, b evicts it after the quarantine.
+#[test]
+fn a_stopped_instance_on_one_node_keeps_its_base_from_the_other() {
+    const Q: u64 = 3;
+    let c = Cluster::new(Options::default());
+    let ma = mount(&c.a, &keeper(Q));
+    let mb = mount(&c.b, &evictor(Q));
+    put(&c.a.at(H2), 1 << 20, 2);
+    let inst = c.a.instances.join(INSTANCE);
+    overlay(&inst.join("disk"), &c.a.at(H2));
+    wait_locked(&c, H2);
+    assert!(see(&c.b, H2), "node b does not see {H2} made by node a");
+
+    let age: u64 = AGE.parse().unwrap();
+    stays(
+        &c,
+        H2,
+        Duration::from_secs(2 * (age + Q)),
+        "node a's instance disk names it",
+        &[&ma, &mb],
+    );
+    let text = c.a.status(H2).expect("node a's images/NAME");
+    assert_eq!(field(&text, "state").as_deref(), Some("referenced"), "{text}");
+
+    fs::remove_dir_all(&inst).unwrap();
+    let deleted = Instant::now();
+    let gone = wait_gone(&c, H2, Duration::from_secs(Q + 30), &[&ma, &mb]);
+    let waited = gone - deleted;
+    assert!(
+        waited >= Duration::from_secs(Q),
+        "node b evicted {H2} {waited:?} after the instance was deleted on a: the quarantine is {Q} s"
+    );
+    eprintln!("measured: evicted {waited:?} after the instance was deleted (quarantine {Q} s)");
+    drop((ma, mb));
+}
+
+/// Node a opens, reads and closes files with four threads in a tight loop while node b
+/// evicts them: every open either fails with `ENOENT` or reads the whole file as written,
+/// with no error on the open descriptor (no `ESTALE`/`ENOENT`/`EIO` on a file deleted while
+/// open), and no file goes from the brick while a has it open.
+#[test]
+fn opens_on_one_node_racing_evictions_on_the_other_never_see_a_deleted_or_torn_file() {
+    const Q: u64 = 1;
+    const ROUNDS: u64 = 8;
+    const LEN: usize = 256 << 10;
+    let c = Cluster::new(Options::default());
+    let ma = mount(&c.a, &keeper(Q));
+    let mb = mount(&c.b, &evictor(Q));
+    let age: u64 = AGE.parse().unwrap();
+    let mut seed = 0x5eed_u64;
+    let (mut evicted, mut opens) = (0, 0);
+    for round in 0..ROUNDS {
+        let name = format!("{:040x}", 0xace0_0000 + round);
+        let data = Arc::new(put(&c.a.at(&name), LEN, round));
+        assert!(see(&c.b, &name), "node b does not see {name}");
+        // Pause about as long as b's deadline is away, so that the opens below meet the
+        // eviction: from half of it to one and a half of it.
+        let due = (age + Q) * 1000;
+        std::thread::sleep(Duration::from_millis(due / 2 + splitmix64(&mut seed) % due));
+        let stop = Instant::now() + Duration::from_millis(2 * due);
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let (path, data, name) = (c.a.at(&name), data.clone(), name.clone());
+                let real = c.real(&name);
+                std::thread::spawn(move || -> Result<(u64, bool), String> {
+                    let mut n = 0;
+                    // Bounded in count and in time.
+                    for _ in 0..100_000 {
+                        if Instant::now() > stop {
+                            return Ok((n, false));
+                        }
+                        let mut f = match fs::File::open(&path) {
+                            Ok(f) => f,
+                            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                                return Ok((n, true))
+                            }
+                            Err(e) => return Err(format!("open {name}: {e}")),
+                        };
+                        n += 1;
+                        let mut got = Vec::with_capacity(LEN);
+                        if let Err(e) = f.read_to_end(&mut got) {
+                            return Err(format!("read of open {name}: {e} (deleted while open?)"));
+                        }
+                        if got.len() != data.len() || got != *data {
+                            return Err(format!(
+                                "torn read of {name}: {} bytes, content differs",
+                                got.len()
+                            ));
+                        }
+                        if !real.exists() {
+                            return Err(format!("{name} left the brick while node a had it open"));
+                        }
+                        drop(f);
+                    }
+                    Ok((n, false))
+                })
+            })
+            .collect();
+        let mut saw_gone = false;
+        for t in threads {
+            match t.join().unwrap() {
+                Ok((n, gone)) => {
+                    opens += n;
+                    saw_gone |= gone;
+                }
+                Err(e) => panic!("round {round}: {e}\nnode b's log:\n{}", mb.log_text()),
+            }
+        }
+        if saw_gone {
+            evicted += 1;
+            assert!(c.gone(&name), "node a's mount says ENOENT for {name}, which is on the brick");
+            for _ in 0..10 {
+                assert_eq!(
+                    errno(fs::File::open(c.a.at(&name))),
+                    Some(libc::ENOENT),
+                    "{name} came back"
+                );
+            }
+        }
+    }
+    eprintln!("measured: {opens} opens on node a, {evicted} of {ROUNDS} files evicted by node b during them");
+    assert!(evicted > 0, "node b evicted none of the {ROUNDS} files: the race was never run");
+    drop((ma, mb));
+}
+
+/// Node a's daemon and its holder are killed: its shared lock goes with the daemon, and node
+/// b evicts the file, but only once the quarantine has passed since then.
+#[test]
+fn a_killed_node_daemon_frees_the_file_only_after_the_quarantine() {
+    const Q: u64 = 4;
+    let c = Cluster::new(Options::default());
+    let ma = mount(&c.a, &keeper(Q));
+    let mb = mount(&c.b, &evictor(Q));
+    put(&c.a.at(H3), 1 << 20, 3);
+    let mut holder = Proc::python(READER, &[&c.a.at(H3)]);
+    holder.wait_line("ready");
+    wait_locked(&c, H3);
+    assert!(see(&c.b, H3), "node b does not see {H3} made by node a");
+
+    holder.kill();
+    ma.kill9();
+    let killed = Instant::now();
+    let gone = wait_gone(&c, H3, Duration::from_secs(Q + 30), &[&mb]);
+    let waited = gone - killed;
+    assert!(
+        waited >= Duration::from_secs(Q),
+        "node b evicted {H3} {waited:?} after node a's daemon was killed: the quarantine is {Q} s"
+    );
+    eprintln!("measured: evicted {waited:?} after node a's daemon was killed (quarantine {Q} s)");
+    drop(mb);
+}
+
+/// Node a's client is cut off (its veth down) while a holder on a reads the file: the brick
+/// drops a's lock after the ping timeout, and node b must not delete the file within the
+/// quarantine of the cut. What happens next is what the quarantine cannot prevent: b evicts,
+/// and once the cut heals, a's holder finds its file gone. The test records it.
+#[test]
+fn a_partitioned_node_keeps_its_file_for_the_quarantine() {
+    const Q: u64 = 10;
+    let opts = Options::default();
+    let timeout = opts.timeout_secs;
+    let c = Cluster::new(opts);
+    let ma = mount(&c.a, &keeper(Q));
+    let mb = mount(&c.b, &evictor(Q));
+    put(&c.a.at(H4), 1 << 20, 4);
+    // Reads one block every 200 ms, saying how each went (at most 2 minutes).
+    let script = "import os,sys,time\nfd=os.open(sys.argv[1],os.O_RDONLY)\nprint('ready',flush=True)\nfor i in range(600):\n    try:\n        os.pread(fd,4096,0); print('ok',flush=True)\n    except OSError as e:\n        print('err',e.errno,flush=True)\n    time.sleep(0.2)";
+    let log = c.a.logs.join("holder.log");
+    let holder =
+        Proc::spawn_logged(tool("python3").arg("-c").arg(script).arg(c.a.at(H4)), log.clone());
+    wait_until(Duration::from_secs(15), "the holder to open the file", || {
+        fs::read_to_string(&log).ok()?.contains("ready").then_some(())
+    });
+    wait_locked(&c, H4);
+    assert!(see(&c.b, H4), "node b does not see {H4} made by node a");
+
+    c.partition(&c.a);
+    let cut = Instant::now();
+    stays(
+        &c,
+        H4,
+        Duration::from_secs(Q),
+        "node a was cut off less than the quarantine ago",
+        &[&ma, &mb],
+    );
+    // The brick drops a's lock after its timeout; b evicts a quarantine after it sees that.
+    let limit = Duration::from_secs(3 * u64::from(timeout) + Q + 30);
+    let gone = wait_gone(&c, H4, limit, &[&ma, &mb]);
+    let evicted_after = gone - cut;
+    let reads_before_heal = fs::read_to_string(&log).unwrap_or_default().lines().count();
+    c.heal(&c.a);
+    let healed = Instant::now();
+    // What a's holder sees once the cut heals: its file is gone on the brick.
+    std::thread::sleep(Duration::from_secs(u64::from(timeout)));
+    let after: Vec<String> = fs::read_to_string(&log)
+        .unwrap_or_default()
+        .lines()
+        .skip(reads_before_heal)
+        .map(str::to_string)
+        .collect();
+    let errors = after.iter().filter(|l| l.starts_with("err")).count();
+    eprintln!(
+        "measured: cut at 0 s, ping timeout {timeout} s, quarantine {Q} s: evicted by node b \
+         after {evicted_after:?}; in the {:?} after healing, node a's holder read {} times, \
+         {errors} failed ({:?})",
+        healed.elapsed(),
+        after.len(),
+        after.iter().find(|l| l.starts_with("err"))
+    );
+    eprintln!("node a's events after healing:\n{}", c.a.status_file("events"));
+    assert!(ma.running(), "node a's daemon died in the partition:\n{}", ma.log_text());
+    drop(holder);
+    drop((ma, mb));
 }

@@ -38,7 +38,12 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use crate::common::{detach, kill_and_reap, on_path, run_timeout, terminate, wait_until, Mount};
+use crate::common::{
+    detach, kill_and_reap, on_path, run_timeout, terminate, wait_until, BindMount, Mount,
+};
+
+/// The daemon's lock files, one per cache file, in this directory of `_base` (`--shared`).
+pub const LOCK_DIR: &str = ".imagecachefs.locks";
 
 /// The brick's address, on `lo` of the server namespace.
 pub const SERVER: &str = "10.213.0.1";
@@ -160,6 +165,10 @@ pub struct Node {
     pub mnt: PathBuf,
     /// `<mnt>/_base`: the shared cache directory, where imagecachefs mounts on this node.
     pub base: PathBuf,
+    /// A bind mount of the client mount made before any imagecachefs mount (private, so
+    /// none reaches it): this node's GlusterFS view of `_base` without imagecachefs, where
+    /// the lock files can be looked at.
+    pub raw: PathBuf,
     /// This node's own instances directory (local, not on the volume): its stopped
     /// instances' disks.
     pub instances: PathBuf,
@@ -252,6 +261,21 @@ impl Node {
         m
     }
 
+    /// Whether some open file description holds a lock on byte 0 of `name`'s lock file, as
+    /// this node's GlusterFS client reports it (`F_OFD_GETLK` for a write lock: a shared
+    /// lock of any node's daemon, or an evictor's); `None` while there is no lock file.
+    pub fn lock_held(&self, name: &str) -> Option<bool> {
+        let path = self.raw.join("_base").join(LOCK_DIR).join(name);
+        let f = File::open(&path).ok()?;
+        let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+        fl.l_type = libc::F_WRLCK as libc::c_short;
+        fl.l_whence = libc::SEEK_SET as libc::c_short;
+        fl.l_len = 1;
+        let rc = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_OFD_GETLK, &mut fl) };
+        assert_eq!(rc, 0, "F_OFD_GETLK on {path:?}: {}", std::io::Error::last_os_error());
+        Some(fl.l_type != libc::F_UNLCK as libc::c_short)
+    }
+
     /// The machine id this node's daemon sees.
     pub fn machine_id(&self) -> String {
         format!("1c5{:029x}", self.name.as_bytes()[0])
@@ -319,6 +343,7 @@ pub struct Cluster {
     sock: PathBuf,
     run_dir: PathBuf,
     // Dropped after everything above is torn down (fields drop in order, after `drop`).
+    raws: Vec<BindMount>,
     tmp: Option<tempfile::TempDir>,
     _serial: MutexGuard<'static, ()>,
 }
@@ -344,6 +369,7 @@ impl Cluster {
                 name,
                 ns: ns(name),
                 base: mnt.join("_base"),
+                raw: root.join(format!("{name}-raw")),
                 mnt,
                 instances,
                 logs,
@@ -364,6 +390,7 @@ impl Cluster {
             a,
             b,
             opts,
+            raws: Vec::new(),
             tmp: Some(tmp),
             _serial: serial,
         };
@@ -375,6 +402,11 @@ impl Cluster {
         fs::create_dir(&c.a.base).unwrap_or_else(|e| panic!("mkdir {:?}: {e}", c.a.base));
         let b_base = c.b.base.clone();
         wait_until(START, "node b to see _base made by node a", || b_base.is_dir().then_some(()));
+        for i in 0..2 {
+            let n = c.nodes()[i];
+            let raw = BindMount::new(&n.mnt, &n.raw);
+            c.raws.push(raw);
+        }
         c
     }
 
@@ -584,6 +616,7 @@ impl Drop for Cluster {
     fn drop(&mut self) {
         // Clients first (detached, so that nothing waits on a dead mount), then the brick,
         // glusterd, and every process left in the namespaces.
+        self.raws.clear();
         for n in [&self.a, &self.b] {
             detach(&n.mnt);
             if let Some(mut c) = n.client.lock().unwrap_or_else(|e| e.into_inner()).take() {
