@@ -249,6 +249,11 @@ pub struct Cache {
     /// anyone): from then on it evicts nothing, records no checksum verdict and writes no
     /// state; it only serves the handles still open.
     detached: std::sync::atomic::AtomicBool,
+    /// The state file and its temporary twin: one per host on shared storage.
+    state_file: OsString,
+    state_tmp: OsString,
+    /// With `--shared`: the thread that holds this host's cluster locks.
+    keeper: OnceLock<Arc<crate::shared::Keeper>>,
 }
 
 /// Entries kept in the holder cache before it starts over.
@@ -406,15 +411,22 @@ impl Cache {
         let mount_dev =
             proc.mount_dev_of(std::os::fd::AsRawFd::as_raw_fd(&root.as_fd())).unwrap_or(dev);
         let mut state = CacheState::new();
-        match backing::read_file_at(root.as_fd(), OsStr::new(STATE_FILE)) {
+        let (state_file, state_tmp) = state_names(&policy);
+        let shown_file = state_file.to_string_lossy().into_owned();
+        let mut read = backing::read_file_at(root.as_fd(), &state_file);
+        if matches!(read, Ok(None)) && state_file != STATE_FILE {
+            // First start with a state file per host: the one all hosts wrote before, if any.
+            read = backing::read_file_at(root.as_fd(), OsStr::new(STATE_FILE));
+        }
+        match read {
             Ok(Some(text)) => {
                 let bad = state.restore(&String::from_utf8_lossy(&text));
                 if bad > 0 {
-                    warn!("{STATE_FILE}: skipped {bad} unreadable line(s)");
+                    warn!("{shown_file}: skipped {bad} unreadable line(s)");
                 }
             }
             Ok(None) => {}
-            Err(e) => warn!("reading {STATE_FILE}: {e}; starting with empty state"),
+            Err(e) => warn!("reading {shown_file}: {e}; starting with empty state"),
         }
         let disks =
             crate::disks::Disks::spawn(settings.instances_dir.clone(), settings.cache_dir.clone());
@@ -446,6 +458,9 @@ impl Cache {
             own_dev: Default::default(),
             outside_seen: Mutex::new(None),
             detached: Default::default(),
+            state_file,
+            state_tmp,
+            keeper: OnceLock::new(),
         });
         cache.scan()?;
         let now = cache.now();
@@ -645,6 +660,7 @@ impl Cache {
         for effect in effects {
             self.after(effect, now);
         }
+        self.sync_locks();
         Ok(())
     }
 
@@ -659,6 +675,44 @@ impl Cache {
                 self.wake_evictor();
             }
             RefEffect::None | RefEffect::Gone => {}
+        }
+    }
+
+    /// Hands the cache the `--shared` lock keeper (once, at start).
+    pub fn set_keeper(&self, keeper: Arc<crate::shared::Keeper>) {
+        let _ = self.keeper.set(keeper);
+    }
+
+    /// The `--shared` lock keeper, if coordination is on.
+    pub fn keeper(&self) -> Option<&Arc<crate::shared::Keeper>> {
+        self.keeper.get()
+    }
+
+    /// Tells the keeper the references may have changed (never waits).
+    fn sync_locks(&self) {
+        if let Some(k) = self.keeper.get() {
+            k.sync();
+        }
+    }
+
+    /// Asks for a fresh read of the instance disks if the last one is older than a few
+    /// seconds, without waiting for it.
+    pub fn request_disks(&self) {
+        let _ = self.disks.recent(SHOWN_REFS_TTL, Duration::ZERO);
+    }
+
+    /// The names the last read of the instance disks found, `None` if it failed or there
+    /// was none yet.
+    pub fn referenced_if_known(&self) -> Option<Arc<BTreeSet<OsString>>> {
+        self.disks.last_names()
+    }
+
+    /// A release of `name` on any host (its lock file's mtime, `at`): the idle age counts
+    /// from the last use anywhere.
+    pub fn used_elsewhere(&self, name: &OsStr, at: SystemTime) {
+        let ino = self.state.lock().used_elsewhere(name, at);
+        if let Some(ino) = ino {
+            self.schedule(ino);
         }
     }
 
@@ -730,6 +784,7 @@ impl Cache {
         let holder = self.holder(pid);
         let now = self.now();
         let effect = self.state.lock().reference(RefChange::Open { fh, ino, holder, write }, now);
+        self.sync_locks();
         effect != RefEffect::Gone
     }
 
@@ -764,6 +819,7 @@ impl Cache {
             }
             state.reference(RefChange::Release { fh }, now)
         };
+        self.sync_locks();
         self.dirty.notify_one();
         self.after(effect, now);
         effect
@@ -936,7 +992,10 @@ impl Cache {
         let now = self.now();
         let (text, stamp) = {
             let state = self.state.lock();
-            let counters = self.counters.lock();
+            let mut counters = self.counters.lock();
+            if let Some(k) = self.keeper.get() {
+                counters.shared_lock_errors = k.errors();
+            }
             let persisted = self.persisted(state.version);
             let stamp = RenderStamp {
                 version: state.shown,
@@ -967,7 +1026,13 @@ impl Cache {
                 }
                 VFile::Control => String::new(),
                 VFile::Image(ino) => match state.image(ino) {
-                    Some(img) if img.name.is_some() => status::image(&view, img),
+                    Some(img) if img.name.is_some() => {
+                        let mut text = status::image(&view, img);
+                        if let (Some(k), Some(name)) = (self.keeper.get(), &img.name) {
+                            text.push_str(&crate::shared::status_lines(k, name));
+                        }
+                        text
+                    }
                     _ => String::new(),
                 },
             };
@@ -1005,8 +1070,8 @@ impl Cache {
         };
         match backing::replace_file_at(
             self.root.as_fd(),
-            OsStr::new(STATE_TMP),
-            OsStr::new(STATE_FILE),
+            &self.state_tmp,
+            &self.state_file,
             text.as_bytes(),
         ) {
             Ok(()) => {
@@ -1015,7 +1080,7 @@ impl Cache {
                 self.saved_at.store(crate::clock::unix_secs(self.now()), Ordering::Relaxed);
                 self.writes.fetch_add(1, Ordering::Relaxed);
             }
-            Err(e) => warn!("writing {STATE_FILE}: {e}"),
+            Err(e) => warn!("writing {}: {e}", self.state_file.to_string_lossy()),
         }
         saved.written = Some(Instant::now());
     }
@@ -1110,9 +1175,27 @@ pub fn stamp(st: &Stat) -> Stamp {
     Stamp { ino: st.ino, size: st.size, mtime: st.mtime }
 }
 
-/// imagecachefs's own files in the covered directory.
+/// imagecachefs's own files in the covered directory: every host's state file on shared
+/// storage, and the lock directory, included.
 pub fn is_own_file(name: &OsStr) -> bool {
-    name == STATE_FILE || name == STATE_TMP || is_evicting_name(name)
+    name == STATE_FILE
+        || name == STATE_TMP
+        || name.as_bytes().starts_with(STATE_PER_HOST.as_bytes())
+        || name == crate::shared::LOCK_DIR
+        || is_evicting_name(name)
+}
+
+/// The prefix of the per-host state files on shared storage.
+pub const STATE_PER_HOST: &str = ".imagecachefs.state.";
+
+/// The state file and its temporary twin: on shared storage one pair per host
+/// (`.imagecachefs.state.<machine id>`), so that two hosts never write the same file.
+pub fn state_names(policy: &Policy) -> (OsString, OsString) {
+    if policy.shared.is_none() {
+        return (STATE_FILE.into(), STATE_TMP.into());
+    }
+    let node = crate::shared::node_name();
+    (format!("{STATE_PER_HOST}{node}").into(), format!("{STATE_PER_HOST}{node}.tmp").into())
 }
 
 /// A file being evicted is first renamed to `EVICTING` + its name in hex (so that a rename

@@ -141,6 +141,19 @@ pub struct MountArgs {
     /// filesystems are shared]. On shared storage nothing is evicted.
     #[arg(long, value_name = "KIND", value_enum, help_heading = "Eviction")]
     pub storage: Option<Storage>,
+
+    /// On shared storage, coordinate eviction with the other hosts through the filesystem's
+    /// own locks (each host holds a shared lock on what it uses; a file goes only once no
+    /// host has held it for --shared-quarantine).
+    #[arg(long, help_heading = "Shared storage")]
+    pub shared: bool,
+
+    /// With --shared: how long a file must be seen unlocked by every host before any host
+    /// evicts it.
+    #[arg(long, value_name = "SECS", default_value_t = crate::config::SHARED_QUARANTINE,
+          help_heading = "Shared storage", value_parser = parse_secs,
+          allow_negative_numbers = true)]
+    pub shared_quarantine: u64,
 }
 
 /// `--storage`.
@@ -212,6 +225,7 @@ impl MountArgs {
             evict: !self.no_evict,
             // Decided at mount, once the filesystem is known.
             shared: None,
+            coordinated: self.shared,
         };
         Ok(MountConfig {
             dir: self.dir,
@@ -235,6 +249,7 @@ impl MountArgs {
                 && nova.remove_unused_base_images != Some(false),
             verify_rate_mib: self.verify_rate,
             nova_conf: self.nova_conf,
+            shared_quarantine: self.shared_quarantine,
         })
     }
 }
@@ -296,6 +311,7 @@ mod tests {
             "--partial-min-age",
             "--pressure-min-age",
             "--verify-interval",
+            "--shared-quarantine",
         ] {
             for bad in ["18446744073709551615", "9223372036854775807", "315360001", "-5"] {
                 let e = parse_error(&[flag, bad]);
@@ -329,6 +345,24 @@ mod tests {
         let Command::Mount(m) = cli.command else { panic!("not mount") };
         let e = m.into_config().unwrap_err();
         assert_eq!(e, "/nonexistent-icfs-instances (--instances-dir) does not exist");
+    }
+
+    #[test]
+    fn shared_coordination_is_off_by_default() {
+        let config = |args: &[&str]| {
+            let mut all = vec!["imagecachefs", "mount", "/x"];
+            all.extend_from_slice(args);
+            let Command::Mount(m) = Cli::try_parse_from(all).unwrap().command else {
+                panic!("not mount")
+            };
+            m.into_config().unwrap()
+        };
+        let off = config(&[]);
+        assert!(!off.policy.coordinated);
+        assert_eq!(off.shared_quarantine, crate::config::SHARED_QUARANTINE);
+        let on = config(&["--shared", "--shared-quarantine", "60"]);
+        assert!(on.policy.coordinated);
+        assert_eq!(on.shared_quarantine, 60);
     }
 
     #[test]

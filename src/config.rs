@@ -14,6 +14,11 @@ pub const MAX_RATE_MIB: u64 = 1 << 20;
 /// The largest `--min-free` size in bytes: below 2^63 (what `statfs` sizes can express).
 pub const MAX_MIN_FREE_BYTES: u64 = i64::MAX as u64;
 
+/// The default `--shared-quarantine`, seconds: well above an NFSv4 lease (90 s on Linux) and
+/// CephFS's session autoclose (300 s), so a host that lost its locks in a short partition is
+/// not undercut the moment they lapse.
+pub const SHARED_QUARANTINE: u64 = 900;
+
 /// `--threads` range.
 pub const THREADS: std::ops::RangeInclusive<u64> = 1..=64;
 
@@ -133,6 +138,8 @@ pub struct MountConfig {
     pub nova_scanner_on: bool,
     /// Local or shared storage, or detect it.
     pub storage: StorageChoice,
+    /// `--shared-quarantine`, seconds (used with `--shared`, i.e. `policy.coordinated`).
+    pub shared_quarantine: u64,
 }
 
 impl MountConfig {
@@ -162,6 +169,8 @@ impl MountConfig {
             ("verify_rate_mib".into(), self.verify_rate_mib.to_string()),
             ("threads".into(), self.threads.to_string()),
             ("storage".into(), if p.shared.is_some() { "shared" } else { "local" }.into()),
+            ("shared".into(), if p.coordinated { "on" } else { "off" }.into()),
+            ("shared_quarantine".into(), self.shared_quarantine.to_string()),
         ]
     }
 }

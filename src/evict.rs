@@ -74,6 +74,13 @@ pub enum Refused {
     Detached,
     /// Another eviction of the same file (the eviction thread's, an operator's) is under way.
     InProgress,
+    /// `--shared`: another host holds a lock on the file (it uses it, or evicts it).
+    OtherHost,
+    /// `--shared`: free of locks for less than `--shared-quarantine` so far.
+    Quarantine,
+    /// `--shared`: the lock could not be checked (an error other than "busy", or no answer
+    /// in time): nobody knows who uses the file.
+    ClusterUnknown,
 }
 
 impl Refused {
@@ -88,6 +95,19 @@ impl Refused {
             Refused::Linked => "it has another name (hard link)",
             Refused::Detached => "this daemon no longer owns the mount",
             Refused::InProgress => "another eviction of it is under way",
+            Refused::OtherHost => "another host uses it (holds its lock)",
+            Refused::Quarantine => "free of locks for less than --shared-quarantine so far",
+            Refused::ClusterUnknown => "its lock on the shared storage could not be checked",
+        }
+    }
+
+    /// A refusal because of the other hosts (`imagecachefs_shared_refusals_total`).
+    pub fn shared_metric(self) -> Option<&'static str> {
+        match self {
+            Refused::OtherHost => Some("other_host"),
+            Refused::Quarantine => Some("quarantine"),
+            Refused::ClusterUnknown => Some("unknown"),
+            _ => None,
         }
     }
 
@@ -108,6 +128,9 @@ impl Refused {
             Refused::Linked => "linked",
             Refused::Detached => "detached",
             Refused::InProgress => "in_progress",
+            Refused::OtherHost => "other_host",
+            Refused::Quarantine => "quarantine",
+            Refused::ClusterUnknown => "shared_unknown",
         }
     }
 }
@@ -126,7 +149,7 @@ pub fn try_evict(
     if !cache.owns_mount() {
         return Err(Refused::Detached);
     }
-    if cache.policy.shared.is_some() {
+    if cache.policy.uncoordinated() {
         return Err(Refused::Blocked(Blocker::SharedStorage));
     }
     // Nova's lock first: whatever Nova does to this file (or to overlays on it) under the
@@ -153,14 +176,41 @@ pub fn try_evict(
         Refused::HoldersUnknown
     })?;
     let now = cache.now();
-    let size = {
+    // The other hosts last (their locks are the slowest to ask), and only for a file that
+    // nothing here keeps; the exclusive lock is then held until the file is gone.
+    let keeper = match cache.keeper() {
+        Some(k) => {
+            cache
+                .state
+                .lock()
+                .may_evict(ino, &cache.policy, referenced, now, floor)
+                .map_err(Refused::Blocked)?;
+            ask_other_hosts(cache, k, &name, ino, now)?;
+            Some(k)
+        }
+        None => None,
+    };
+    let begun = {
         let mut state = cache.state.lock();
-        state.begin_evict(ino, &cache.policy, referenced, now, floor).map_err(Refused::Blocked)?;
-        state.image(ino).map(|i| i.size).unwrap_or(0)
+        state
+            .begin_evict(ino, &cache.policy, referenced, now, floor)
+            .map(|()| state.image(ino).map(|i| i.size).unwrap_or(0))
+    };
+    let size = match begun {
+        Ok(size) => size,
+        Err(b) => {
+            if let Some(k) = keeper {
+                k.finish(&name, false);
+            }
+            return Err(Refused::Blocked(b));
+        }
     };
     // The facts above took time: a detach meanwhile hands the directory to another daemon.
     let removed =
         if cache.owns_mount() { remove(cache, &name, ino) } else { Err(Refused::Detached) };
+    if let Some(k) = keeper {
+        k.finish(&name, removed.is_ok());
+    }
     if let Err(why) = removed {
         cache.state.lock().evict_failed(ino);
         return Err(why);
@@ -186,6 +236,38 @@ pub fn try_evict(
     }
     cache.changed();
     Ok(size)
+}
+
+/// `--shared`: takes the exclusive lock on `name` for its eviction (held until
+/// `Keeper::finish`), or says why not. A release on another host after the last one seen
+/// here moves the file's last use (and so, unless an operator or pressure evicts it, its
+/// deadline) before the caller decides again.
+fn ask_other_hosts(
+    cache: &Cache,
+    keeper: &crate::shared::Keeper,
+    name: &OsStr,
+    ino: u64,
+    now: SystemTime,
+) -> Result<(), Refused> {
+    use crate::shared::Gate;
+    match keeper.gate(name, now) {
+        Gate::Go { last_release } => {
+            if let Some(m) = last_release {
+                cache.used_elsewhere(name, m);
+            }
+            Ok(())
+        }
+        Gate::HeldHere => Err(Refused::Blocked(Blocker::InUse)),
+        Gate::OtherHost => Err(Refused::OtherHost),
+        Gate::Quarantine { until } => {
+            cache.schedule_at(ino, until);
+            Err(Refused::Quarantine)
+        }
+        Gate::Unknown(why) => {
+            warn!("not evicting {}: its cluster lock: {why}", shown(name));
+            Err(Refused::ClusterUnknown)
+        }
+    }
 }
 
 /// Removes `name` if it is still inode `ino` with a single link. It is first renamed to a
@@ -235,7 +317,13 @@ fn remove(cache: &Cache, name: &OsStr, ino: u64) -> Result<(), Refused> {
 /// or always for an operator's `evict` (whose command reads the reason from `events`).
 fn record_refusal(cache: &Cache, ino: u64, why: Refused, operator: bool) {
     let now = cache.now();
-    *cache.counters.lock().refusals.entry(why.metric()).or_default() += 1;
+    {
+        let mut c = cache.counters.lock();
+        *c.refusals.entry(why.metric()).or_default() += 1;
+        if let Some(m) = why.shared_metric() {
+            *c.shared_refusals.entry(m).or_default() += 1;
+        }
+    }
     let mut state = cache.state.lock();
     let news = state.note_refusal(ino, why.as_str());
     if let Some(name) = state.image(ino).and_then(|i| i.name.clone()) {
@@ -282,6 +370,8 @@ pub fn run_once(cache: &Cache) -> usize {
             Err(Refused::Blocked(Blocker::InUse | Blocker::Writing | Blocker::Pinned)) => {}
             Err(Refused::Blocked(Blocker::NotDue)) => cache.schedule(ino),
             Err(Refused::Vanished | Refused::Detached | Refused::InProgress) => {}
+            // Looked at again when the quarantine ends (scheduled by the refusal).
+            Err(Refused::Quarantine) => record_refusal(cache, ino, Refused::Quarantine, false),
             Err(why) => {
                 record_refusal(cache, ino, why, false);
                 // Nothing announces that a lock was dropped, an instance deleted or a process

@@ -28,6 +28,13 @@ use crate::passthrough::Passthrough;
 /// stay in the kernel.
 pub const TTL: Duration = Duration::from_secs(60);
 
+/// The TTL on shared storage: other hosts create and delete cache files behind the mount,
+/// and Nova here checks that a base exists before it spawns on it, so a deleted file must not
+/// look present for long. Costs a `LOOKUP`/`GETATTR` round trip to the daemon (one `fstatat`
+/// on the shared filesystem, which its own client caches for its `actimeo`) for each `stat`
+/// more than a second after the last.
+pub const SHARED_TTL: Duration = Duration::from_secs(1);
+
 const FUSE_SUPER_MAGIC: i64 = 0x6573_5546;
 const OVERLAYFS_SUPER_MAGIC: i64 = 0x794c_7630;
 const ECRYPTFS_SUPER_MAGIC: i64 = 0xf15f;
@@ -38,12 +45,15 @@ pub struct FuseAdapter {
     dev: Option<OwnedFd>,
     /// `statfs` type of the covered filesystem, which decides the stacking depth.
     covered_fs_type: i64,
+    /// Entry and attribute TTL of covered files: [`TTL`], or [`SHARED_TTL`] on shared storage.
+    ttl: Duration,
 }
 
 impl FuseAdapter {
     /// `dev: None` serves every read and write through the daemon (`--no-passthrough`).
     pub fn new(core: Arc<OverlayFs>, dev: Option<OwnedFd>, covered_fs_type: i64) -> Self {
-        FuseAdapter { core, dev, covered_fs_type }
+        let ttl = if core.cache().policy.shared.is_some() { SHARED_TTL } else { TTL };
+        FuseAdapter { core, dev, covered_fs_type, ttl }
     }
 }
 
@@ -90,13 +100,15 @@ fn set_time(t: Option<TimeOrNow>) -> Option<SetTime> {
     })
 }
 
-/// Status-tree nodes change on every read: the kernel must not cache them.
-fn ttl(st: &Stat) -> &'static Duration {
-    const NONE: Duration = Duration::ZERO;
-    if is_virtual(st.ino) {
-        &NONE
-    } else {
-        &TTL
+impl FuseAdapter {
+    /// Status-tree nodes change on every read: the kernel must not cache them.
+    fn ttl(&self, st: &Stat) -> &Duration {
+        const NONE: Duration = Duration::ZERO;
+        if is_virtual(st.ino) {
+            &NONE
+        } else {
+            &self.ttl
+        }
     }
 }
 
@@ -184,7 +196,7 @@ impl Filesystem for FuseAdapter {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         match self.core.lookup(parent.0, name) {
-            Ok(st) => reply.entry(ttl(&st), &attr(&st), Generation(0)),
+            Ok(st) => reply.entry(self.ttl(&st), &attr(&st), Generation(0)),
             Err(e) => reply.error(fail("lookup", e)),
         }
     }
@@ -195,7 +207,7 @@ impl Filesystem for FuseAdapter {
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         match self.core.getattr(ino.0) {
-            Ok(st) => reply.attr(ttl(&st), &attr(&st)),
+            Ok(st) => reply.attr(self.ttl(&st), &attr(&st)),
             Err(e) => reply.error(fail("getattr", e)),
         }
     }
@@ -220,7 +232,7 @@ impl Filesystem for FuseAdapter {
     ) {
         let set = SetAttr { mode, uid, gid, size, atime: set_time(atime), mtime: set_time(mtime) };
         match self.core.setattr(ino.0, fh.map(|f| f.0), set, caller(req)) {
-            Ok(st) => reply.attr(ttl(&st), &attr(&st)),
+            Ok(st) => reply.attr(self.ttl(&st), &attr(&st)),
             Err(e) => reply.error(fail("setattr", e)),
         }
     }
@@ -243,7 +255,7 @@ impl Filesystem for FuseAdapter {
         reply: ReplyEntry,
     ) {
         match self.core.mknod(parent.0, name, mode, umask, rdev as u64, caller(req)) {
-            Ok(st) => reply.entry(&TTL, &attr(&st), Generation(0)),
+            Ok(st) => reply.entry(&self.ttl, &attr(&st), Generation(0)),
             Err(e) => reply.error(fail("mknod", e)),
         }
     }
@@ -258,7 +270,7 @@ impl Filesystem for FuseAdapter {
         reply: ReplyEntry,
     ) {
         match self.core.mkdir(parent.0, name, mode, umask, caller(req)) {
-            Ok(st) => reply.entry(&TTL, &attr(&st), Generation(0)),
+            Ok(st) => reply.entry(&self.ttl, &attr(&st), Generation(0)),
             Err(e) => reply.error(fail("mkdir", e)),
         }
     }
@@ -286,7 +298,7 @@ impl Filesystem for FuseAdapter {
         reply: ReplyEntry,
     ) {
         match self.core.symlink(parent.0, link_name, target.as_os_str(), caller(req)) {
-            Ok(st) => reply.entry(&TTL, &attr(&st), Generation(0)),
+            Ok(st) => reply.entry(&self.ttl, &attr(&st), Generation(0)),
             Err(e) => reply.error(fail("symlink", e)),
         }
     }
@@ -316,7 +328,7 @@ impl Filesystem for FuseAdapter {
         reply: ReplyEntry,
     ) {
         match self.core.link(ino.0, newparent.0, newname) {
-            Ok(st) => reply.entry(&TTL, &attr(&st), Generation(0)),
+            Ok(st) => reply.entry(&self.ttl, &attr(&st), Generation(0)),
             Err(e) => reply.error(fail("link", e)),
         }
     }
@@ -470,7 +482,7 @@ impl Filesystem for FuseAdapter {
                     Err(_) => continue,
                 }
             };
-            if reply.add(INodeNo(st.ino), next, &e.name, ttl(&st), &attr(&st), Generation(0)) {
+            if reply.add(INodeNo(st.ino), next, &e.name, self.ttl(&st), &attr(&st), Generation(0)) {
                 if !dots && !is_virtual(st.ino) {
                     self.core.forget(st.ino, 1);
                 }
@@ -585,7 +597,7 @@ impl Filesystem for FuseAdapter {
                 Some(id) => {
                     let b = unsafe { reply.wrap_backing(id) };
                     reply.created_passthrough(
-                        &TTL,
+                        &self.ttl,
                         &attr(&st),
                         Generation(0),
                         FileHandle(o.fh),
@@ -595,7 +607,7 @@ impl Filesystem for FuseAdapter {
                     let _ = b.into_raw();
                 }
                 None => reply.created(
-                    &TTL,
+                    &self.ttl,
                     &attr(&st),
                     Generation(0),
                     FileHandle(o.fh),

@@ -23,6 +23,7 @@ pub mod novaconf;
 pub mod passthrough;
 pub mod procfs;
 pub mod run;
+pub mod shared;
 pub mod state;
 pub mod status;
 pub mod sync;

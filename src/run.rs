@@ -439,7 +439,11 @@ fn serve(cfg: &MountConfig, on_ready: impl FnOnce()) -> Result<(), Refusal> {
     raise_fd_limit();
     let (fstype, fs_type) = mount::filesystem_of(prepared.dir_fd.as_fd());
     let shared = shared_storage(cfg.storage, &fstype, fs_type);
-    if let Some(kind) = &shared {
+    if cfg.policy.coordinated {
+        crate::shared::check(&dir, shared.as_deref(), &fstype, prepared.dir_fd.as_fd())
+            .map_err(Refusal)?;
+    }
+    if let (Some(kind), false) = (&shared, cfg.policy.coordinated) {
         log::warn!(
             "{} is on shared storage ({kind}): other hosts may use its files, so nothing is \
              evicted (use --storage local if only this host uses it)",
@@ -475,6 +479,8 @@ fn serve(cfg: &MountConfig, on_ready: impl FnOnce()) -> Result<(), Refusal> {
         },
     )
     .map_err(|e| Refusal(format!("reading {}: {e}", dir.display())))?;
+    crate::shared::start(&cache, cfg.policy.coordinated.then_some(cfg.shared_quarantine))
+        .map_err(Refusal)?;
     mount::mount(&prepared)?;
     let fail = |msg: String| {
         let _ = mount::detach(&mount_point);
@@ -644,6 +650,24 @@ pub fn check_command(cfg: &MountConfig) -> i32 {
         (fstype, magic) = mount::filesystem_of(fd.as_fd());
     }
     shown.policy.shared = shared_storage(cfg.storage, &fstype, magic);
+    if cfg.policy.coordinated {
+        // Not probed (that would create the lock directory): the storage kind and mount
+        // options are.
+        let checked = backing::open_dir_path(&c)
+            .map_err(|e| format!("{}: {e}", dir.display()))
+            .and_then(|fd| {
+                crate::shared::check_options(
+                    &dir,
+                    shown.policy.shared.as_deref(),
+                    &fstype,
+                    fd.as_fd(),
+                )
+            });
+        if let Err(e) = checked {
+            eprintln!("imagecachefs: {e}");
+            return 1;
+        }
+    }
     let mut pairs = shown.pairs();
     pairs.push(("filesystem".into(), if fstype.is_empty() { "-".into() } else { fstype }));
     let mut out = String::new();

@@ -42,9 +42,12 @@ pub struct Policy {
     pub partial_min_age: u64,
     /// `false`: never evict by age (`remove_unused_base_images = False`); corrupt files still go.
     pub evict: bool,
-    /// The cache directory is on storage other hosts share (its filesystem type) and nothing
-    /// coordinates eviction with them: nothing is evicted, for any reason.
+    /// The cache directory is on storage other hosts share (its filesystem type). Unless
+    /// `coordinated`, nothing is evicted, for any reason.
     pub shared: Option<String>,
+    /// `--shared`: eviction on shared storage is coordinated with the other hosts through the
+    /// filesystem's locks (`shared.rs`), so it goes ahead as on local storage.
+    pub coordinated: bool,
 }
 
 impl Default for Policy {
@@ -55,11 +58,17 @@ impl Default for Policy {
             partial_min_age: 3_600,
             evict: true,
             shared: None,
+            coordinated: false,
         }
     }
 }
 
 impl Policy {
+    /// On shared storage with nothing to coordinate eviction with the other hosts.
+    pub fn uncoordinated(&self) -> bool {
+        self.shared.is_some() && !self.coordinated
+    }
+
     pub fn min_age(&self, kind: Kind) -> u64 {
         match kind {
             Kind::Original | Kind::Ephemeral | Kind::Swap => self.original_min_age,
@@ -522,6 +531,19 @@ impl CacheState {
         }
     }
 
+    /// A use of `name` on another host (the lock file's mtime a release there set): the idle
+    /// age counts from the last use anywhere. Returns the inode if its deadline moved.
+    pub fn used_elsewhere(&mut self, name: &OsStr, at: SystemTime) -> Option<u64> {
+        let ino = *self.names.get(name)?;
+        let img = self.images.get_mut(&ino)?;
+        if at <= img.last_used {
+            return None;
+        }
+        img.last_used = at;
+        self.changed();
+        Some(ino)
+    }
+
     /// A use that is not a release: `utime`/`touch`, a write, a size change.
     pub fn touch(&mut self, ino: u64, now: SystemTime) {
         if let Some(img) = self.images.get_mut(&ino) {
@@ -753,7 +775,7 @@ impl CacheState {
     /// When the file becomes due for eviction by age alone; `None`: never (eviction off and
     /// not corrupt). A corrupt file is due at once.
     pub fn deadline(img: &Image, policy: &Policy) -> Option<SystemTime> {
-        if policy.shared.is_some() {
+        if policy.uncoordinated() {
             return None;
         }
         if img.corrupt() {
@@ -782,7 +804,7 @@ impl CacheState {
             Some(Blocker::Pinned)
         } else if referenced {
             Some(Blocker::Referenced)
-        } else if policy.shared.is_some() {
+        } else if policy.uncoordinated() {
             Some(Blocker::SharedStorage)
         } else if Self::deadline(img, policy).is_none_or(|d| d > now) {
             Some(Blocker::NotDue)
@@ -801,21 +823,34 @@ impl CacheState {
         now: SystemTime,
         min_age_override: Option<u64>,
     ) -> Result<(), Blocker> {
-        let img = self.images.get_mut(&ino).ok_or(Blocker::NotDue)?;
+        self.may_evict(ino, policy, referenced, now, min_age_override)?;
+        if let Some(img) = self.images.get_mut(&ino) {
+            img.evicting = true;
+        }
+        Ok(())
+    }
+
+    /// What [`CacheState::begin_evict`] would decide, changing nothing (asked before the
+    /// other hosts are).
+    pub fn may_evict(
+        &self,
+        ino: u64,
+        policy: &Policy,
+        referenced: bool,
+        now: SystemTime,
+        min_age_override: Option<u64>,
+    ) -> Result<(), Blocker> {
+        let img = self.images.get(&ino).ok_or(Blocker::NotDue)?;
         if img.evicting || img.name.is_none() {
             // Another eviction of the same file is under way, or the name is gone.
             return Err(Blocker::NotDue);
         }
-        let blocker = match Self::blocker(img, policy, referenced, now) {
+        match Self::blocker(img, policy, referenced, now) {
             // Pressure and operators may go below the threshold (down to their own floor).
-            Some(Blocker::NotDue) if min_age_override.is_some_and(|m| img.age(now) >= m) => None,
-            b => b,
-        };
-        if let Some(b) = blocker {
-            return Err(b);
+            Some(Blocker::NotDue) if min_age_override.is_some_and(|m| img.age(now) >= m) => Ok(()),
+            Some(b) => Err(b),
+            None => Ok(()),
         }
-        img.evicting = true;
-        Ok(())
     }
 
     /// An eviction of `ino` was refused for `reason`: true if that is news (the first refusal,

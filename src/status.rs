@@ -31,6 +31,24 @@ pub struct Counters {
     pub verifier_bytes: u64,
     pub verifier_seconds: f64,
     pub passthrough_fallbacks: u64,
+    /// `--shared`: evictions refused because of the other hosts, by reason (`other_host`,
+    /// `quarantine`, `unknown`).
+    pub shared_refusals: BTreeMap<&'static str, u64>,
+    /// `--shared`: lock calls on the shared storage that failed (as the keeper counts them).
+    pub shared_lock_errors: u64,
+}
+
+/// The reasons of `imagecachefs_shared_refusals_total`, all shown (at 0 until they happen).
+pub const SHARED_REFUSALS: [&str; 3] = ["other_host", "quarantine", "unknown"];
+
+/// The `storage` line of `images/NAME`: `local`, or `shared TYPE` and whether eviction is
+/// coordinated with the other hosts (`--shared`) or off.
+pub fn storage_text(policy: &Policy) -> String {
+    match &policy.shared {
+        None => "local".into(),
+        Some(kind) if policy.coordinated => format!("shared {kind}, coordinated (--shared)"),
+        Some(kind) => format!("shared {kind}, not coordinated: nothing is evicted"),
+    }
 }
 
 /// Who reads a status file. Everything about the files (names, kinds, sizes, reference
@@ -227,7 +245,7 @@ pub fn image(view: &View, img: &Image) -> String {
     let r = view.row(img);
     format!(
         "name: {}\nkind: {}\nsize: {}\nrefs: {}\nholders: {}\nage: {}\nlast_used: {}\n\
-         min_age: {}\nstate: {}\nevicts_at: {}\nsha1: {}\nverified: {}\n",
+         min_age: {}\nstate: {}\nevicts_at: {}\nsha1: {}\nverified: {}\nstorage: {}\n",
         r.name,
         r.kind.as_str(),
         r.size,
@@ -239,7 +257,8 @@ pub fn image(view: &View, img: &Image) -> String {
         r.state.as_str(),
         r.evicts_at,
         r.sha1_text(),
-        r.verified
+        r.verified,
+        escape(storage_text(view.policy).as_bytes()),
     )
 }
 
@@ -316,10 +335,11 @@ fn json_str(s: &str) -> String {
 pub fn json(view: &View) -> String {
     let p = view.persisted;
     let mut out = format!(
-        "{{\"generated_at\":{},\"persisted\":{},\"persisted_at\":{},\"images\":[",
+        "{{\"generated_at\":{},\"persisted\":{},\"persisted_at\":{},\"storage\":{},\"images\":[",
         json_str(&rfc3339(view.now)),
         p.on_disk,
         json_str(&p.at.map_or("never".into(), rfc3339)),
+        json_str(&storage_text(view.policy)),
     );
     for (i, r) in view.rows().enumerate() {
         if i > 0 {
@@ -453,6 +473,23 @@ pub fn metrics(view: &View) -> String {
         "Inodes served by the daemon because the kernel refused passthrough.",
     );
     let _ = writeln!(out, "imagecachefs_passthrough_fallbacks_total {}", c.passthrough_fallbacks);
+    metric(
+        &mut out,
+        "shared_refusals_total",
+        "counter",
+        "Evictions refused because of other hosts (--shared), by reason.",
+    );
+    for r in SHARED_REFUSALS {
+        let n = c.shared_refusals.get(r).copied().unwrap_or(0);
+        let _ = writeln!(out, "imagecachefs_shared_refusals_total{{reason=\"{r}\"}} {n}");
+    }
+    metric(
+        &mut out,
+        "shared_lock_errors_total",
+        "counter",
+        "Lock calls on the shared storage that failed (--shared).",
+    );
+    let _ = writeln!(out, "imagecachefs_shared_lock_errors_total {}", c.shared_lock_errors);
     let p = view.persisted;
     metric(&mut out, "state_writes_total", "counter", "Writes of the state file.");
     let _ = writeln!(out, "imagecachefs_state_writes_total {}", p.writes);

@@ -105,6 +105,7 @@ fn exercise(
         partial_min_age: ages[2],
         evict: true,
         shared: None,
+        coordinated: false,
     };
     let c = open_cache(&tmp, clock.clone(), policy, interval, pressure);
     checksums::run_once(&c);

@@ -148,6 +148,7 @@ impl World {
             partial_min_age: 500,
             evict: true,
             shared: None,
+            coordinated: false,
         };
         World {
             state: CacheState::new(),
