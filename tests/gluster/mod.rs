@@ -34,7 +34,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU32, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -155,6 +155,97 @@ fn sweep_stale() {
     }
 }
 
+fn cstr(p: &Path) -> CString {
+    CString::new(p.as_os_str().as_bytes()).unwrap()
+}
+
+/// The pid the wrapper of [`isolate`] forwards signals to.
+static ISOLATED: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn forward(sig: libc::c_int) {
+    unsafe { libc::kill(ISOLATED.load(Ordering::Relaxed), sig) };
+}
+
+/// Makes `cmd` run in a mount namespace of its own where `machine_id` is bound over
+/// `/etc/machine-id`, and as PID 1 of a PID namespace of its own with its own `/proc`.
+///
+/// Nothing of it reaches the test's namespace: the mounts holding `/etc` (or `/`) and `/proc`
+/// are made private there first. Only shared mounts (the node's client mount) pass mounts
+/// made below them back to the test. The spawned process is a wrapper: it forwards
+/// SIGTERM, SIGINT and SIGHUP to the program and exits as it does; the program dies with it
+/// (`PR_SET_PDEATHSIG`), so that a SIGKILL of the wrapper is one of the program.
+fn isolate(cmd: &mut Command, machine_id: &Path) {
+    let (id_src, id_dst) = (cstr(machine_id), cstr(Path::new("/etc/machine-id")));
+    let (root, etc, proc_) =
+        (cstr(Path::new("/")), cstr(Path::new("/etc")), cstr(Path::new("/proc")));
+    let proc_type = CString::new("proc").unwrap();
+    let fail = || Err(std::io::Error::last_os_error());
+    unsafe {
+        cmd.pre_exec(move || {
+            let null = std::ptr::null();
+            let private = |p: &CString| {
+                libc::mount(null, p.as_ptr(), null, libc::MS_PRIVATE, std::ptr::null())
+            };
+            if libc::unshare(libc::CLONE_NEWNS | libc::CLONE_NEWPID) != 0 {
+                return fail();
+            }
+            // `/etc` is a mount point on some hosts, not on others: either will do.
+            if (private(&etc) != 0 && private(&root) != 0) || private(&proc_) != 0 {
+                return fail();
+            }
+            if libc::mount(id_src.as_ptr(), id_dst.as_ptr(), null, libc::MS_BIND, std::ptr::null())
+                != 0
+            {
+                return fail();
+            }
+            let pid = libc::fork();
+            if pid < 0 {
+                return fail();
+            }
+            if pid == 0 {
+                // PID 1 of the new namespace: the program, with a `/proc` of it.
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                let flags = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+                if libc::mount(
+                    proc_type.as_ptr(),
+                    proc_.as_ptr(),
+                    proc_type.as_ptr(),
+                    flags,
+                    std::ptr::null(),
+                ) != 0
+                {
+                    return fail();
+                }
+                return Ok(());
+            }
+            // The wrapper: forwards signals, waits, exits as the program did. It closes every
+            // descriptor but stdio first: `spawn` waits for its report pipe to close at exec,
+            // which the wrapper never does.
+            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+            ISOLATED.store(pid, Ordering::Relaxed);
+            let mut act: libc::sigaction = std::mem::zeroed();
+            act.sa_sigaction = forward as extern "C" fn(libc::c_int) as usize;
+            for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+                libc::sigaction(sig, &act, std::ptr::null_mut());
+            }
+            let mut status = 0;
+            loop {
+                let r = libc::waitpid(pid, &mut status, 0);
+                if r == pid {
+                    break;
+                }
+                if r < 0 && *libc::__errno_location() != libc::EINTR {
+                    libc::_exit(127);
+                }
+            }
+            if libc::WIFEXITED(status) {
+                libc::_exit(libc::WEXITSTATUS(status));
+            }
+            libc::_exit(128 + libc::WTERMSIG(status));
+        });
+    }
+}
+
 /// One GlusterFS FUSE client: a compute node's view of the shared instances directory.
 pub struct Node {
     /// `a` or `b`.
@@ -191,18 +282,20 @@ impl Node {
     /// Starts imagecachefs over this node's `_base` (its log and instances directory are
     /// this node's own) with extra flags; returns once the mount is live.
     ///
-    /// Both nodes run on one machine, so they would share `/etc/machine-id`, which names a
-    /// node's files on shared storage: each daemon runs in a mount namespace of its own where
-    /// a file of this node's is bound over it. Its FUSE mount still reaches the test's
-    /// namespace: the client mount under it is made a shared mount, and only the mount
-    /// holding `/etc` is made private in the daemon's namespace.
+    /// Both nodes run on one machine; a daemon must not see the other node for what it is
+    /// not: each runs in namespaces of its own ([`isolate`]): a mount namespace where a file
+    /// of this node's is bound over `/etc/machine-id` (which names a node's own files on
+    /// shared storage), and a PID namespace with its own `/proc` (a daemon walks `/proc` for
+    /// processes holding its files, and would find the other node's holders through the
+    /// other node's mount). Processes outside it reach the daemon only through its mount, as
+    /// on a real node. Its FUSE mount still reaches the test's namespace: the client mount
+    /// under it is made a shared mount.
     pub fn mount(&self, extra: &[&str]) -> Mount {
         let mut args = vec!["--instances-dir", self.instances.to_str().unwrap()];
         args.extend_from_slice(extra);
         let id_file = self.logs.join("machine-id");
         fs::write(&id_file, format!("{}\n", self.machine_id())).unwrap();
-        let c = |p: &Path| CString::new(p.as_os_str().as_bytes()).unwrap();
-        let mnt = c(&self.mnt);
+        let mnt = cstr(&self.mnt);
         let rc = unsafe {
             libc::mount(
                 std::ptr::null(),
@@ -213,34 +306,7 @@ impl Node {
             )
         };
         assert_eq!(rc, 0, "make {:?} shared: {}", self.mnt, std::io::Error::last_os_error());
-        let (id_src, id_dst) = (c(&id_file), c(Path::new("/etc/machine-id")));
-        let (root, etc) = (c(Path::new("/")), c(Path::new("/etc")));
-        let prepare = move |cmd: &mut Command| unsafe {
-            cmd.pre_exec(move || {
-                if libc::unshare(libc::CLONE_NEWNS) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                let null = std::ptr::null();
-                // `/etc` is a mount point on some hosts, not on others: either will do.
-                let private = |p: &CString| {
-                    libc::mount(null, p.as_ptr(), null, libc::MS_PRIVATE, std::ptr::null())
-                };
-                if private(&etc) != 0 && private(&root) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                if libc::mount(
-                    id_src.as_ptr(),
-                    id_dst.as_ptr(),
-                    null,
-                    libc::MS_BIND,
-                    std::ptr::null(),
-                ) != 0
-                {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        };
+        let prepare = move |cmd: &mut Command| isolate(cmd, &id_file);
         let base = self.base.clone();
         let mounted =
             move || crate::common::mounts_at(&base).pop().as_deref() == Some("fuse.imagecachefs");
