@@ -25,6 +25,28 @@ fn ages() -> Vec<&'static str> {
     vec!["--original-min-age", AGE, "--resized-min-age", AGE, "--partial-min-age", AGE]
 }
 
+/// A `key: value` of `images/NAME` with the status tree's `\xNN` escapes undone.
+fn shown(text: &str, key: &str) -> String {
+    let v = field(text, key).unwrap_or_else(|| panic!("no `{key}:` in\n{text}"));
+    let mut out = String::new();
+    let mut rest = v.as_str();
+    while let Some(i) = rest.find("\\x") {
+        out.push_str(&rest[..i]);
+        match u8::from_str_radix(rest.get(i + 2..i + 4).unwrap_or("zz"), 16) {
+            Ok(b) => {
+                out.push(b as char);
+                rest = &rest[i + 4..];
+            }
+            Err(_) => {
+                out.push_str("\\x");
+                rest = &rest[i + 2..];
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
 /// Writes `len` bytes of test data to `path` through a mount and closes it.
 fn put(path: &std::path::Path, len: usize, seed: u64) -> Vec<u8> {
     let data = pseudo_random(len, seed);
@@ -61,6 +83,11 @@ fn glusterfs_is_detected_as_shared_and_nothing_is_evicted_without_shared() {
     let text = c.a.status(H1).expect("images/NAME of the idle file");
     assert_eq!(field(&text, "state").as_deref(), Some("idle"), "{text}");
     assert_eq!(field(&text, "evicts_at").as_deref(), Some("never"), "{text}");
+    let storage = shown(&text, "storage");
+    assert!(
+        storage.contains("fuse.glusterfs") && storage.contains("nothing is evicted"),
+        "images/NAME does not say the storage is shared and why nothing goes:\n{text}"
+    );
 
     // The operator's `evict` is refused too, with the reason, and changes nothing.
     let (code, out, err) = icfs(&["evict"], &c.a.base, H1);
@@ -174,6 +201,9 @@ fn a_holder_on_one_node_keeps_the_file_from_the_other_until_a_quarantine_after_i
     stays(&c, H1, Duration::from_secs(2 * (age + Q)), "node a holds it", &[&ma, &mb]);
     let text = c.b.status(H1).expect("node b's images/NAME");
     assert_eq!(field(&text, "refs").as_deref(), Some("0"), "node b counts a's holder:\n{text}");
+    assert_eq!(field(&text, "other_node_holds").as_deref(), Some("yes"), "{text}");
+    let storage = shown(&text, "storage");
+    assert!(storage.contains("fuse.glusterfs") && storage.contains("coordinated"), "{text}");
 
     let stopped = Instant::now();
     holder.terminate();
@@ -190,6 +220,37 @@ fn a_holder_on_one_node_keeps_the_file_from_the_other_until_a_quarantine_after_i
     );
     let lag = wait_unseen(&c.a, H1);
     eprintln!("measured: evicted {waited:?} after the holder stopped (quarantine {Q} s, age {age} s); node a saw ENOENT {lag:?} later");
+    drop((ma, mb));
+}
+
+/// The last use is shared: node a reading the file pushes node b's deadline back, so b
+/// evicts it one threshold after a's use, not one threshold after it was written.
+#[test]
+fn a_use_on_one_node_pushes_back_the_deadline_on_the_other() {
+    const Q: u64 = 1;
+    const T: u64 = 4;
+    let c = Cluster::new(Options::default());
+    let ma = mount(&c.a, &keeper(Q));
+    let t = T.to_string();
+    let flags = ["--original-min-age", &t, "--resized-min-age", AGE, "--partial-min-age", AGE];
+    let mb = mount(&c.b, &shared(flags.map(String::from).to_vec(), Q));
+    let data = put(&c.a.at(H1), 1 << 20, 5);
+    let written = Instant::now();
+    assert!(see(&c.b, H1), "node b does not see {H1} made by node a");
+    std::thread::sleep(Duration::from_secs(T) - Duration::from_millis(1500));
+    assert!(!c.gone(H1), "{H1} went {:?} after it was written", written.elapsed());
+    assert!(fs::read(c.a.at(H1)).unwrap() == data, "node a read other bytes");
+    let used = Instant::now();
+    let gone = wait_gone(&c, H1, Duration::from_secs(T + Q + 30), &[&ma, &mb]);
+    let waited = gone - used;
+    // Last-use times are kept to the second.
+    assert!(
+        waited + Duration::from_secs(1) >= Duration::from_secs(T),
+        "node b evicted {H1} {waited:?} after node a used it: its threshold is {T} s"
+    );
+    eprintln!(
+        "measured: evicted {waited:?} after node a's last use (threshold {T} s, quarantine {Q} s)"
+    );
     drop((ma, mb));
 }
 
@@ -360,8 +421,9 @@ fn a_partitioned_node_keeps_its_file_for_the_quarantine() {
     let ma = mount(&c.a, &keeper(Q));
     let mb = mount(&c.b, &evictor(Q));
     put(&c.a.at(H4), 1 << 20, 4);
-    // Reads one block every 200 ms, saying how each went (at most 2 minutes).
-    let script = "import os,sys,time\nfd=os.open(sys.argv[1],os.O_RDONLY)\nprint('ready',flush=True)\nfor i in range(600):\n    try:\n        os.pread(fd,4096,0); print('ok',flush=True)\n    except OSError as e:\n        print('err',e.errno,flush=True)\n    time.sleep(0.2)";
+    // Reads one block every 200 ms past the page cache, saying how each went (at most 600
+    // reads).
+    let script = "import os,sys,time\nfd=os.open(sys.argv[1],os.O_RDONLY)\nprint('ready',flush=True)\nfor i in range(600):\n    try:\n        os.posix_fadvise(fd,0,0,os.POSIX_FADV_DONTNEED); os.pread(fd,4096,(i%256)*4096); print('ok',flush=True)\n    except OSError as e:\n        print('err',e.errno,flush=True)\n    time.sleep(0.2)";
     let log = c.a.logs.join("holder.log");
     let holder =
         Proc::spawn_logged(tool("python3").arg("-c").arg(script).arg(c.a.at(H4)), log.clone());
@@ -384,7 +446,10 @@ fn a_partitioned_node_keeps_its_file_for_the_quarantine() {
     let limit = Duration::from_secs(3 * u64::from(timeout) + Q + 30);
     let gone = wait_gone(&c, H4, limit, &[&ma, &mb]);
     let evicted_after = gone - cut;
-    let reads_before_heal = fs::read_to_string(&log).unwrap_or_default().lines().count();
+    let before: Vec<String> =
+        fs::read_to_string(&log).unwrap_or_default().lines().map(str::to_string).collect();
+    let reads_before_heal = before.len();
+    let errors_cut = before.iter().filter(|l| l.starts_with("err")).count();
     c.heal(&c.a);
     let healed = Instant::now();
     // What a's holder sees once the cut heals: its file is gone on the brick.
@@ -398,8 +463,9 @@ fn a_partitioned_node_keeps_its_file_for_the_quarantine() {
     let errors = after.iter().filter(|l| l.starts_with("err")).count();
     eprintln!(
         "measured: cut at 0 s, ping timeout {timeout} s, quarantine {Q} s: evicted by node b \
-         after {evicted_after:?}; in the {:?} after healing, node a's holder read {} times, \
-         {errors} failed ({:?})",
+         after {evicted_after:?}; node a's holder: {errors_cut} of {} reads failed while cut \
+         off; in the {:?} after healing, {} reads, {errors} failed ({:?})",
+        reads_before_heal - 1,
         healed.elapsed(),
         after.len(),
         after.iter().find(|l| l.starts_with("err"))
