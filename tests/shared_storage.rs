@@ -11,6 +11,7 @@ mod nova;
 
 use std::fs;
 use std::io::Read;
+use std::os::unix::fs::MetadataExt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -98,6 +99,36 @@ fn glusterfs_is_detected_as_shared_and_nothing_is_evicted_without_shared() {
     let log = m.log_text();
     let said = log.matches("is on shared storage (fuse.glusterfs)").count();
     assert_eq!(said, 1, "the log should say once that the storage is shared:\n{log}");
+    drop(m);
+}
+
+/// GlusterFS's own inode numbers (the clients' default, without `--enable-ino32`) are the
+/// low 64 bits of each file's GFID, a version-4 UUID whose variant bits are the top two bits
+/// of the number: every file has the top bit set, which imagecachefs keeps for its status
+/// tree. Every file must be served all the same.
+#[test]
+fn files_with_any_glusterfs_inode_number_are_served() {
+    let c = Cluster::new(Options { ino32: false, ..Options::default() });
+    let m = c.a.mount(&[]);
+    let mut failed = Vec::new();
+    for i in 0..4u64 {
+        let name = format!("{:040x}", 0x1de0_0000 + i);
+        let data = pseudo_random(4096, i);
+        let res = fs::write(c.a.at(&name), &data).and_then(|_| fs::read(c.a.at(&name)));
+        match res {
+            Ok(got) => assert!(got == data, "{name} read back other bytes"),
+            Err(e) => {
+                let ino = fs::metadata(c.b.raw.join("_base").join(&name)).map(|m| m.ino());
+                failed.push(format!("{name} (GlusterFS inode {ino:x?}): {e}"));
+            }
+        }
+    }
+    assert!(
+        failed.is_empty(),
+        "files not served over GlusterFS:\n{}\ndaemon log:\n{}",
+        failed.join("\n"),
+        m.log_text()
+    );
     drop(m);
 }
 

@@ -382,9 +382,9 @@ pub struct Options {
     /// `client.strict-locks`: a client that lost its locks while cut off gets `EBADFD` on
     /// their fds after the partition heals, instead of fds silently reopened without them.
     pub strict_locks: bool,
-    /// The clients' `--enable-ino32`: 32-bit inode numbers. GlusterFS's own are 64-bit
-    /// hashes of the file's GFID, half of them with the top bit set, which imagecachefs
-    /// refuses (`EOPNOTSUPP`: it keeps those node ids for its status tree).
+    /// The clients' `--enable-ino32`: 32-bit inode numbers. GlusterFS's own are the low 64
+    /// bits of the file's GFID (a version-4 UUID), so the top bit is always set, which
+    /// imagecachefs refuses (`EOPNOTSUPP`: it keeps those node ids for its status tree).
     pub ino32: bool,
 }
 
