@@ -153,6 +153,22 @@ fn sweep_stale() {
             detach(Path::new(&f[1].replace("\\040", " ")));
         }
     }
+    // Scratch directories name their owner; the brick's log is named after its directory.
+    let Ok(tmp) = fs::read_dir(std::env::temp_dir()) else { return };
+    for e in tmp.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !name.starts_with("icfs-test-gl") {
+            continue;
+        }
+        let owner = fs::read_to_string(e.path().join("owner")).unwrap_or_default();
+        // Never through a mount still there: removal would reach into it.
+        let now = fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+        let mounted = now.lines().any(|l| l.split(' ').nth(1).is_some_and(|m| m.contains(&name)));
+        if !owner.trim().is_empty() && !alive(owner.trim()) && !mounted {
+            let _ = fs::remove_dir_all(e.path());
+            let _ = fs::remove_file(format!("/var/log/glusterfs/bricks/tmp-{name}-brick.log"));
+        }
+    }
 }
 
 fn cstr(p: &Path) -> CString {
@@ -423,6 +439,7 @@ impl Cluster {
         sweep_stale();
         let tmp = tempfile::Builder::new().prefix("icfs-test-gl").tempdir().unwrap();
         let root = tmp.path().to_path_buf();
+        fs::write(root.join("owner"), std::process::id().to_string()).unwrap();
         let (pid, seq) = (std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed));
         let ns = |role: &str| format!("{NS_PREFIX}{pid}-{seq}-{role}");
         let node = |name: &'static str| {
