@@ -503,6 +503,12 @@ fn a_partitioned_node_keeps_its_file_for_the_quarantine() {
     );
     eprintln!("node a's events after healing:\n{}", c.a.status_file("events"));
     assert!(ma.running(), "node a's daemon died in the partition:\n{}", ma.log_text());
+    // Node a's daemon checks its locks: the cut must not go unnoticed there.
+    let log = ma.log_text();
+    let noticed = log.lines().any(|l| l.contains(" ERROR ") && l.contains(H4));
+    assert!(noticed, "node a's daemon logged no error about {H4} while cut off:\n{log}");
+    let said: Vec<&str> = log.lines().filter(|l| l.contains("imagecachefs::shared]")).collect();
+    eprintln!("node a's daemon:\n{}", said.join("\n"));
     drop(holder);
     drop((ma, mb));
 }
