@@ -259,7 +259,7 @@ elif why=$("${check[@]}" 2>&1 >/dev/null); then
     shown=$("${check[@]}" 2>/dev/null || true)
     if printf '%s\n' "$shown" | grep -qx 'storage: shared'; then
         fs=$(printf '%s\n' "$shown" | sed -n 's/^filesystem: //p')
-        warn "${dir:-$cache_dir} is on shared storage ($fs): imagecachefs will evict nothing there (--storage local if only this host uses it)"
+        warn "${dir:-$cache_dir} is on shared storage ($fs): imagecachefs will evict nothing there (--shared to coordinate eviction with the other hosts, --storage local if only this host uses it)"
     fi
 else
     fail "imagecachefs refuses the configuration: ${why#imagecachefs: }"

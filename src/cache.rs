@@ -428,6 +428,10 @@ impl Cache {
             Ok(None) => {}
             Err(e) => warn!("reading {shown_file}: {e}; starting with empty state"),
         }
+        if state_file != STATE_FILE {
+            info!("shared storage: this host's state file is {shown_file}");
+            restore_other_hosts(root.as_fd(), &state_file, &mut state);
+        }
         let disks =
             crate::disks::Disks::spawn(settings.instances_dir.clone(), settings.cache_dir.clone());
         let cache = Arc::new(Cache {
@@ -783,9 +787,39 @@ impl Cache {
     pub fn opened(&self, ino: u64, fh: u64, pid: u32, write: bool) -> bool {
         let holder = self.holder(pid);
         let now = self.now();
-        let effect = self.state.lock().reference(RefChange::Open { fh, ino, holder, write }, now);
+        let (effect, name) = {
+            let mut state = self.state.lock();
+            let effect = state.reference(RefChange::Open { fh, ino, holder, write }, now);
+            (effect, state.image(ino).and_then(|i| i.name.clone()))
+        };
+        if effect == RefEffect::Gone {
+            return false;
+        }
+        // Also when the keeper's list says the lock is held: it may be dropping it for the
+        // release this open follows.
         self.sync_locks();
-        effect != RefEffect::Gone
+        if let (Some(k), Some(name)) = (self.keeper.get(), name) {
+            if !self.protect(k, &name, ino) {
+                // Evicted by another host just before this host's lock: a cache miss.
+                self.released(fh, None);
+                return false;
+            }
+        }
+        true
+    }
+
+    /// `--shared`: before an open of `name` (inode `ino`) is answered, this host's shared
+    /// lock on it, and then the file still there: false if another host evicted it first.
+    /// Waits for the keeper a bounded time; without its lock the open goes ahead (logged by
+    /// the keeper, retried at its next look).
+    fn protect(&self, keeper: &crate::shared::Keeper, name: &OsStr, ino: u64) -> bool {
+        if keeper.ensure(name) != Some(true) {
+            return true;
+        }
+        match backing::open_path_at(self.root(), name).and_then(|fd| backing::stat(fd.as_fd())) {
+            Ok(st) => st.ino == ino,
+            Err(e) => e.raw_os_error() != Some(libc::ENOENT),
+        }
     }
 
     /// A handle released; `size`: the file's size now, if the handle could have changed it.
@@ -995,6 +1029,7 @@ impl Cache {
             let mut counters = self.counters.lock();
             if let Some(k) = self.keeper.get() {
                 counters.shared_lock_errors = k.errors();
+                counters.shared_unprotected = k.unprotected();
             }
             let persisted = self.persisted(state.version);
             let stamp = RenderStamp {
@@ -1185,17 +1220,41 @@ pub fn is_own_file(name: &OsStr) -> bool {
         || is_evicting_name(name)
 }
 
+/// How many other hosts' state files are read for their checksums at start.
+const OTHER_HOSTS_READ: usize = 64;
+
+/// On shared storage: the checksums other hosts recorded (their state files), so that a file
+/// another host already hashed is not read again here when its stamp matches.
+fn restore_other_hosts(root: BorrowedFd<'_>, own: &OsStr, state: &mut CacheState) {
+    let Ok(entries) = backing::read_dir(root) else { return };
+    let others = entries
+        .into_iter()
+        .filter(|e| e.kind == libc::S_IFREG && e.name != own)
+        .filter(|e| e.name.as_bytes().starts_with(STATE_PER_HOST.as_bytes()))
+        .filter(|e| !e.name.as_bytes().ends_with(b"~") && e.name != STATE_TMP)
+        .take(OTHER_HOSTS_READ);
+    for e in others {
+        if let Ok(Some(text)) = backing::read_file_at(root, &e.name) {
+            let bad = state.restore_others(&String::from_utf8_lossy(&text));
+            if bad > 0 {
+                warn!("{}: skipped {bad} unreadable line(s)", e.name.to_string_lossy());
+            }
+        }
+    }
+}
+
 /// The prefix of the per-host state files on shared storage.
 pub const STATE_PER_HOST: &str = ".imagecachefs.state.";
 
 /// The state file and its temporary twin: on shared storage one pair per host
-/// (`.imagecachefs.state.<machine id>`), so that two hosts never write the same file.
+/// (`.imagecachefs.state.<machine id>`, and the same with `~`, which no node name has), so
+/// that two hosts never write the same file.
 pub fn state_names(policy: &Policy) -> (OsString, OsString) {
     if policy.shared.is_none() {
         return (STATE_FILE.into(), STATE_TMP.into());
     }
     let node = crate::shared::node_name();
-    (format!("{STATE_PER_HOST}{node}").into(), format!("{STATE_PER_HOST}{node}.tmp").into())
+    (format!("{STATE_PER_HOST}{node}").into(), format!("{STATE_PER_HOST}{node}~").into())
 }
 
 /// A file being evicted is first renamed to `EVICTING` + its name in hex (so that a rename

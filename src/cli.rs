@@ -154,6 +154,12 @@ pub struct MountArgs {
           help_heading = "Shared storage", value_parser = parse_secs,
           allow_negative_numbers = true)]
     pub shared_quarantine: u64,
+
+    /// This host's name for its own files on shared storage (its state file), letters,
+    /// digits, '.', '-' and '_' [default: /etc/machine-id, else the hostname].
+    #[arg(long, value_name = "NAME", help_heading = "Shared storage",
+          value_parser = crate::config::parse_node_name)]
+    pub node_name: Option<String>,
 }
 
 /// `--storage`.
@@ -250,6 +256,7 @@ impl MountArgs {
             verify_rate_mib: self.verify_rate,
             nova_conf: self.nova_conf,
             shared_quarantine: self.shared_quarantine,
+            node_name: self.node_name,
         })
     }
 }
@@ -363,6 +370,10 @@ mod tests {
         let on = config(&["--shared", "--shared-quarantine", "60"]);
         assert!(on.policy.coordinated);
         assert_eq!(on.shared_quarantine, 60);
+        assert_eq!(config(&["--node-name", "node-a.1"]).node_name.as_deref(), Some("node-a.1"));
+        for bad in ["", "a/b", "tmp", "a b", &"x".repeat(65)] {
+            assert!(parse_error(&["--node-name", bad]).contains("is not a node name"), "{bad}");
+        }
     }
 
     #[test]

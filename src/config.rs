@@ -34,6 +34,19 @@ pub fn parse_bounded(s: &str, range: std::ops::RangeInclusive<u64>) -> Result<u6
     }
 }
 
+/// `--node-name`: 1 to 64 of `[A-Za-z0-9._-]`, not `tmp` (the name of the state file's
+/// temporary twin without a node).
+pub fn parse_node_name(s: &str) -> Result<String, String> {
+    let ok = (1..=64).contains(&s.len())
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+        && s != "tmp";
+    if ok {
+        Ok(s.to_string())
+    } else {
+        Err(format!("{s:?} is not a node name (1 to 64 letters, digits, '.', '-' or '_')"))
+    }
+}
+
 /// Seconds: 0 to [`MAX_SECS`].
 pub fn parse_secs(s: &str) -> Result<u64, String> {
     parse_bounded(s, 0..=MAX_SECS)
@@ -140,6 +153,8 @@ pub struct MountConfig {
     pub storage: StorageChoice,
     /// `--shared-quarantine`, seconds (used with `--shared`, i.e. `policy.coordinated`).
     pub shared_quarantine: u64,
+    /// `--node-name`: this host's name for its state file on shared storage.
+    pub node_name: Option<String>,
 }
 
 impl MountConfig {

@@ -257,7 +257,12 @@ fn ask_other_hosts(
             }
             Ok(())
         }
-        Gate::HeldHere => Err(Refused::Blocked(Blocker::InUse)),
+        Gate::HeldHere => {
+            // This host's lock lags a reference that just went: looked at again shortly (no
+            // release will come to reschedule it).
+            cache.schedule_at(ino, crate::clock::add_secs(now, 5));
+            Err(Refused::Blocked(Blocker::InUse))
+        }
         Gate::OtherHost => Err(Refused::OtherHost),
         Gate::Quarantine { until } => {
             cache.schedule_at(ino, until);

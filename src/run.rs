@@ -466,6 +466,7 @@ fn serve(cfg: &MountConfig, on_ready: impl FnOnce()) -> Result<(), Refusal> {
     let root = prepared.dir_fd.try_clone().map_err(|e| Refusal(format!("dup: {e}")))?;
     let mut shown_cfg = MountConfig { instances_dir: Some(instances_dir_shown), ..cfg.clone() };
     shown_cfg.policy = policy.clone();
+    crate::shared::set_node_name(cfg.node_name.clone());
     let cache = Cache::open(
         root,
         policy,

@@ -18,9 +18,10 @@
 //! Lock calls can block for as long as the filesystem wants (a CephFS non-blocking lock was
 //! measured to take 30 s): they all run on one thread of their own, the keeper, fed by a
 //! queue. The state lock is never held across one, and nothing waits for the keeper without
-//! a bound: the bookkeeping only says which files want a shared lock; an eviction waits
-//! [`GATE_TIMEOUT`] at most for its answer, then counts it as "unknown". Lock descriptors
-//! are `O_CLOEXEC` and never serve data.
+//! a bound: the bookkeeping only says which files want a shared lock; the first open of a
+//! file on this host waits [`ENSURE_TIMEOUT`] at most for its lock (then goes ahead
+//! unprotected), an eviction [`GATE_TIMEOUT`] for its exclusive one (then counts it as
+//! "unknown"). Lock descriptors are `O_CLOEXEC` and never serve data.
 //!
 //! The protocol ([`Protocol`]) runs over a [`LockBackend`]: [`OfdLocks`] on the real
 //! filesystem, a fake one in the tests.
@@ -48,6 +49,18 @@ const PROBE: &str = ".imagecachefs.probe";
 
 /// How long an eviction waits for the keeper's answer before it counts as "unknown".
 pub const GATE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long the first open of a file on this host waits for its shared lock, at most; past
+/// it the open goes ahead unprotected (a VM must start) and the lock is retried.
+pub const ENSURE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How often a shared lock refused as busy (another host's eviction holds the exclusive
+/// lock for its rename and unlink) is tried again while an open waits.
+const BUSY_RETRY: Duration = Duration::from_millis(20);
+
+/// How often the shared locks are matched to the references again while the instance disks
+/// have not been read (at start, or while they cannot be).
+const RESYNC: Duration = Duration::from_secs(1);
 
 /// A non-blocking lock attempt that did not fail.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -162,37 +175,43 @@ impl<B: LockBackend> Protocol<B> {
             }
         }
         self.unprotected.retain(|n| want.contains(n));
-        for name in want.difference(&self.held.clone()) {
-            // Used here: whatever another host does, its quarantine starts again.
-            self.free_since.remove(name);
-            match self.backend.share(name) {
-                Ok(Try::Taken) => {
-                    self.held.insert(name.clone());
-                    if self.unprotected.remove(name) {
-                        info!("{}: shared lock taken; protected again", shown(name));
-                    }
+        let new: Vec<OsString> = want.difference(&self.held).cloned().collect();
+        for name in new {
+            self.take_shared(&name);
+        }
+    }
+
+    /// Takes the shared lock on `name`, or marks it unprotected (logged once).
+    fn take_shared(&mut self, name: &OsStr) {
+        // Used here: whatever another host does, its quarantine starts again.
+        self.free_since.remove(name);
+        match self.backend.share(name) {
+            Ok(Try::Taken) => {
+                self.held.insert(name.to_owned());
+                if self.unprotected.remove(name) {
+                    info!("{}: shared lock taken; protected again", shown(name));
                 }
-                Ok(Try::Busy) => {
-                    // An evictor elsewhere holds the exclusive lock right now: it re-checks
-                    // under it and finds the file used here only through a holder it cannot
-                    // see. Nothing to do but try again soon.
-                    if self.unprotected.insert(name.clone()) {
-                        warn!(
-                            "{}: another host holds the exclusive lock (evicting it?); \
-                             retrying the shared lock",
-                            shown(name)
-                        );
-                    }
+            }
+            Ok(Try::Busy) => {
+                // Another host holds the exclusive lock: it is evicting the file this very
+                // moment. An open waiting for this lock tries again until the eviction is
+                // over, and then finds the file gone; otherwise retried at the next sync.
+                if self.unprotected.insert(name.to_owned()) {
+                    warn!(
+                        "{}: another host holds the exclusive lock (evicting it?); retrying the \
+                         shared lock",
+                        shown(name)
+                    );
                 }
-                Err(e) => {
-                    self.errors += 1;
-                    if self.unprotected.insert(name.clone()) {
-                        error!(
-                            "{}: cannot take the shared lock ({e}): other hosts may evict it \
-                             while it is used here; retrying",
-                            shown(name)
-                        );
-                    }
+            }
+            Err(e) => {
+                self.errors += 1;
+                if self.unprotected.insert(name.to_owned()) {
+                    error!(
+                        "{}: cannot take the shared lock ({e}): other hosts may evict it while \
+                         it is used here; retrying",
+                        shown(name)
+                    );
                 }
             }
         }
@@ -212,21 +231,21 @@ impl<B: LockBackend> Protocol<B> {
                 );
                 self.held.remove(&name);
                 let _ = self.backend.unshare(&name, false);
-                let want: BTreeSet<OsString> =
-                    self.held.iter().cloned().chain([name.clone()]).collect();
-                self.sync(&want);
+                self.take_shared(&name);
             }
         }
     }
 
-    /// Looks at `names` (files not used here): a lock seen resets a file's quarantine; a
-    /// file seen free starts one.
+    /// Looks at `names` (every cache file known here): a lock seen, or a use here, resets a
+    /// file's quarantine; a file seen free starts one. A failed test changes neither.
     pub fn sweep(&mut self, names: &[OsString], now: SystemTime) -> BTreeMap<OsString, Seen> {
         let mut out = BTreeMap::new();
         for name in names {
             let mut seen = Seen::default();
             if self.held.contains(name) {
+                // Used here: no quarantine runs; another host may hold it as well.
                 self.free_since.remove(name);
+                seen.other_holds = self.backend.held_elsewhere(name).ok();
             } else {
                 match self.backend.held_elsewhere(name) {
                     Ok(true) => {
@@ -493,6 +512,10 @@ impl LockBackend for OfdLocks {
     }
 
     fn held_elsewhere(&mut self, name: &OsStr) -> io::Result<bool> {
+        // Through the description holding this host's lock, which never conflicts with it.
+        if let Some(file) = self.shared.get(name) {
+            return ofd_test(file.as_fd());
+        }
         let file = match backing::open_at(self.dir.as_fd(), name, libc::O_RDONLY) {
             Ok(f) => f,
             // No lock file: nobody has ever locked it.
@@ -605,9 +628,23 @@ fn probe(root: BorrowedFd<'_>) -> io::Result<()> {
     Ok(())
 }
 
-/// The node's name for its own files on shared storage: `/etc/machine-id`, else the
-/// hostname; only `[A-Za-z0-9._-]` kept.
+/// `--node-name`, once set at start.
+static NODE_NAME: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Sets this host's name (`--node-name`) before the cache is opened; `None` keeps the
+/// default.
+pub fn set_node_name(name: Option<String>) {
+    if let Some(n) = name {
+        let _ = NODE_NAME.set(n);
+    }
+}
+
+/// The node's name for its own files on shared storage: `--node-name`, else
+/// `/etc/machine-id`, else the hostname; only `[A-Za-z0-9._-]` kept.
 pub fn node_name() -> String {
+    if let Some(n) = NODE_NAME.get() {
+        return n.clone();
+    }
     let id = std::fs::read_to_string("/etc/machine-id")
         .ok()
         .map(|s| s.trim().to_string())
@@ -643,6 +680,13 @@ enum Job {
         name: OsString,
         removed: bool,
     },
+    /// An open waits: take the shared lock on `name` now (retrying while another host's
+    /// eviction holds the exclusive lock, until `until`) and say whether it is held.
+    Ensure {
+        name: OsString,
+        until: Instant,
+        reply: Sender<bool>,
+    },
 }
 
 /// The handle other threads have on the keeper: a queue in, and what its last sweep saw.
@@ -657,6 +701,10 @@ pub struct Keeper {
     quarantine: Duration,
     /// How long an eviction waits for an answer ([`GATE_TIMEOUT`]).
     timeout: Duration,
+    /// The names this host holds its shared lock on, as of the keeper's last change.
+    held: Mutex<BTreeSet<OsString>>,
+    /// How many files used here have no shared lock (could not be taken).
+    unprotected: std::sync::atomic::AtomicU64,
 }
 
 impl Keeper {
@@ -669,7 +717,24 @@ impl Keeper {
             errors: Default::default(),
             quarantine,
             timeout,
+            held: Mutex::new(BTreeSet::new()),
+            unprotected: Default::default(),
         }
+    }
+
+    /// Before an open of `name` is answered (its reference registered already): makes sure
+    /// this host holds the shared lock, waiting [`ENSURE_TIMEOUT`] at most. `Some(true)`: held
+    /// (the caller then checks that the file is still there: another host may have evicted
+    /// it just before); `Some(false)`: could not be taken; `None`: no answer in time.
+    pub fn ensure(&self, name: &OsStr) -> Option<bool> {
+        if self.held.lock().contains(name) {
+            return Some(true);
+        }
+        let (tx, rx) = mpsc::channel();
+        let until = Instant::now() + ENSURE_TIMEOUT;
+        let job = Job::Ensure { name: name.to_owned(), until, reply: tx };
+        self.jobs.lock().send(job).ok()?;
+        rx.recv_timeout(ENSURE_TIMEOUT).ok()
     }
 
     /// Asks for the shared locks to follow the references (never waits).
@@ -715,6 +780,11 @@ impl Keeper {
         self.errors.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// Files used here whose shared lock could not be taken (other hosts may evict them).
+    pub fn unprotected(&self) -> u64 {
+        self.unprotected.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     pub fn quarantine(&self) -> Duration {
         self.quarantine
     }
@@ -748,16 +818,7 @@ fn sweep_every(quarantine: Duration) -> Duration {
 pub fn start(cache: &Arc<Cache>, quarantine: Option<u64>) -> Result<(), String> {
     let Some(q) = quarantine else { return Ok(()) };
     let backend = OfdLocks::open(cache.root()).map_err(|e| format!("{LOCK_DIR}: {e}"))?;
-    let quarantine = Duration::from_secs(q);
-    let (tx, rx) = mpsc::channel();
-    let keeper = Arc::new(Keeper::new(tx, quarantine, GATE_TIMEOUT));
-    cache.set_keeper(keeper.clone());
-    let weak = Arc::downgrade(cache);
-    let protocol = Protocol::new(backend, quarantine);
-    std::thread::Builder::new()
-        .name("locks".into())
-        .spawn(move || run(protocol, rx, keeper, weak))
-        .map_err(|e| format!("starting the lock keeper: {e}"))?;
+    start_with(cache, Duration::from_secs(q), backend, GATE_TIMEOUT)?;
     info!(
         "--shared: eviction coordinated with the other hosts through {LOCK_DIR}/ (quarantine \
          {q} s)"
@@ -765,7 +826,27 @@ pub fn start(cache: &Arc<Cache>, quarantine: Option<u64>) -> Result<(), String> 
     Ok(())
 }
 
-/// The names used on this host (open handles, holders from before the mount, instance
+/// Starts the keeper over any lock backend (tests: [`fake`]), evictions waiting `timeout`
+/// for its answers.
+pub fn start_with<B: LockBackend + 'static>(
+    cache: &Arc<Cache>,
+    quarantine: Duration,
+    backend: B,
+    timeout: Duration,
+) -> Result<(), String> {
+    let (tx, rx) = mpsc::channel();
+    let keeper = Arc::new(Keeper::new(tx, quarantine, timeout));
+    cache.set_keeper(keeper.clone());
+    let weak = Arc::downgrade(cache);
+    let protocol = Protocol::new(backend, quarantine);
+    std::thread::Builder::new()
+        .name("locks".into())
+        .spawn(move || run(protocol, rx, keeper, weak))
+        .map_err(|e| format!("starting the lock keeper: {e}"))?;
+    Ok(())
+}
+
+/// The names used on this host (open handles, holders from before the mount, pins, instance
 /// disks' backing files as last read), given the locks `held` now. Memory only. While the
 /// instance disks could not be read, the locks held stay held: a stopped VM's base keeps
 /// its protection through a hung instances directory.
@@ -774,7 +855,7 @@ fn wanted(cache: &Cache, held: &BTreeSet<OsString>) -> BTreeSet<OsString> {
     let state = cache.state.lock();
     let mut want: BTreeSet<OsString> = state
         .images()
-        .filter(|i| i.refs() > 0)
+        .filter(|i| i.refs() > 0 || i.pinned)
         .filter_map(|i| i.name.clone())
         .chain(
             referenced
@@ -798,13 +879,21 @@ fn run<B: LockBackend>(
 ) {
     let every = sweep_every(p.quarantine);
     let mut next = Instant::now();
+    // While the instance disks are unknown, locks are kept as they were: looked at again
+    // this often until a read comes in (memory only, unless something changed).
+    let mut resync: Option<Instant> = None;
     loop {
-        let job = match rx.recv_timeout(next.saturating_duration_since(Instant::now())) {
+        let wake = resync.map_or(next, |r| r.min(next));
+        let job = match rx.recv_timeout(wake.saturating_duration_since(Instant::now())) {
             Ok(j) => Some(j),
             Err(RecvTimeoutError::Timeout) => None,
             Err(RecvTimeoutError::Disconnected) => return,
         };
         let Some(cache) = cache.upgrade() else { return };
+        if job.is_none() && resync.is_some_and(|r| r <= Instant::now()) {
+            let want = wanted(&cache, p.held());
+            p.sync(&want);
+        }
         match job {
             Some(Job::Sync) => {
                 keeper.sync_queued.store(false, std::sync::atomic::Ordering::Release);
@@ -823,6 +912,22 @@ fn run<B: LockBackend>(
                 }
             }
             Some(Job::Finish { name, removed }) => p.finish(&name, removed),
+            Some(Job::Ensure { name, until, reply }) => {
+                let want = wanted(&cache, p.held());
+                p.sync(&want);
+                // Busy: another host's eviction is between its checks and its unlink; it
+                // takes milliseconds.
+                while want.contains(&name)
+                    && !p.held().contains(&name)
+                    && p.unprotected().contains(&name)
+                    && Instant::now() + BUSY_RETRY < until
+                {
+                    std::thread::sleep(BUSY_RETRY);
+                    p.sync(&want);
+                }
+                *keeper.held.lock() = p.held().clone();
+                let _ = reply.send(p.held().contains(&name));
+            }
             None => {}
         }
         // Jobs arriving without a pause must not starve the sweep.
@@ -847,50 +952,51 @@ fn run<B: LockBackend>(
                 next = Instant::now() + every;
             }
         }
+        resync = (cache.referenced_if_known().is_none() && !p.held().is_empty())
+            .then(|| Instant::now() + RESYNC);
+        *keeper.held.lock() = p.held().clone();
         keeper.errors.store(p.errors, std::sync::atomic::Ordering::Relaxed);
+        let unprotected = p.unprotected().len() as u64;
+        keeper.unprotected.store(unprotected, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
-#[cfg(test)]
-mod tests {
+/// A lock table shared by fake hosts, with errors and stalls to inject: the lock manager of
+/// a cluster filesystem, for tests of the protocol and of the evictor over it.
+pub mod fake {
     use super::*;
-    use std::collections::HashMap;
-    use std::sync::Arc;
-
-    fn t(secs: u64) -> SystemTime {
-        SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000 + secs)
-    }
-
-    fn n(s: &str) -> OsString {
-        OsString::from(s)
-    }
 
     fn errno(e: i32) -> io::Error {
         io::Error::from_raw_os_error(e)
     }
 
     /// One cluster's lock table, shared by the fake hosts.
-    struct Table {
+    pub struct Table {
         /// Per lock file: (host, exclusive) of each lock held.
-        locks: HashMap<OsString, Vec<(usize, bool)>>,
+        pub locks: HashMap<OsString, Vec<(usize, bool)>>,
         /// Lock files and their mtimes.
-        files: HashMap<OsString, SystemTime>,
+        pub files: HashMap<OsString, SystemTime>,
         /// The clock the fake filesystem stamps mtimes with.
-        now: SystemTime,
+        pub now: SystemTime,
     }
 
     /// Errors to inject into one host's calls (an errno, for every call of that kind).
     #[derive(Default)]
-    struct Faults {
-        share: Option<i32>,
-        check: Option<i32>,
-        exclusive: Option<i32>,
+    pub struct Faults {
+        pub share: Option<i32>,
+        pub check: Option<i32>,
+        pub exclusive: Option<i32>,
         /// `last_release` fails: an error right after the exclusive lock was taken.
-        stat: Option<i32>,
-        test: Option<i32>,
+        pub stat: Option<i32>,
+        pub test: Option<i32>,
+        /// The exclusive lock call stalls this long first (a filesystem that hangs).
+        pub stall: Option<Duration>,
+        /// Shared lock calls made (counted, not injected).
+        pub shares: u64,
     }
 
-    struct Fake {
+    /// One host's view of the table.
+    pub struct Fake {
         host: usize,
         table: Arc<Mutex<Table>>,
         faults: Arc<Mutex<Faults>>,
@@ -924,6 +1030,7 @@ mod tests {
 
     impl LockBackend for Fake {
         fn share(&mut self, name: &OsStr) -> io::Result<Try> {
+            self.faults.lock().shares += 1;
             if let Some(e) = self.faults.lock().share {
                 return Err(errno(e));
             }
@@ -952,6 +1059,10 @@ mod tests {
             }
         }
         fn exclusive(&mut self, name: &OsStr) -> io::Result<Try> {
+            let stall = self.faults.lock().stall;
+            if let Some(d) = stall {
+                std::thread::sleep(d);
+            }
             if let Some(e) = self.faults.lock().exclusive {
                 return match e {
                     libc::EAGAIN | libc::EACCES => Ok(Try::Busy),
@@ -981,38 +1092,67 @@ mod tests {
         }
     }
 
-    const Q: Duration = Duration::from_secs(900);
-
-    struct Cluster {
-        table: Arc<Mutex<Table>>,
-        faults: Vec<Arc<Mutex<Faults>>>,
+    /// The cluster: its table, and each host's faults (by host number).
+    pub struct Cluster {
+        pub table: Arc<Mutex<Table>>,
+        pub faults: Vec<Arc<Mutex<Faults>>>,
     }
 
     impl Cluster {
-        fn new() -> Self {
+        /// A cluster whose filesystem clock starts at `now`.
+        pub fn new(now: SystemTime) -> Self {
             Cluster {
                 table: Arc::new(Mutex::new(Table {
-                    now: t(0),
+                    now,
                     locks: HashMap::new(),
                     files: HashMap::new(),
                 })),
                 faults: vec![],
             }
         }
-        fn host(&mut self) -> Protocol<Fake> {
+        /// A new host's backend.
+        pub fn backend(&mut self) -> Fake {
             let faults = Arc::new(Mutex::new(Faults::default()));
             self.faults.push(faults.clone());
             let host = self.faults.len() - 1;
-            Protocol::new(Fake { host, table: self.table.clone(), faults }, Q)
+            Fake { host, table: self.table.clone(), faults }
         }
-        fn at(&self, now: SystemTime) {
+        /// A new host's protocol, with the quarantine `q`.
+        pub fn host(&mut self, q: Duration) -> Protocol<Fake> {
+            Protocol::new(self.backend(), q)
+        }
+
+        /// The same, through a shared reference (the table is behind its lock).
+        pub fn host_with(&self, q: Duration) -> Protocol<Fake> {
+            let host = self.faults.len() + 1000;
+            let faults = Arc::new(Mutex::new(Faults::default()));
+            Protocol::new(Fake { host, table: self.table.clone(), faults }, q)
+        }
+        /// Sets the filesystem's clock (the mtimes releases stamp).
+        pub fn at(&self, now: SystemTime) {
             self.table.lock().now = now;
         }
         /// Whether anyone holds an exclusive lock on `name`.
-        fn exclusive_held(&self, name: &str) -> bool {
+        pub fn exclusive_held(&self, name: &str) -> bool {
             self.table.lock().locks.get(OsStr::new(name)).is_some_and(|l| l.iter().any(|l| l.1))
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fake::Cluster;
+    use super::*;
+
+    fn t(secs: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000 + secs)
+    }
+
+    fn n(s: &str) -> OsString {
+        OsString::from(s)
+    }
+
+    const Q: Duration = Duration::from_secs(900);
 
     fn set(names: &[&str]) -> BTreeSet<OsString> {
         names.iter().map(|s| n(s)).collect()
@@ -1020,8 +1160,8 @@ mod tests {
 
     #[test]
     fn a_host_using_a_file_keeps_it_from_the_others_until_the_quarantine_passes() {
-        let mut c = Cluster::new();
-        let (mut a, mut b) = (c.host(), c.host());
+        let mut c = Cluster::new(t(0));
+        let (mut a, mut b) = (c.host(Q), c.host(Q));
         a.sync(&set(&["x"]));
         assert_eq!(b.gate(OsStr::new("x"), t(10)), Gate::OtherHost);
         assert!(!c.exclusive_held("x"));
@@ -1046,16 +1186,16 @@ mod tests {
 
     #[test]
     fn this_hosts_own_lock_is_not_another_hosts() {
-        let mut c = Cluster::new();
-        let mut a = c.host();
+        let mut c = Cluster::new(t(0));
+        let mut a = c.host(Q);
         a.sync(&set(&["x"]));
         assert_eq!(a.gate(OsStr::new("x"), t(0) + Q * 2), Gate::HeldHere);
     }
 
     #[test]
     fn a_lock_or_a_release_seen_during_the_quarantine_starts_it_again() {
-        let mut c = Cluster::new();
-        let (mut a, mut b) = (c.host(), c.host());
+        let mut c = Cluster::new(t(0));
+        let (mut a, mut b) = (c.host(Q), c.host(Q));
         let x = [n("x")];
         assert_eq!(b.sweep(&x, t(0))[&x[0]].quarantine_ends, Some(t(0) + Q));
         // A uses it for a while: B's sweep sees the lock.
@@ -1085,8 +1225,8 @@ mod tests {
             (libc::ESTALE, false),
             (libc::ETIMEDOUT, false),
         ] {
-            let mut c = Cluster::new();
-            let mut b = c.host();
+            let mut c = Cluster::new(t(0));
+            let mut b = c.host(Q);
             // Free long enough: only the error can stop it.
             b.sweep(&[n("x")], t(0));
             c.faults[0].lock().exclusive = Some(e);
@@ -1110,8 +1250,8 @@ mod tests {
 
     #[test]
     fn an_error_right_after_the_exclusive_lock_releases_it_and_keeps_the_file() {
-        let mut c = Cluster::new();
-        let mut b = c.host();
+        let mut c = Cluster::new(t(0));
+        let mut b = c.host(Q);
         b.sweep(&[n("x")], t(0));
         c.faults[0].lock().stat = Some(libc::EIO);
         let g = b.gate(OsStr::new("x"), t(0) + Q * 2);
@@ -1122,8 +1262,8 @@ mod tests {
 
     #[test]
     fn a_failed_test_neither_starts_nor_ends_a_quarantine() {
-        let mut c = Cluster::new();
-        let mut b = c.host();
+        let mut c = Cluster::new(t(0));
+        let mut b = c.host(Q);
         c.faults[0].lock().test = Some(libc::ENOLCK);
         let seen = b.sweep(&[n("x")], t(0));
         assert_eq!((seen[&n("x")].other_holds, seen[&n("x")].quarantine_ends), (None, None));
@@ -1135,8 +1275,8 @@ mod tests {
 
     #[test]
     fn a_lock_that_cannot_be_taken_leaves_the_file_unprotected_and_is_retried() {
-        let mut c = Cluster::new();
-        let mut a = c.host();
+        let mut c = Cluster::new(t(0));
+        let mut a = c.host(Q);
         c.faults[0].lock().share = Some(libc::ENOLCK);
         a.sync(&set(&["x"]));
         assert!(a.unprotected().contains(OsStr::new("x")) && a.held().is_empty());
@@ -1147,8 +1287,8 @@ mod tests {
 
     #[test]
     fn a_lock_lost_over_a_reconnect_is_taken_again_at_the_next_heal() {
-        let mut c = Cluster::new();
-        let (mut a, mut b) = (c.host(), c.host());
+        let mut c = Cluster::new(t(0));
+        let (mut a, mut b) = (c.host(Q), c.host(Q));
         a.sync(&set(&["x"]));
         // GlusterFS without strict locks: the brick forgot A's lock, A's fd still works.
         c.table.lock().locks.clear();
@@ -1179,6 +1319,23 @@ mod tests {
     }
 
     #[test]
+    fn each_host_has_its_own_reserved_state_file() {
+        let node = node_name();
+        assert!(!node.is_empty() && node != "tmp");
+        assert!(node.chars().all(|c| c.is_ascii_alphanumeric() || ".-_".contains(c)), "{node}");
+        let shared = crate::state::Policy { shared: Some("nfs4".into()), ..Default::default() };
+        let (file, tmp) = crate::cache::state_names(&shared);
+        assert_eq!(file, OsString::from(format!(".imagecachefs.state.{node}")));
+        assert_ne!(file, tmp);
+        for n in [&file, &tmp] {
+            assert!(crate::cache::is_own_file(n), "{n:?} is reserved");
+        }
+        let local = crate::cache::state_names(&Default::default());
+        assert_eq!(local.0, OsString::from(crate::cache::STATE_FILE));
+        assert!(crate::cache::is_own_file(OsStr::new(LOCK_DIR)));
+    }
+
+    #[test]
     fn local_only_lock_managers_are_recognised() {
         assert!(local_only_locks("nfs", "rw,relatime,vers=3,nolock,proto=tcp").is_some());
         assert!(local_only_locks("nfs4", "rw,vers=4.2,local_lock=flock").is_some());
@@ -1201,6 +1358,7 @@ mod tests {
         let x = OsStr::new("x");
         assert!(!b.held_elsewhere(x).unwrap(), "no lock file yet");
         assert_eq!(a.share(x).unwrap(), Try::Taken);
+        assert!(!a.held_elsewhere(x).unwrap(), "its own lock is nobody else's");
         let created = b.last_release(x).unwrap();
         assert_eq!(created, Some(SystemTime::UNIX_EPOCH), "a creation is no use");
         assert!(b.held_elsewhere(x).unwrap());

@@ -356,6 +356,9 @@ pub struct CacheState {
     events: VecDeque<Event>,
     /// Restored records not yet matched with a file.
     saved: HashMap<OsString, Saved>,
+    /// Checksums other hosts sharing the directory recorded (their state files), applied to a
+    /// file that has none of its own when the stamp matches.
+    others: HashMap<OsString, (Checksum, Verified)>,
     /// Bumped on every change worth persisting.
     pub version: u64,
     /// Bumped on every change a status file shows (those, and opens).
@@ -439,6 +442,14 @@ impl CacheState {
             if s.checksum.is_some_and(|c| c.stamp == now) {
                 img.checksum = s.checksum;
                 img.verified = s.verified;
+            }
+        }
+        if let Some((c, v)) = self.others.remove(name) {
+            // Another host hashed the same content (same inode, size and mtime): no need to
+            // read it again here.
+            if img.checksum.is_none() && c.stamp == (Stamp { ino, size, mtime }) {
+                img.checksum = Some(c);
+                img.verified = v;
             }
         }
         self.names.insert(name.to_os_string(), ino);
@@ -931,6 +942,28 @@ impl CacheState {
         out
     }
 
+    /// Loads the checksums of another host's state file (shared storage): each applies to a
+    /// file observed later that has no checksum of its own, if its stamp matches the file.
+    /// Nothing else of the other host's records is taken (its pins and uses are its own).
+    /// Returns the number of unreadable lines.
+    pub fn restore_others(&mut self, text: &str) -> usize {
+        let mut lines = text.lines();
+        if lines.next().and_then(|h| h.strip_prefix(STATE_HEADER)) != Some("2") {
+            return 0;
+        }
+        let mut bad = 0;
+        for line in lines {
+            match parse_saved(line, 2) {
+                Some((name, Saved { checksum: Some(c), verified, .. })) => {
+                    self.others.entry(name).or_insert((c, verified));
+                }
+                Some(_) => {}
+                None => bad += 1,
+            }
+        }
+        bad
+    }
+
     /// Loads saved records; they apply when their files are observed. Malformed lines are
     /// skipped (and counted in the result) rather than failing the start. Version 1 records
     /// carry no stamp: their last use and pin are kept, their checksum and verdict dropped
@@ -1304,6 +1337,32 @@ mod tests {
             assert_eq!((i.checksum, i.verified), (None, Verified::Never), "{ino} {size}");
             assert!(i.pinned, "the pin stays with the name");
             assert_eq!(unix_secs(i.last_used), unix_secs(img(&s).last_used), "last use stays");
+        }
+    }
+
+    #[test]
+    fn another_hosts_checksum_applies_to_the_same_content_and_nothing_else_of_it_does() {
+        let at = stamp(4096, 1_000_000_123);
+        let mut s = hashed(at);
+        assert!(s.set_pin(OsStr::new(NAME), true, t(120)));
+        let gen = img(&s).write_gen;
+        s.record_hash(INO, gen, GOOD, at, t(150));
+        let theirs = s.persist_text();
+
+        let mut mine = CacheState::new();
+        assert_eq!(mine.restore_others(&theirs), 0);
+        mine.observe(OsStr::new(NAME), INO, at.size, at.mtime);
+        assert_eq!(img(&mine).checksum.map(|c| (c.sha1, c.stamp)), Some((GOOD, at)));
+        assert_eq!(img(&mine).verified, Verified::Ok(t(150)));
+        assert!(!img(&mine).pinned, "a pin is its host's own");
+        assert_eq!(img(&mine).last_used, at.mtime, "so is its use");
+
+        // Another stamp: not the content they hashed.
+        for (ino, size, mtime) in [(INO + 1, at.size, at.mtime), (INO, at.size, t(7))] {
+            let mut mine = CacheState::new();
+            mine.restore_others(&theirs);
+            mine.observe(OsStr::new(NAME), ino, size, mtime);
+            assert_eq!(mine.image(ino).unwrap().checksum, None, "{ino} {mtime:?}");
         }
     }
 

@@ -36,6 +36,8 @@ pub struct Counters {
     pub shared_refusals: BTreeMap<&'static str, u64>,
     /// `--shared`: lock calls on the shared storage that failed (as the keeper counts them).
     pub shared_lock_errors: u64,
+    /// `--shared`: files used here whose shared lock could not be taken.
+    pub shared_unprotected: u64,
 }
 
 /// The reasons of `imagecachefs_shared_refusals_total`, all shown (at 0 until they happen).
@@ -46,8 +48,12 @@ pub const SHARED_REFUSALS: [&str; 3] = ["other_host", "quarantine", "unknown"];
 pub fn storage_text(policy: &Policy) -> String {
     match &policy.shared {
         None => "local".into(),
-        Some(kind) if policy.coordinated => format!("shared {kind}, coordinated (--shared)"),
-        Some(kind) => format!("shared {kind}, not coordinated: nothing is evicted"),
+        Some(kind) if policy.coordinated => {
+            format!("shared {}, coordinated (--shared)", escape(kind.as_bytes()))
+        }
+        Some(kind) => {
+            format!("shared {}, not coordinated: nothing is evicted", escape(kind.as_bytes()))
+        }
     }
 }
 
@@ -258,7 +264,7 @@ pub fn image(view: &View, img: &Image) -> String {
         r.evicts_at,
         r.sha1_text(),
         r.verified,
-        escape(storage_text(view.policy).as_bytes()),
+        storage_text(view.policy),
     )
 }
 
@@ -335,12 +341,12 @@ fn json_str(s: &str) -> String {
 pub fn json(view: &View) -> String {
     let p = view.persisted;
     let mut out = format!(
-        "{{\"generated_at\":{},\"persisted\":{},\"persisted_at\":{},\"storage\":{},\"images\":[",
+        "{{\"generated_at\":{},\"persisted\":{},\"persisted_at\":{},\"images\":[",
         json_str(&rfc3339(view.now)),
         p.on_disk,
         json_str(&p.at.map_or("never".into(), rfc3339)),
-        json_str(&storage_text(view.policy)),
     );
+    let storage = json_str(&storage_text(view.policy));
     for (i, r) in view.rows().enumerate() {
         if i > 0 {
             out.push(',');
@@ -354,7 +360,8 @@ pub fn json(view: &View) -> String {
         let _ = write!(
             out,
             "{{\"name\":{},\"kind\":{},\"size\":{},\"refs\":{},\"holders\":{},\"age\":{},\
-             \"last_used\":{},\"min_age\":{},\"state\":{},\"evicts_at\":{},\"sha1\":{},\"verified\":{}}}",
+             \"last_used\":{},\"min_age\":{},\"state\":{},\"evicts_at\":{},\"sha1\":{},\"verified\":{},\
+             \"storage\":{}}}",
             json_str(&r.name),
             json_str(r.kind.as_str()),
             r.size,
@@ -366,7 +373,8 @@ pub fn json(view: &View) -> String {
             json_str(r.state.as_str()),
             json_str(&r.evicts_at),
             r.sha1.as_deref().map_or("null".into(), json_str),
-            json_str(&r.verified)
+            json_str(&r.verified),
+            storage
         );
     }
     out.push_str("]}\n");
@@ -490,6 +498,13 @@ pub fn metrics(view: &View) -> String {
         "Lock calls on the shared storage that failed (--shared).",
     );
     let _ = writeln!(out, "imagecachefs_shared_lock_errors_total {}", c.shared_lock_errors);
+    metric(
+        &mut out,
+        "shared_unprotected_files",
+        "gauge",
+        "Files used here whose shared lock could not be taken (--shared): other hosts may evict them.",
+    );
+    let _ = writeln!(out, "imagecachefs_shared_unprotected_files {}", c.shared_unprotected);
     let p = view.persisted;
     metric(&mut out, "state_writes_total", "counter", "Writes of the state file.");
     let _ = writeln!(out, "imagecachefs_state_writes_total {}", p.writes);
@@ -626,7 +641,7 @@ mod tests {
                 for img in s.images() {
                     let text = image(&v, img);
                     let keys: Vec<&str> = text.lines().map(|l| l.split_once(": ").unwrap().0).collect();
-                    prop_assert_eq!(keys.len(), 12, "{}", text);
+                    prop_assert_eq!(keys.len(), 13, "{}", text);
                     let name = text.lines().next().unwrap().strip_prefix("name: ").unwrap();
                     prop_assert_eq!(
                         crate::text::unescape(name),
