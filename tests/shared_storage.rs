@@ -48,6 +48,13 @@ fn shown(text: &str, key: &str) -> String {
     out
 }
 
+/// The value of the metric line starting with `name ` (0 when there is none).
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
 /// Writes `len` bytes of test data to `path` through a mount and closes it.
 fn put(path: &std::path::Path, len: usize, seed: u64) -> Vec<u8> {
     let data = pseudo_random(len, seed);
@@ -236,8 +243,20 @@ fn a_holder_on_one_node_keeps_the_file_from_the_other_until_a_quarantine_after_i
     let storage = shown(&text, "storage");
     assert!(storage.contains("fuse.glusterfs") && storage.contains("coordinated"), "{text}");
 
+    let refused = metric(
+        &c.b.status_file("metrics"),
+        "imagecachefs_shared_refusals_total{reason=\"other_host\"}",
+    );
+    assert!(refused > 0.0, "node b's metrics count no refusal because of another host");
+
     let stopped = Instant::now();
     holder.terminate();
+    // Between the release and the eviction, node b shows when the quarantine ends.
+    wait_until(Duration::from_secs(Q), "node b to show when the quarantine ends", || {
+        let text = c.b.status(H1)?;
+        let ends = field(&text, "quarantine_ends")?;
+        (ends != "-" && ends != "unknown").then_some(())
+    });
     let gone = wait_gone(&c, H1, Duration::from_secs(Q + 30), &[&ma, &mb]);
     let waited = gone - stopped;
     assert!(
@@ -250,6 +269,13 @@ fn a_holder_on_one_node_keeps_the_file_from_the_other_until_a_quarantine_after_i
         c.b.status_file("events")
     );
     let lag = wait_unseen(&c.a, H1);
+    // Each node writes a state file of its own.
+    for n in c.nodes() {
+        let state = c.real(&format!(".imagecachefs.state.{}", n.machine_id()));
+        wait_until(Duration::from_secs(10), &format!("{state:?}"), || {
+            state.is_file().then_some(())
+        });
+    }
     eprintln!("measured: evicted {waited:?} after the holder stopped (quarantine {Q} s, age {age} s); node a saw ENOENT {lag:?} later");
     drop((ma, mb));
 }
