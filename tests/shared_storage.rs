@@ -311,6 +311,36 @@ fn a_use_on_one_node_pushes_back_the_deadline_on_the_other() {
     drop((ma, mb));
 }
 
+/// What one node's Nova does is soon seen on the other: a base downloaded and renamed into
+/// place on node b appears on node a, which looked for it just before (a cached "no such
+/// file" must not hide it for long), with b's bytes; deleted on b, it is gone on a.
+#[test]
+fn changes_made_on_one_node_are_seen_on_the_other() {
+    let c = Cluster::new(Options::default());
+    let ma = mount(&c.a, &keeper(3600));
+    let mb = mount(&c.b, &keeper(3600));
+    let within = Duration::from_secs(10);
+    let appear = |name: &str| {
+        let start = Instant::now();
+        wait_until(within, &format!("node a to see {name}"), || see(&c.a, name).then_some(()));
+        start.elapsed()
+    };
+    assert_eq!(errno(fs::metadata(c.a.at(H2))), Some(libc::ENOENT), "{H2} before it exists");
+    let part = format!("{H2}.part");
+    let data = put(&c.b.at(&part), 1 << 20, 6);
+    fs::rename(c.b.at(&part), c.b.at(H2)).unwrap();
+    let new = appear(H2);
+    assert!(fs::read(c.a.at(H2)).unwrap() == data, "node a reads other bytes than b wrote");
+    let part_gone = wait_unseen(&c.a, &part);
+    fs::remove_file(c.b.at(H2)).unwrap();
+    let deleted = wait_unseen(&c.a, H2);
+    eprintln!(
+        "measured: node a saw b's new base {new:?} after the rename, the .part gone \
+         {part_gone:?} later, the deleted base gone {deleted:?} after the delete"
+    );
+    drop((ma, mb));
+}
+
 /// A stopped instance on node a (a qcow2 in a's own instances directory naming the base as
 /// its backing file) keeps the base from node b, which cannot see that disk; once the
 /// instance is deleted, b evicts it after the quarantine.
