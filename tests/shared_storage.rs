@@ -1,7 +1,10 @@
 //! imagecachefs on a real cluster filesystem (issue 13): a one-brick GlusterFS volume with two
 //! FUSE clients standing for two compute nodes `a` and `b` (tests/gluster/mod.rs), an
 //! imagecachefs daemon over each node's view of the shared `_base`, each node with its own
-//! instances directory. What exists is read on the brick, whatever a client caches.
+//! instances directory. What exists is read on the brick, whatever a client caches. Each
+//! daemon runs in mount and PID namespaces of its own (its own machine id and `/proc`), so
+//! that it knows the other node only through the shared files, as on two machines. The
+//! clients use 32-bit inode numbers (`--enable-ino32`) but in the test of GlusterFS's own.
 //!
 //! Thresholds are seconds; every wait polls with a deadline and every loop is bounded.
 
