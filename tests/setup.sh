@@ -4,13 +4,15 @@
 # fault injection slows a syscall of the daemon), python3 with prometheus_client (the
 # metrics test parses the exposition with the Prometheus client's own parser), shellcheck (the
 # mount scripts must pass it), logrotate and cargo-deb (tests/install.rs runs the package's
-# logrotate snippet and builds the .deb). The README's test command runs it first:
+# logrotate snippet and builds the .deb), glusterfs server and client with iproute2 (the
+# shared-storage tests run a one-brick volume in network namespaces). The README's test
+# command runs it first:
 #   tests/setup.sh && cargo test --no-fail-fast
 set -euo pipefail
 
 case ${1-} in
     -h | --help)
-        sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//'
+        sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'
         exit 0 ;;
     '') ;;
     *) echo "setup: unknown argument $1 (see --help)" >&2; exit 2 ;;
@@ -28,6 +30,9 @@ command -v python3 >/dev/null && [ -x /usr/bin/python3 ] || need+=(python3)
 command -v shellcheck >/dev/null || need+=(shellcheck)
 # The package's logrotate snippet is run for real (tests/install.rs).
 command -v logrotate >/dev/null || need+=(logrotate)
+command -v ip >/dev/null || need+=(iproute2)
+command -v glusterd >/dev/null && command -v gluster >/dev/null || need+=(glusterfs-server)
+command -v glusterfs >/dev/null || need+=(glusterfs-client)
 if ! command -v python3 >/dev/null || ! python3 -c 'import prometheus_client' 2>/dev/null; then
     need+=(python3-prometheus-client)
 fi
@@ -52,3 +57,4 @@ if ! cargo deb --version >/dev/null 2>&1; then
     echo "setup: installing cargo-deb" >&2
     cargo install cargo-deb --locked --quiet
 fi
+command -v glusterd >/dev/null && command -v glusterfs >/dev/null

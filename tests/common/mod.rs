@@ -168,24 +168,64 @@ impl Mount {
     }
 
     fn spawn(program: &Path, dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Self {
-        require_fuse();
         let log = dir
             .with_file_name(format!("{}.daemon.log", dir.file_name().unwrap().to_string_lossy()));
+        let env: Vec<(String, String)> =
+            env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        Mount::spawn_from(
+            program,
+            dir,
+            extra,
+            log,
+            move |c| {
+                c.envs(env);
+            },
+            || is_fuse(dir),
+        )
+    }
+
+    /// As [`Mount::new`], the daemon's output going to `log` (not next to `dir`: where that
+    /// is a shared filesystem, two nodes' daemons would write the same file).
+    pub fn with_log(dir: &Path, extra: &[&str], log: PathBuf) -> Self {
+        Mount::spawn_with(dir, extra, log, |_| {}, || is_fuse(dir))
+    }
+
+    /// As [`Mount::with_log`], the command first handed to `prepare` (to add a `pre_exec`, for
+    /// example), and the mount live once `mounted` says so (where `dir` is a FUSE filesystem
+    /// already, `is_fuse` would not tell).
+    pub fn spawn_with(
+        dir: &Path,
+        extra: &[&str],
+        log: PathBuf,
+        prepare: impl FnOnce(&mut Command),
+        mounted: impl Fn() -> bool,
+    ) -> Self {
+        Mount::spawn_from(Path::new(bin()), dir, extra, log, prepare, mounted)
+    }
+
+    fn spawn_from(
+        program: &Path,
+        dir: &Path,
+        extra: &[&str],
+        log: PathBuf,
+        prepare: impl FnOnce(&mut Command),
+        mounted: impl Fn() -> bool,
+    ) -> Self {
+        require_fuse();
         let logf = File::create(&log).unwrap();
-        let child = Command::new(program)
-            .arg("mount")
+        let mut cmd = Command::new(program);
+        cmd.arg("mount")
             .arg(dir)
             .args(extra)
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
-            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(logf.try_clone().unwrap())
-            .stderr(logf)
-            .spawn()
-            .expect("spawn imagecachefs");
+            .stderr(logf);
+        prepare(&mut cmd);
+        let child = cmd.spawn().expect("spawn imagecachefs");
         let mut m = Mount { dir: dir.to_path_buf(), log, child: Some(child) };
         let deadline = Instant::now() + Duration::from_secs(20);
-        while !is_fuse(dir) {
+        while !mounted() {
             if let Some(st) = m.child.as_mut().unwrap().try_wait().unwrap() {
                 m.child = None;
                 panic!("imagecachefs exited with {st} before mounting:\n{}", m.log_text());
