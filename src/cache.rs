@@ -893,8 +893,21 @@ impl Cache {
     /// Waits for the keeper a bounded time; without its lock the open goes ahead (logged by
     /// the keeper, retried at its next look).
     fn protect(&self, keeper: &crate::shared::Keeper, name: &OsStr, ino: u64) -> bool {
-        if keeper.ensure(name) != Some(true) {
-            return true;
+        use crate::shared::Ensured;
+        match keeper.ensure(name) {
+            Some(Ensured::Held) => {}
+            // Another host's eviction held the exclusive lock the whole wait: the file is
+            // going (answering with it would hand out a file deleted under the opener).
+            Some(Ensured::Busy) => {
+                warn!(
+                    "open of {}: another host is evicting it (its exclusive lock stayed for \
+                     {:?}): answered as gone",
+                    crate::text::escape(name.as_bytes()),
+                    crate::shared::ENSURE_TIMEOUT
+                );
+                return false;
+            }
+            Some(Ensured::Failed) | None => return true,
         }
         match backing::open_path_at(self.root(), name).and_then(|fd| backing::stat(fd.as_fd())) {
             Ok(st) => st.ino == ino,

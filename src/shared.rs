@@ -93,6 +93,17 @@ pub trait LockBackend: Send {
     fn last_release(&mut self, name: &OsStr) -> io::Result<Option<SystemTime>>;
 }
 
+/// What [`Keeper::ensure`] got.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ensured {
+    /// This host holds the shared lock (the caller checks the file is still there).
+    Held,
+    /// Another host held the exclusive lock all along: it is evicting the file.
+    Busy,
+    /// The lock call failed: the open goes ahead unprotected (logged, retried).
+    Failed,
+}
+
 /// What the cross-host check says about evicting a file.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Gate {
@@ -130,6 +141,9 @@ pub struct Protocol<B: LockBackend> {
     unprotected: BTreeSet<OsString>,
     /// When each file was first seen free of locks, since its last lock sighting.
     free_since: HashMap<OsString, SystemTime>,
+    /// Names whose last shared-lock attempt found another host's exclusive lock (an
+    /// eviction under way there).
+    busy: BTreeSet<OsString>,
     /// Lock calls that failed (a metric).
     pub errors: u64,
 }
@@ -146,6 +160,7 @@ impl<B: LockBackend> Protocol<B> {
             held: BTreeSet::new(),
             unprotected: BTreeSet::new(),
             free_since: HashMap::new(),
+            busy: BTreeSet::new(),
             errors: 0,
         }
     }
@@ -157,6 +172,11 @@ impl<B: LockBackend> Protocol<B> {
     /// Names that want a shared lock this host does not hold.
     pub fn unprotected(&self) -> &BTreeSet<OsString> {
         &self.unprotected
+    }
+
+    /// Whether the last attempt at `name`'s shared lock found another host's eviction.
+    pub fn is_busy(&self, name: &OsStr) -> bool {
+        self.busy.contains(name)
     }
 
     pub fn backend(&mut self) -> &mut B {
@@ -175,6 +195,7 @@ impl<B: LockBackend> Protocol<B> {
             }
         }
         self.unprotected.retain(|n| want.contains(n));
+        self.busy.retain(|n| want.contains(n));
         let new: Vec<OsString> = want.difference(&self.held).cloned().collect();
         for name in new {
             self.take_shared(&name);
@@ -187,12 +208,14 @@ impl<B: LockBackend> Protocol<B> {
         self.free_since.remove(name);
         match self.backend.share(name) {
             Ok(Try::Taken) => {
+                self.busy.remove(name);
                 self.held.insert(name.to_owned());
                 if self.unprotected.remove(name) {
                     info!("{}: shared lock taken; protected again", shown(name));
                 }
             }
             Ok(Try::Busy) => {
+                self.busy.insert(name.to_owned());
                 // Another host holds the exclusive lock: it is evicting the file this very
                 // moment. An open waiting for this lock tries again until the eviction is
                 // over, and then finds the file gone; otherwise retried at the next sync.
@@ -206,6 +229,7 @@ impl<B: LockBackend> Protocol<B> {
             }
             Err(e) => {
                 self.errors += 1;
+                self.busy.remove(name);
                 if self.unprotected.insert(name.to_owned()) {
                     error!(
                         "{}: cannot take the shared lock ({e}): other hosts may evict it while \
@@ -685,7 +709,7 @@ enum Job {
     Ensure {
         name: OsString,
         until: Instant,
-        reply: Sender<bool>,
+        reply: Sender<Ensured>,
     },
 }
 
@@ -723,12 +747,11 @@ impl Keeper {
     }
 
     /// Before an open of `name` is answered (its reference registered already): makes sure
-    /// this host holds the shared lock, waiting [`ENSURE_TIMEOUT`] at most. `Some(true)`: held
-    /// (the caller then checks that the file is still there: another host may have evicted
-    /// it just before); `Some(false)`: could not be taken; `None`: no answer in time.
-    pub fn ensure(&self, name: &OsStr) -> Option<bool> {
+    /// this host holds the shared lock, waiting [`ENSURE_TIMEOUT`] at most. `None`: no
+    /// answer in time.
+    pub fn ensure(&self, name: &OsStr) -> Option<Ensured> {
         if self.held.lock().contains(name) {
-            return Some(true);
+            return Some(Ensured::Held);
         }
         let (tx, rx) = mpsc::channel();
         let until = Instant::now() + ENSURE_TIMEOUT;
@@ -926,7 +949,14 @@ fn run<B: LockBackend>(
                     p.sync(&want);
                 }
                 *keeper.held.lock() = p.held().clone();
-                let _ = reply.send(p.held().contains(&name));
+                let answer = if p.held().contains(&name) {
+                    Ensured::Held
+                } else if p.is_busy(&name) {
+                    Ensured::Busy
+                } else {
+                    Ensured::Failed
+                };
+                let _ = reply.send(answer);
             }
             None => {}
         }

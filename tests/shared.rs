@@ -530,3 +530,29 @@ fn an_open_during_another_hosts_eviction_misses_the_file() {
     let opened = opener.join().unwrap();
     assert_eq!(opened, Err(Some(libc::ENOENT)), "{}", m.log_text());
 }
+
+/// An eviction on "another host" that holds its exclusive lock longer than an open waits
+/// (a slow storage, a loaded host): the open is answered `ENOENT`, never handed a file that
+/// host is deleting; once the lock is gone the file opens again.
+#[test]
+fn an_open_that_outwaits_another_hosts_eviction_lock_is_not_handed_the_file() {
+    let n = Nova::new();
+    write_file(&n.at(H1), &pseudo_random(4096, 2));
+    let m = n.mount(
+        (LONG, LONG, LONG),
+        &["--storage", "shared", "--shared", "--shared-quarantine", &QUARANTINE.to_string()],
+    );
+    let lock = lock_path(&n, H1);
+    let evicting =
+        OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&lock).unwrap();
+    let fl = flock(libc::F_WRLCK);
+    let rc = unsafe { libc::fcntl(evicting.as_raw_fd(), libc::F_OFD_SETLK, &fl) };
+    assert_eq!(rc, 0, "exclusive lock: {}", std::io::Error::last_os_error());
+    // The file stays on disk the whole time: only the other host's lock says it is going.
+    let opened = File::open(n.at(H1)).map(drop).map_err(|e| e.raw_os_error());
+    assert_eq!(opened, Err(Some(libc::ENOENT)), "{}", m.log_text());
+    assert!(m.log_text().contains("another host is evicting it"), "{}", m.log_text());
+    assert_eq!(n.field(H1, "refs"), "0", "the refused open holds no reference");
+    drop(evicting);
+    wait_until(Duration::from_secs(10), "the file opening again", || File::open(n.at(H1)).ok());
+}

@@ -4,7 +4,7 @@
 //! instances directory. What exists is read on the brick, whatever a client caches. Each
 //! daemon runs in mount and PID namespaces of its own (its own machine id and `/proc`), so
 //! that it knows the other node only through the shared files, as on two machines. The
-//! clients use 32-bit inode numbers (`--enable-ino32`) but in the test of GlusterFS's own.
+//! clients are mounted as GlusterFS ships them (its own 64-bit inode numbers).
 //!
 //! Thresholds are seconds; every wait polls with a deadline and every loop is bounded.
 
@@ -118,7 +118,7 @@ fn glusterfs_is_detected_as_shared_and_nothing_is_evicted_without_shared() {
 /// tree. Every file must be served all the same.
 #[test]
 fn files_with_any_glusterfs_inode_number_are_served() {
-    let c = Cluster::new(Options { ino32: false, ..Options::default() });
+    let c = Cluster::new(Options::default());
     let m = c.a.mount(&[]);
     let mut failed = Vec::new();
     for i in 0..4u64 {
@@ -453,7 +453,11 @@ fn opens_on_one_node_racing_evictions_on_the_other_never_see_a_deleted_or_torn_f
                     round_opens += n;
                     saw_gone |= gone;
                 }
-                Err(e) => panic!("round {round}: {e}\nnode b's log:\n{}", mb.log_text()),
+                Err(e) => panic!(
+                    "round {round}: {e}\nnode b's log:\n{}\nnode a's log:\n{}",
+                    mb.log_text(),
+                    ma.log_text()
+                ),
             }
         }
         opens += round_opens;

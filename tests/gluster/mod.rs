@@ -401,15 +401,15 @@ pub struct Options {
     /// QEMU (whose own lock-holding descriptors would fail after a heal too); the daemon
     /// notices a cut by its lock checks during the cut either way (measured).
     pub strict_locks: bool,
-    /// The clients' `--enable-ino32`: 32-bit inode numbers. GlusterFS's own are the low 64
-    /// bits of the file's GFID (a version-4 UUID), so the top bit is always set, which
-    /// imagecachefs refuses (`EOPNOTSUPP`: it keeps those node ids for its status tree).
+    /// The clients' `--enable-ino32`: 32-bit inode numbers. Off by default, as GlusterFS
+    /// ships it: its own inode numbers are the low 64 bits of the file's GFID (a version-4
+    /// UUID), with the top bit always set, which imagecachefs maps to node ids of its own.
     pub ino32: bool,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { timeout_secs: 5, strict_locks: false, ino32: true }
+        Options { timeout_secs: 5, strict_locks: false, ino32: false }
     }
 }
 
