@@ -265,6 +265,21 @@ else
     fail "imagecachefs refuses the configuration: ${why#imagecachefs: }"
 fi
 
+# --- the kernel's FUSE request timeout -----------------------------------------------------------
+# Linux 6.14+ aborts a FUSE connection whose oldest request waits longer than this. When the
+# imagecachefs server is replaced (a crash, `imagecachefs restart`), requests wait a few
+# milliseconds; a timeout shorter than the worst restart kills the mount under every VM.
+fuse_sys=${IMAGECACHEFS_FUSE_SYSCTL_DIR:-/proc/sys/fs/fuse}
+for knob in default_request_timeout max_request_timeout; do
+    [ -r "$fuse_sys/$knob" ] || continue
+    secs=$(cat "$fuse_sys/$knob")
+    if [ "$secs" != 0 ]; then
+        warn "fs.fuse.$knob is $secs: the kernel aborts the mount if a server restart takes longer (set it to 0)"
+    else
+        ok "fs.fuse.$knob is 0 (no request timeout)"
+    fi
+done
+
 # --- summary ---------------------------------------------------------------------------------
 if [ "${#failures[@]}" -gt 0 ]; then
     echo

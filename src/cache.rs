@@ -105,6 +105,8 @@ pub enum VFile {
     Events,
     Config,
     Control,
+    /// `server`: the serving process and its restarts.
+    Server,
     /// `images/NAME`, by inode.
     Image(u64),
 }
@@ -119,6 +121,31 @@ pub enum Command {
     /// `unmount`: stop as on `SIGTERM` (write the state a last time, detach lazily), so that
     /// `imagecachefs unmount` loses nothing this daemon knew.
     Unmount,
+    /// `restart`: the supervisor replaces this server and itself with the binary on disk.
+    Restart,
+}
+
+/// The server process of a mount, as status files show it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServerInfo {
+    pub pid: u32,
+    pub started: SystemTime,
+    /// Servers this mount had before this one.
+    pub restarts: u64,
+    pub last_restart: Option<LastRestart>,
+}
+
+/// How the previous server ended and how long its replacement took.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LastRestart {
+    pub cause: String,
+    pub at: SystemTime,
+    pub duration: std::time::Duration,
+}
+
+struct Server {
+    info: ServerInfo,
+    restart: Box<dyn Fn() -> Result<(), String> + Send + Sync>,
 }
 
 /// Why a control command was refused (each maps to an errno the CLI explains).
@@ -134,6 +161,8 @@ pub enum ControlError {
     Refused(&'static str),
     /// This daemon's mount was detached: it decides nothing any more (`EROFS`).
     Detached,
+    /// `restart` could not be asked for (`EAGAIN`).
+    Restart(String),
 }
 
 impl ControlError {
@@ -143,6 +172,7 @@ impl ControlError {
             ControlError::NoSuchFile => libc::ENOENT,
             ControlError::Refused(_) => libc::EBUSY,
             ControlError::Detached => libc::EROFS,
+            ControlError::Restart(_) => libc::EAGAIN,
         }
     }
 }
@@ -155,6 +185,7 @@ impl std::fmt::Display for ControlError {
             ControlError::NoSuchFile => write!(f, "no such cache file"),
             ControlError::Refused(why) => write!(f, "eviction refused: {why}"),
             ControlError::Detached => write!(f, "this daemon no longer owns the mount"),
+            ControlError::Restart(why) => write!(f, "restart: {why}"),
         }
     }
 }
@@ -166,6 +197,9 @@ pub fn parse_command(line: &[u8]) -> Result<Command, ControlError> {
     let bad = |verb: &[u8]| ControlError::BadCommand(crate::text::excerpt(verb, 40));
     if line == b"unmount" {
         return Ok(Command::Unmount);
+    }
+    if line == b"restart" {
+        return Ok(Command::Restart);
     }
     let (verb, name) = match line.iter().position(|&b| b == b' ') {
         Some(i) => (&line[..i], &line[i + 1..]),
@@ -200,6 +234,9 @@ pub struct Settings {
     pub pressure_min_age: u64,
     pub verify_interval: u64,
     pub verify_rate_mib: u64,
+    /// The device of this mount when it is live already (a server taking over): files held
+    /// open through it are references, not holders from outside.
+    pub own_dev: Option<u64>,
 }
 
 pub struct Cache {
@@ -231,6 +268,8 @@ pub struct Cache {
     queue: Mutex<Queue>,
     due: Condvar,
     invalidate: OnceLock<Box<dyn Invalidate>>,
+    /// The server process and how to ask its supervisor for a restart.
+    server: OnceLock<Server>,
     /// Checksum jobs (birth or re-verification), earliest first, and their thread's wake-up.
     jobs: Mutex<Queue>,
     job_due: Condvar,
@@ -416,6 +455,7 @@ impl Cache {
             Ok(None) => {}
             Err(e) => warn!("reading {STATE_FILE}: {e}; starting with empty state"),
         }
+        let settings_own_dev = settings.own_dev.unwrap_or(0);
         let disks =
             crate::disks::Disks::spawn(settings.instances_dir.clone(), settings.cache_dir.clone());
         let cache = Arc::new(Cache {
@@ -438,12 +478,13 @@ impl Cache {
             queue: Mutex::new(Queue::new()),
             due: Condvar::new(),
             invalidate: OnceLock::new(),
+            server: OnceLock::new(),
             jobs: Mutex::new(Queue::new()),
             job_due: Condvar::new(),
             passthrough: Default::default(),
             holders: Mutex::new(HashMap::new()),
             mount_dev,
-            own_dev: Default::default(),
+            own_dev: settings_own_dev.into(),
             outside_seen: Mutex::new(None),
             detached: Default::default(),
         });
@@ -500,6 +541,41 @@ impl Cache {
     /// The covered directory (an `O_PATH` fd).
     pub fn root(&self) -> BorrowedFd<'_> {
         self.root.as_fd()
+    }
+
+    /// Who serves this mount (status files show it) and how `restart` reaches its supervisor.
+    pub fn set_server(
+        &self,
+        info: ServerInfo,
+        restart: Box<dyn Fn() -> Result<(), String> + Send + Sync>,
+    ) {
+        if let Some(last) = &info.last_restart {
+            let detail = format!("{} ({} ms)", last.cause, last.duration.as_millis());
+            let now = self.now();
+            self.state.lock().event(
+                now,
+                crate::state::EventKind::Restarted,
+                OsStr::new("-"),
+                detail,
+            );
+        }
+        let _ = self.server.set(Server { info, restart });
+    }
+
+    /// The supervisor refused a `restart` (the binary on disk cannot take over).
+    pub fn restart_refused(&self, why: &str) {
+        warn!("restart refused: {why}");
+        let now = self.now();
+        self.state.lock().event(
+            now,
+            crate::state::EventKind::RestartRefused,
+            OsStr::new("-"),
+            why.to_owned(),
+        );
+    }
+
+    pub fn server_info(&self) -> Option<&ServerInfo> {
+        self.server.get().map(|s| &s.info)
     }
 
     pub fn set_invalidator(&self, i: Box<dyn Invalidate>) {
@@ -928,7 +1004,7 @@ impl Cache {
         self.refresh_outside_for_status();
         self.refresh_sizes();
         let (referenced_gen, referenced) = match file {
-            VFile::Events | VFile::Config | VFile::Control => {
+            VFile::Events | VFile::Config | VFile::Control | VFile::Server => {
                 (self.disks.last_seq(), Arc::default())
             }
             _ => self.shown_referenced(),
@@ -957,7 +1033,12 @@ impl Cache {
             let text = match file {
                 VFile::Status => status::table(&view),
                 VFile::StatusJson => status::json(&view),
-                VFile::Metrics => status::metrics(&view),
+                VFile::Metrics => {
+                    let mut m = status::metrics(&view);
+                    m.push_str(&status::server_metrics(self.server_info()));
+                    m
+                }
+                VFile::Server => status::server(self.server_info()),
                 VFile::Events => status::events(&state, reader),
                 VFile::Config => {
                     let on = self.passthrough.load(std::sync::atomic::Ordering::Relaxed);
@@ -1079,6 +1160,13 @@ impl Cache {
                 self.request_verify(ino);
                 Ok(())
             }
+            Command::Restart => match self.server.get() {
+                Some(s) => {
+                    info!("control: restart requested");
+                    (s.restart)().map_err(ControlError::Restart)
+                }
+                None => Err(ControlError::Restart("this daemon runs without a supervisor".into())),
+            },
             Command::Unmount => {
                 // The signal thread does it, as for SIGTERM: a worker must not wait for it.
                 info!("control: unmount requested");

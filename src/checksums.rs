@@ -254,6 +254,7 @@ mod tests {
             pressure_min_age: 600,
             verify_interval: DAY,
             verify_rate_mib: 0,
+            own_dev: None,
         };
         Cache::open(root, Policy::default(), clock, ProcRoot(tmp.join("proc")), settings, vec![])
             .unwrap()

@@ -33,6 +33,15 @@ pub enum Command {
         /// The mounted cache directory.
         dir: PathBuf,
     },
+    /// Replace the running server and its supervisor with the binary now on disk (an
+    /// upgrade), without unmounting: open files, references and holders carry over.
+    Restart {
+        /// The mounted cache directory.
+        dir: PathBuf,
+    },
+    /// Print the journal formats this binary can take over (used by `restart`).
+    #[command(hide = true)]
+    JournalFormats,
     /// Print the status table (or JSON) of a mounted cache.
     Status {
         /// The mounted cache directory.

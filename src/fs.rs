@@ -25,6 +25,7 @@ use log::{error, warn};
 use crate::backing::{self, DirEntry, SetTime, Stat};
 use crate::cache::{self, Cache, VFile};
 use crate::error::{Error, Result};
+use crate::journal::{self, Journal, OpenRec, Tables};
 use crate::passthrough::Passthrough;
 use crate::sync::{Mutex, RwLock};
 
@@ -40,13 +41,14 @@ const VIRTUAL: u64 = 1 << 63;
 const IMAGE_BIT: u64 = 1 << 62;
 pub const V_DIR: u64 = VIRTUAL | 1;
 pub const V_IMAGES: u64 = VIRTUAL | 2;
-const V_FILES: [(&str, u64, VFile); 6] = [
+const V_FILES: [(&str, u64, VFile); 7] = [
     ("status", VIRTUAL | 3, VFile::Status),
     ("status.json", VIRTUAL | 4, VFile::StatusJson),
     ("metrics", VIRTUAL | 5, VFile::Metrics),
     ("events", VIRTUAL | 6, VFile::Events),
     ("config", VIRTUAL | 7, VFile::Config),
     ("control", VIRTUAL | 8, VFile::Control),
+    ("server", VIRTUAL | 9, VFile::Server),
 ];
 
 pub fn is_virtual(id: u64) -> bool {
@@ -78,6 +80,8 @@ pub struct Caller {
     pub pid: u32,
     pub uid: u32,
     pub gid: u32,
+    /// The request's `unique` (kept with what it opens, for a resent copy of it).
+    pub unique: u64,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -213,6 +217,8 @@ pub struct OverlayFs {
     fh_prefix: u64,
     next_fh: AtomicU64,
     passthrough: OnceLock<Passthrough>,
+    /// Where node ids, lookups and open handles are recorded for the next server.
+    journal: OnceLock<Arc<Journal>>,
     cache: Arc<Cache>,
     start: std::time::SystemTime,
     owner: (u32, u32),
@@ -220,9 +226,14 @@ pub struct OverlayFs {
 
 impl OverlayFs {
     /// Serves the directory behind `root_fd` (an `O_PATH` fd opened before mounting).
-    /// `start_secs` (e.g. the start time) prefixes file handles so that they differ between
-    /// daemon lifetimes.
-    pub fn new(root_fd: OwnedFd, cache: Arc<Cache>, start_secs: u64) -> Result<Self> {
+    /// `start_secs` is the start time; `incarnation` (the server's number on its
+    /// connection) prefixes file handles so that they differ between servers.
+    pub fn new(
+        root_fd: OwnedFd,
+        cache: Arc<Cache>,
+        start_secs: u64,
+        incarnation: u32,
+    ) -> Result<Self> {
         let st = backing::stat(root_fd.as_fd())?;
         let root = Arc::new(Node {
             id: ROOT,
@@ -238,9 +249,10 @@ impl OverlayFs {
             handles: RwLock::new(HashMap::new()),
             dirs: RwLock::new(HashMap::new()),
             status: RwLock::new(HashMap::new()),
-            fh_prefix: (start_secs & 0xff_ffff) << 40,
+            fh_prefix: (incarnation as u64 & 0xff_ffff) << 40,
             next_fh: AtomicU64::new(1),
             passthrough: OnceLock::new(),
+            journal: OnceLock::new(),
             cache,
             start: crate::clock::from_unix_secs(start_secs),
             owner: unsafe { (libc::geteuid(), libc::getegid()) },
@@ -250,6 +262,82 @@ impl OverlayFs {
     /// Turns on kernel passthrough for opens from now on (called once, at FUSE init).
     pub fn enable_passthrough(&self, p: Passthrough) {
         let _ = self.passthrough.set(p);
+    }
+
+    /// Records from now on what the kernel is told, for a server that takes over.
+    pub fn set_journal(&self, j: Arc<Journal>) {
+        let _ = self.journal.set(j);
+    }
+
+    pub fn journal(&self) -> Option<&Arc<Journal>> {
+        self.journal.get()
+    }
+
+    /// Takes over what an earlier server of this connection handed to the kernel: its nodes
+    /// (found again by file handle, or by name where the filesystem has none) with their
+    /// lookup counts, and its open handles with their backing ids and references. Returns
+    /// the node ids and handles that could not be found again.
+    pub fn restore(&self, t: &Tables) -> (Vec<u64>, Vec<u64>) {
+        let mut lost_nodes = Vec::new();
+        let mut order: Vec<(&u64, &journal::NodeRec)> = t.nodes.iter().collect();
+        order.sort_by_key(|(_, n)| n.order());
+        let mount_fd = backing::reopen(self.root.fd(), libc::O_RDONLY | libc::O_DIRECTORY).ok();
+        for (&id, rec) in order {
+            let found = self.find_again(mount_fd.as_ref().map(|f| f.as_fd()), id, rec);
+            let Some((fd, st)) = found else {
+                lost_nodes.push(id);
+                continue;
+            };
+            let mut nodes = self.nodes.write();
+            let node = nodes.entry(id).or_insert_with(|| {
+                Arc::new(Node {
+                    id,
+                    fd,
+                    file_type: st.file_type(),
+                    state: Mutex::new(NodeState::default()),
+                })
+            });
+            node.state.lock().nlookup = rec.nlookup;
+        }
+        let mut lost_handles = Vec::new();
+        for (&fh, o) in &t.opens {
+            let Ok(node) = self.node(o.ino) else {
+                lost_handles.push(fh);
+                continue;
+            };
+            if node.file_type == libc::S_IFREG {
+                self.cache.opened(o.ino, fh, o.pid, o.write);
+                let mut st = node.state.lock();
+                st.opens += 1;
+                st.io = if o.backing != 0 { Io::Passthrough(o.backing) } else { Io::Daemon };
+            }
+            let h = Handle { node, file: OnceLock::new(), flags: o.flags, write: o.write };
+            self.handles.write().insert(fh, Arc::new(h));
+        }
+        (lost_nodes, lost_handles)
+    }
+
+    /// The file behind node `id` of an earlier server: by its file handle, else by name in
+    /// its parent; only if it is still inode `id` of this filesystem.
+    fn find_again(
+        &self,
+        mount_fd: Option<BorrowedFd<'_>>,
+        id: u64,
+        rec: &journal::NodeRec,
+    ) -> Option<(OwnedFd, Stat)> {
+        let by_handle = || journal::open_handle(mount_fd?, &rec.handle).ok();
+        let by_name = || {
+            let parent = self.nodes.read().get(&rec.parent).cloned()?;
+            backing::open_path_at(parent.fd(), OsStr::from_bytes(&rec.name)).ok()
+        };
+        for fd in [by_handle(), by_name()].into_iter().flatten() {
+            if let Ok(st) = backing::stat(fd.as_fd()) {
+                if st.ino == id && st.dev == self.dev {
+                    return Some((fd, st));
+                }
+            }
+        }
+        None
     }
 
     pub fn passthrough_enabled(&self) -> bool {
@@ -306,7 +394,7 @@ impl OverlayFs {
     }
 
     /// Hands a node to the kernel: adds it to the table or bumps its lookup count.
-    fn remember(&self, fd: OwnedFd, st: Stat) -> Result<Stat> {
+    fn remember(&self, fd: OwnedFd, st: Stat, parent: u64, name: &OsStr) -> Result<Stat> {
         if st.dev != self.dev || st.ino == ROOT {
             // Another filesystem mounted below the cache directory (or an inode number the
             // protocol reserves): node ids are inode numbers of one filesystem.
@@ -322,8 +410,17 @@ impl OverlayFs {
             );
             return Err(Error::NotSupported);
         }
+        let journal = self.journal.get();
+        // Found again by a later server through its file handle (taken outside the lock).
+        let handle = match journal {
+            Some(_) if !self.nodes.read().contains_key(&st.ino) => journal::file_handle(fd.as_fd()),
+            _ => Vec::new(),
+        };
         let mut nodes = self.nodes.write();
         let node = nodes.entry(st.ino).or_insert_with(|| {
+            if let Some(j) = journal {
+                j.node(st.ino, parent, name.as_bytes(), handle);
+            }
             Arc::new(Node {
                 id: st.ino,
                 fd,
@@ -332,13 +429,16 @@ impl OverlayFs {
             })
         });
         node.state.lock().nlookup += 1;
+        if let Some(j) = journal {
+            j.lookup(st.ino, 1);
+        }
         Ok(st)
     }
 
     fn lookup_in(&self, parent: &Node, name: &OsStr) -> Result<Stat> {
         let fd = backing::open_path_at(parent.fd(), name)?;
         let st = backing::stat(fd.as_fd())?;
-        self.remember(fd, st)
+        self.remember(fd, st, parent.id, name)
     }
 
     pub fn lookup(&self, parent: u64, name: &OsStr) -> Result<Stat> {
@@ -409,6 +509,9 @@ impl OverlayFs {
         }
         let mut nodes = self.nodes.write();
         let Some(node) = nodes.get(&id) else { return };
+        if let Some(j) = self.journal.get() {
+            j.forget(id, n);
+        }
         let gone = {
             let mut st = node.state.lock();
             st.nlookup = st.nlookup.saturating_sub(n);
@@ -496,7 +599,7 @@ impl OverlayFs {
         let fd = backing::open_path_at(parent.fd(), name)?;
         self.give_to_caller(fd.as_fd(), parent, caller)?;
         let st = backing::stat(fd.as_fd())?;
-        let st = self.remember(fd, st)?;
+        let st = self.remember(fd, st, parent.id, name)?;
         if parent.id == ROOT {
             self.cache.observe(name, &st);
         }
@@ -681,7 +784,7 @@ impl OverlayFs {
         let p = self.node(parent)?;
         let file = self.create_or_open(&p, name, mode, umask, flags, caller)?;
         let fd = backing::path_fd_of(file.as_fd())?;
-        let st = self.remember(fd, backing::stat(file.as_fd())?)?;
+        let st = self.remember(fd, backing::stat(file.as_fd())?, parent, name)?;
         let node = self.node(st.ino)?;
         if parent == ROOT {
             self.cache.observe(name, &st);
@@ -749,6 +852,17 @@ impl OverlayFs {
             return Err(Error::Io(std::io::Error::from_raw_os_error(libc::ENOENT)));
         }
         let backing = if regular { self.start_io(&node) } else { None };
+        if let Some(j) = self.journal.get() {
+            let rec = OpenRec {
+                ino: node.id,
+                flags: Self::data_flags(flags),
+                write,
+                backing: backing.unwrap_or(0),
+                pid: caller.pid,
+                unique: caller.unique,
+            };
+            j.opened(fh, rec);
+        }
         let h = Handle {
             node,
             file: file.map(OnceLock::from).unwrap_or_default(),
@@ -808,6 +922,10 @@ impl OverlayFs {
             return Ok(());
         }
         let h = self.handles.write().remove(&fh).ok_or(Error::BadHandle(fh))?;
+        // Recorded before the backing id may close: a later server must never reuse it.
+        if let Some(j) = self.journal.get() {
+            j.released(fh);
+        }
         // Writes went through the kernel: the handle's own fd tells the size they left.
         let size = if h.write {
             backing::stat(h.node.fd()).ok().map(|st| (h.node.id, st.size))
@@ -966,6 +1084,41 @@ impl OverlayFs {
         let dh = DirHandle { id, file, entries: Mutex::new(None) };
         self.dirs.write().insert(fh, Arc::new(dh));
         Ok(OpenedDir { fh, cache })
+    }
+
+    pub fn has_dir_handle(&self, fh: u64) -> bool {
+        self.dirs.read().contains_key(&fh)
+    }
+
+    /// Whether `name` exists in directory `parent` (nothing is handed to the kernel).
+    pub fn lookup_peek(&self, parent: u64, name: &OsStr) -> bool {
+        self.node(parent).is_ok_and(|p| backing::open_path_at(p.fd(), name).is_ok())
+    }
+
+    /// A directory handle an earlier server of this connection opened (its listing is taken
+    /// again at the next read): directory handles are not journaled.
+    pub fn adopt_dir(&self, id: u64, fh: u64) -> Result<()> {
+        let file = match vnode(id) {
+            Some(VNode::Dir | VNode::Images) => None,
+            Some(VNode::File(_)) => return Err(Error::BadHandle(fh)),
+            None => Some(backing::reopen(self.node(id)?.fd(), libc::O_RDONLY | libc::O_DIRECTORY)?),
+        };
+        let dh = DirHandle { id, file, entries: Mutex::new(None) };
+        self.dirs.write().entry(fh).or_insert_with(|| Arc::new(dh));
+        Ok(())
+    }
+
+    /// A status file an earlier server of this connection opened: rendered again.
+    pub fn adopt_status(&self, id: u64, fh: u64, caller: Caller) -> Result<()> {
+        let Some(VNode::File(f)) = vnode(id) else { return Err(Error::BadHandle(fh)) };
+        let handle = if f == VFile::Control {
+            StatusHandle::Control(Mutex::new(Vec::new()))
+        } else {
+            let reader = if caller.uid == 0 { cache::Reader::Root } else { cache::Reader::Other };
+            StatusHandle::Snapshot(self.cache.snapshot(f, reader).ok_or(Error::TooManySnapshots)?)
+        };
+        self.status.write().entry(fh).or_insert_with(|| Arc::new(handle));
+        Ok(())
     }
 
     /// The listing of a directory: `.`, `..`, then its entries.

@@ -21,6 +21,7 @@ use log::{debug, info, log, warn};
 use crate::backing::{SetTime, Stat};
 use crate::error::Error;
 use crate::fs::{is_virtual, Caller, Opened, OverlayFs, SetAttr, Xattr};
+use crate::journal::{Init, Outcome};
 use crate::passthrough::Passthrough;
 
 /// Entry and attribute TTL. Every change to the covered directory goes through the mount,
@@ -40,15 +41,125 @@ pub struct FuseAdapter {
     covered_fs_type: i64,
 }
 
+/// Bit 63 of `unique`: the kernel resends a request a dead server read but never answered.
+const RESENT: u64 = 1 << 63;
+
 impl FuseAdapter {
     /// `dev: None` serves every read and write through the daemon (`--no-passthrough`).
     pub fn new(core: Arc<OverlayFs>, dev: Option<OwnedFd>, covered_fs_type: i64) -> Self {
         FuseAdapter { core, dev, covered_fs_type }
     }
+
+    /// For a server taking over a live connection: `init` is not called again (the core
+    /// was set up from the journal).
+    pub fn resumed(core: Arc<OverlayFs>, covered_fs_type: i64) -> Self {
+        FuseAdapter { core, dev: None, covered_fs_type }
+    }
+
+    /// For a resent request, the result its first execution recorded.
+    fn first_result(&self, req: &Request) -> Option<Outcome> {
+        let u = req.unique().0;
+        if u & RESENT == 0 {
+            return None;
+        }
+        let first = self.core.journal()?.outcome(u & !RESENT);
+        info!("resent request {:#x}: first result {first:?}", u & !RESENT);
+        first
+    }
+
+    /// Records what a request that changes something got, before the reply says it.
+    fn record(&self, req: &Request, outcome: Outcome) {
+        if let Some(j) = self.core.journal() {
+            j.done(req.unique().0 & !RESENT, outcome);
+        }
+    }
+
+    /// A mkdir/mknod/symlink/link: replies with the entry, recorded for a resend. `again`
+    /// tells, for a resent request that finds its name taken (its first execution may have
+    /// made it just before that server died), the entry that first execution made.
+    fn entry_op(
+        &self,
+        req: &Request,
+        op: &str,
+        reply: ReplyEntry,
+        run: impl FnOnce() -> Result<Stat, Error>,
+        again: impl FnOnce() -> Option<Stat>,
+    ) {
+        let result = match self.first_result(req) {
+            Some(Outcome::Entry(id)) => self.core.getattr(id),
+            Some(Outcome::Err(n)) => return reply.error(Errno::from_i32(n)),
+            _ => match run() {
+                Err(e) if req.unique().0 & RESENT != 0 && e.errno() == libc::EEXIST => {
+                    again().ok_or(e)
+                }
+                r => r,
+            },
+        };
+        match result {
+            Ok(st) => {
+                self.record(req, Outcome::Entry(st.ino));
+                reply.entry(&TTL, &attr(&st), Generation(0))
+            }
+            Err(e) => {
+                self.record(req, Outcome::Err(e.errno()));
+                reply.error(fail(op, e))
+            }
+        }
+    }
+
+    /// An unlink/rmdir/rename: recorded for a resend; a resent one whose first execution
+    /// may have happened (`done` says so from the errno) succeeds.
+    fn empty_op(
+        &self,
+        req: &Request,
+        op: &str,
+        reply: ReplyEmpty,
+        run: impl FnOnce() -> Result<(), Error>,
+        done: impl FnOnce(i32) -> bool,
+    ) {
+        let result = match self.first_result(req) {
+            Some(Outcome::Ok) => Ok(()),
+            Some(Outcome::Err(n)) => return reply.error(Errno::from_i32(n)),
+            _ => match run() {
+                Err(e) if req.unique().0 & RESENT != 0 && done(e.errno()) => Ok(()),
+                r => r,
+            },
+        };
+        match result {
+            Ok(()) => {
+                self.record(req, Outcome::Ok);
+                reply.ok()
+            }
+            Err(e) => {
+                self.record(req, Outcome::Err(e.errno()));
+                reply.error(fail(op, e))
+            }
+        }
+    }
+
+    /// A resent open or create whose first execution opened a handle: that handle.
+    fn reopened(&self, req: &Request) -> Option<(Opened, u64)> {
+        let u = req.unique().0;
+        if u & RESENT == 0 {
+            return None;
+        }
+        let (fh, rec) = self.core.journal()?.opened_by(u & !RESENT)?;
+        let backing = (rec.backing != 0).then_some(rec.backing);
+        Some((Opened { fh, backing, direct_io: false }, rec.ino))
+    }
+
+    /// A directory handle of an earlier server of this connection is taken over here.
+    fn adopt_dir(&self, ino: INodeNo, fh: FileHandle) {
+        if !self.core.has_dir_handle(fh.0) {
+            if let Err(e) = self.core.adopt_dir(ino.0, fh.0) {
+                debug!("directory handle {:#x} of node {}: {e}", fh.0, ino.0);
+            }
+        }
+    }
 }
 
 fn caller(req: &Request) -> Caller {
-    Caller { pid: req.pid(), uid: req.uid(), gid: req.gid() }
+    Caller { pid: req.pid(), uid: req.uid(), gid: req.gid(), unique: req.unique().0 }
 }
 
 fn file_type(mode: u32) -> FileType {
@@ -167,6 +278,16 @@ impl Filesystem for FuseAdapter {
         let granted = self.dev.is_some()
             && config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
             && config.set_max_stack_depth(depth).is_ok();
+        if let Some(j) = self.core.journal() {
+            // Before the reply: a server taking over serves the connection this settles.
+            let v = config.kernel_abi();
+            j.init(Init {
+                major: v.0,
+                minor: v.1,
+                kernel_flags: config.capabilities().bits(),
+                passthrough: granted,
+            });
+        }
         match (granted, self.dev.take()) {
             (true, Some(dev)) => {
                 self.core.enable_passthrough(Passthrough::new(dev));
@@ -219,9 +340,20 @@ impl Filesystem for FuseAdapter {
         reply: ReplyAttr,
     ) {
         let set = SetAttr { mode, uid, gid, size, atime: set_time(atime), mtime: set_time(mtime) };
-        match self.core.setattr(ino.0, fh.map(|f| f.0), set, caller(req)) {
-            Ok(st) => reply.attr(ttl(&st), &attr(&st)),
-            Err(e) => reply.error(fail("setattr", e)),
+        let result = match self.first_result(req) {
+            Some(Outcome::Err(n)) => return reply.error(Errno::from_i32(n)),
+            Some(_) => self.core.getattr(ino.0),
+            None => self.core.setattr(ino.0, fh.map(|f| f.0), set, caller(req)),
+        };
+        match result {
+            Ok(st) => {
+                self.record(req, Outcome::Ok);
+                reply.attr(ttl(&st), &attr(&st))
+            }
+            Err(e) => {
+                self.record(req, Outcome::Err(e.errno()));
+                reply.error(fail("setattr", e))
+            }
         }
     }
 
@@ -242,10 +374,16 @@ impl Filesystem for FuseAdapter {
         rdev: u32,
         reply: ReplyEntry,
     ) {
-        match self.core.mknod(parent.0, name, mode, umask, rdev as u64, caller(req)) {
-            Ok(st) => reply.entry(&TTL, &attr(&st), Generation(0)),
-            Err(e) => reply.error(fail("mknod", e)),
-        }
+        self.entry_op(
+            req,
+            "mknod",
+            reply,
+            || self.core.mknod(parent.0, name, mode, umask, rdev as u64, caller(req)),
+            || {
+                let st = self.core.lookup(parent.0, name).ok()?;
+                (st.mode & libc::S_IFMT == mode & libc::S_IFMT).then_some(st)
+            },
+        )
     }
 
     fn mkdir(
@@ -257,24 +395,38 @@ impl Filesystem for FuseAdapter {
         umask: u32,
         reply: ReplyEntry,
     ) {
-        match self.core.mkdir(parent.0, name, mode, umask, caller(req)) {
-            Ok(st) => reply.entry(&TTL, &attr(&st), Generation(0)),
-            Err(e) => reply.error(fail("mkdir", e)),
-        }
+        self.entry_op(
+            req,
+            "mkdir",
+            reply,
+            || self.core.mkdir(parent.0, name, mode, umask, caller(req)),
+            || {
+                self.core
+                    .lookup(parent.0, name)
+                    .ok()
+                    .filter(|st| st.mode & libc::S_IFMT == libc::S_IFDIR)
+            },
+        )
     }
 
-    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        match self.core.unlink(parent.0, name) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(fail("unlink", e)),
-        }
+    fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.empty_op(
+            req,
+            "unlink",
+            reply,
+            || self.core.unlink(parent.0, name),
+            |errno| errno == libc::ENOENT,
+        )
     }
 
-    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        match self.core.rmdir(parent.0, name) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(fail("rmdir", e)),
-        }
+    fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.empty_op(
+            req,
+            "rmdir",
+            reply,
+            || self.core.rmdir(parent.0, name),
+            |errno| errno == libc::ENOENT,
+        )
     }
 
     fn symlink(
@@ -285,15 +437,23 @@ impl Filesystem for FuseAdapter {
         target: &Path,
         reply: ReplyEntry,
     ) {
-        match self.core.symlink(parent.0, link_name, target.as_os_str(), caller(req)) {
-            Ok(st) => reply.entry(&TTL, &attr(&st), Generation(0)),
-            Err(e) => reply.error(fail("symlink", e)),
-        }
+        self.entry_op(
+            req,
+            "symlink",
+            reply,
+            || self.core.symlink(parent.0, link_name, target.as_os_str(), caller(req)),
+            || {
+                let st = self.core.lookup(parent.0, link_name).ok()?;
+                let same =
+                    self.core.readlink(st.ino).ok()? == target.as_os_str().as_encoded_bytes();
+                same.then_some(st)
+            },
+        )
     }
 
     fn rename(
         &self,
-        _req: &Request,
+        req: &Request,
         parent: INodeNo,
         name: &OsStr,
         newparent: INodeNo,
@@ -301,27 +461,37 @@ impl Filesystem for FuseAdapter {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        match self.core.rename(parent.0, name, newparent.0, newname, flags.bits()) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(fail("rename", e)),
-        }
+        self.empty_op(
+            req,
+            "rename",
+            reply,
+            || self.core.rename(parent.0, name, newparent.0, newname, flags.bits()),
+            // The old name is gone and the new one is there: the first execution did it.
+            |errno| errno == libc::ENOENT && self.core.lookup_peek(newparent.0, newname),
+        )
     }
 
     fn link(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         newparent: INodeNo,
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        match self.core.link(ino.0, newparent.0, newname) {
-            Ok(st) => reply.entry(&TTL, &attr(&st), Generation(0)),
-            Err(e) => reply.error(fail("link", e)),
-        }
+        self.entry_op(
+            req,
+            "link",
+            reply,
+            || self.core.link(ino.0, newparent.0, newname),
+            || self.core.lookup(newparent.0, newname).ok().filter(|st| st.ino == ino.0),
+        )
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        if let Some((o, _)) = self.reopened(req) {
+            return opened_reply(reply, o);
+        }
         match self.core.open(ino.0, flags.0, caller(req)) {
             Ok(o) => opened_reply(reply, o),
             Err(e) => reply.error(fail("open", e)),
@@ -330,8 +500,8 @@ impl Filesystem for FuseAdapter {
 
     fn read(
         &self,
-        _req: &Request,
-        _ino: INodeNo,
+        req: &Request,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         size: u32,
@@ -339,7 +509,15 @@ impl Filesystem for FuseAdapter {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        match self.core.read(fh.0, offset, size) {
+        let mut result = self.core.read(fh.0, offset, size);
+        if matches!(result, Err(Error::BadHandle(_))) && is_virtual(ino.0) {
+            // Opened from an earlier server of this connection.
+            result = self
+                .core
+                .adopt_status(ino.0, fh.0, caller(req))
+                .and_then(|()| self.core.read(fh.0, offset, size));
+        }
+        match result {
             Ok(data) => reply.data(&data),
             Err(e) => reply.error(fail("read", e)),
         }
@@ -347,8 +525,8 @@ impl Filesystem for FuseAdapter {
 
     fn write(
         &self,
-        _req: &Request,
-        _ino: INodeNo,
+        req: &Request,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         data: &[u8],
@@ -357,9 +535,29 @@ impl Filesystem for FuseAdapter {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        match self.core.write(fh.0, offset, data) {
-            Ok(n) => reply.written(n),
-            Err(e) => reply.error(fail("write", e)),
+        let result = match self.first_result(req) {
+            Some(Outcome::Written(n)) => Ok(n),
+            Some(Outcome::Err(n)) => return reply.error(Errno::from_i32(n)),
+            _ => {
+                let mut r = self.core.write(fh.0, offset, data);
+                if matches!(r, Err(Error::BadHandle(_))) && is_virtual(ino.0) {
+                    r = self
+                        .core
+                        .adopt_status(ino.0, fh.0, caller(req))
+                        .and_then(|()| self.core.write(fh.0, offset, data));
+                }
+                r
+            }
+        };
+        match result {
+            Ok(n) => {
+                self.record(req, Outcome::Written(n));
+                reply.written(n)
+            }
+            Err(e) => {
+                self.record(req, Outcome::Err(e.errno()));
+                reply.error(fail("write", e))
+            }
         }
     }
 
@@ -388,7 +586,8 @@ impl Filesystem for FuseAdapter {
         reply: ReplyEmpty,
     ) {
         match self.core.release(fh.0) {
-            Ok(()) => reply.ok(),
+            // Released already (a resent release), or never known: nothing is held.
+            Ok(()) | Err(Error::BadHandle(_)) => reply.ok(),
             Err(e) => reply.error(fail("release", e)),
         }
     }
@@ -424,11 +623,12 @@ impl Filesystem for FuseAdapter {
     fn readdir(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
+        self.adopt_dir(ino, fh);
         let entries = match self.core.readdir(fh.0, offset) {
             Ok(e) => e,
             Err(e) => return reply.error(fail("readdir", e)),
@@ -445,11 +645,12 @@ impl Filesystem for FuseAdapter {
     fn readdirplus(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
+        self.adopt_dir(ino, fh);
         let (entries, dir) = match self.core.readdir(fh.0, offset).and_then(|e| {
             let d = self.core.dir_stat(fh.0)?;
             Ok((e, d))
@@ -489,7 +690,7 @@ impl Filesystem for FuseAdapter {
         reply: ReplyEmpty,
     ) {
         match self.core.releasedir(fh.0) {
-            Ok(()) => reply.ok(),
+            Ok(()) | Err(Error::BadHandle(_)) => reply.ok(),
             Err(e) => reply.error(fail("releasedir", e)),
         }
     }
@@ -580,7 +781,16 @@ impl Filesystem for FuseAdapter {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        match self.core.create(parent.0, name, mode, umask, flags, caller(req)) {
+        let resent = req.unique().0 & RESENT != 0;
+        let result = match self.reopened(req) {
+            Some((o, ino)) => self.core.getattr(ino).map(|st| (st, o)),
+            // Its first execution may have made the file just before that server died.
+            None if resent => {
+                self.core.create(parent.0, name, mode, umask, flags & !libc::O_EXCL, caller(req))
+            }
+            None => self.core.create(parent.0, name, mode, umask, flags, caller(req)),
+        };
+        match result {
             Ok((st, o)) => match o.backing {
                 Some(id) => {
                     let b = unsafe { reply.wrap_backing(id) };

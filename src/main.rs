@@ -22,6 +22,12 @@ fn main() {
             }
         },
         Command::Unmount { dir } => run::unmount_command(&dir, v),
+        Command::Restart { dir } => run::restart_command(&dir),
+        Command::JournalFormats => {
+            let f: Vec<String> = imagecachefs::journal::READS.iter().map(u32::to_string).collect();
+            println!("{}", f.join(" "));
+            0
+        }
         Command::Status { dir, json } => run::status_command(&dir, json),
         Command::Pin(t) => run::control_command(&t.dir, "pin", &t.name),
         Command::Unpin(t) => run::control_command(&t.dir, "unpin", &t.name),

@@ -20,11 +20,15 @@ use crate::clock::SystemClock;
 use crate::config::{MountConfig, StorageChoice};
 use crate::fs::{OverlayFs, STATUS_DIR};
 use crate::fuse::FuseAdapter;
+use crate::journal::Journal;
 use crate::mount::{self, Refusal};
+use crate::supervise::{self, ServerFds};
 use crate::sync::Mutex;
 
 /// Set in the daemon started by `--background`: the fd to report readiness on.
-const READY_FD_ENV: &str = "IMAGECACHEFS_READY_FD";
+pub(crate) const READY_FD_ENV: &str = "IMAGECACHEFS_READY_FD";
+/// Set in the daemon started by `--background` (supervisor and servers): it logs to syslog.
+const BACKGROUND_ENV: &str = "IMAGECACHEFS_BACKGROUND";
 
 /// Where syslog datagrams go when the daemon runs in the background without `--log-file`
 /// (overridable through [`SYSLOG_SOCKET_ENV`], for tests and unusual hosts).
@@ -115,7 +119,7 @@ fn syslog_priority(level: log::Level) -> u8 {
 /// Whether this process is the daemon started by `mount --background` (its standard streams
 /// are `/dev/null`).
 pub fn is_background_daemon() -> bool {
-    std::env::var_os(READY_FD_ENV).is_some()
+    std::env::var_os(BACKGROUND_ENV).is_some()
 }
 
 /// Starts the log backend (once; later calls change nothing): `--log-file` if given, else
@@ -204,14 +208,38 @@ pub fn mount_command(cfg: MountConfig, verbose: u8) -> i32 {
     if cfg.background && ready.is_none() {
         return start_background(&cfg);
     }
+    let Some(fds) = supervise::server_fds() else {
+        // This process stays as the supervisor; the server is its child.
+        if let Err(r) = init_logging(verbose, cfg.log_file.as_deref()) {
+            eprintln!("imagecachefs: {r}");
+            return 1;
+        }
+        let exe = std::env::current_exe().unwrap_or_else(|_| "/proc/self/exe".into());
+        return supervise::supervise(supervise::Plan {
+            exe,
+            args: std::env::args_os().skip(1).collect(),
+            signals: handled_signals(),
+            signal_name,
+        });
+    };
+    // A supervised server panics no further than the log: the process ends, its supervisor
+    // starts another, and the kernel resends what this one left unanswered.
+    std::panic::set_hook(Box::new(|info| {
+        log_panic(info.payload(), info.location());
+        std::process::abort();
+    }));
     // SAFETY: the fd number was handed to us by our parent for this purpose only.
     let mut ready = ready.map(|fd| unsafe { File::from_raw_fd(fd) });
     let result = init_logging(verbose, cfg.log_file.as_deref()).and_then(|()| {
-        serve(&cfg, || {
-            if let Some(mut f) = ready.take() {
-                let _ = f.write_all(b"ok\n");
-            }
-        })
+        serve(
+            &cfg,
+            || {
+                if let Some(mut f) = ready.take() {
+                    let _ = f.write_all(b"ok\n");
+                }
+            },
+            fds,
+        )
     });
     match result {
         Ok(()) => 0,
@@ -273,6 +301,7 @@ fn start_background(cfg: &MountConfig) -> i32 {
     let mut cmd = Command::new(exe);
     cmd.args(&args)
         .env(READY_FD_ENV, wr_raw.to_string())
+        .env(BACKGROUND_ENV, "1")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null());
@@ -358,9 +387,17 @@ fn block_signals() -> libc::sigset_t {
 }
 
 /// `SIGUSR1`, `SIGRTMIN+3`, ... for the log.
-fn signal_name(sig: libc::c_int) -> String {
+pub(crate) fn signal_name(sig: libc::c_int) -> String {
     let name = match sig {
         libc::SIGHUP => "SIGHUP",
+        libc::SIGKILL => "SIGKILL",
+        libc::SIGSEGV => "SIGSEGV",
+        libc::SIGABRT => "SIGABRT",
+        libc::SIGBUS => "SIGBUS",
+        libc::SIGILL => "SIGILL",
+        libc::SIGFPE => "SIGFPE",
+        libc::SIGTRAP => "SIGTRAP",
+        libc::SIGSYS => "SIGSYS",
         libc::SIGINT => "SIGINT",
         libc::SIGQUIT => "SIGQUIT",
         libc::SIGUSR1 => "SIGUSR1",
@@ -398,16 +435,30 @@ fn makedev(dev: (u32, u32)) -> u64 {
     libc::makedev(dev.0, dev.1)
 }
 
-/// Mounts, serves until the kernel ends the session, and returns.
-fn serve(cfg: &MountConfig, on_ready: impl FnOnce()) -> Result<(), Refusal> {
-    let prepared = mount::prepare(&cfg.dir)?;
-    let dir = prepared.dir.clone();
+/// Serves the mount for its supervisor until the kernel ends the session: mounts it first
+/// (the first server), or takes over the live connection of a server that ended.
+fn serve(cfg: &MountConfig, on_ready: impl FnOnce(), sup: ServerFds) -> Result<(), Refusal> {
+    let journal =
+        Arc::new(Journal::open(sup.journal.as_fd()).map_err(|e| Refusal(format!("journal: {e}")))?);
+    let taking_over = sup.live.is_some();
+    let (dir, dir_fd, dev) = match sup.live {
+        None => {
+            let p = mount::prepare(&cfg.dir)?;
+            (p.dir, p.dir_fd, Some(p.dev))
+        }
+        Some((dev, dir_fd)) => {
+            let dir = mount::absolute(&cfg.dir).unwrap_or_else(|_| cfg.dir.clone());
+            (dir, dir_fd, Some(dev))
+        }
+    };
+    let dev = dev.expect("a connection");
     // Where the mount lands (a symlinked directory's target), resolved before the mount:
-    // afterwards resolving it would ask this daemon, which serves nothing yet.
+    // afterwards resolving it would ask this daemon, which serves nothing yet. (A server
+    // taking over reads it from the mount table: the path is this mount.)
     let mount_point = mount::mount_point(&dir);
     // Every path is absolute by now; do not keep the caller's directory busy.
     let _ = std::env::set_current_dir("/");
-    if backing::open_path_at(prepared.dir_fd.as_fd(), OsStr::new(STATUS_DIR)).is_ok() {
+    if !taking_over && backing::open_path_at(dir_fd.as_fd(), OsStr::new(STATUS_DIR)).is_ok() {
         return Err(Refusal(format!(
             "{} contains a file named {STATUS_DIR}, the name of imagecachefs's status tree: \
              rename it first",
@@ -415,7 +466,7 @@ fn serve(cfg: &MountConfig, on_ready: impl FnOnce()) -> Result<(), Refusal> {
         )));
     }
     if let Some(sub) = &cfg.nova_subdirectory {
-        if dir.file_name().is_some_and(|n| n != sub.as_str()) {
+        if !taking_over && dir.file_name().is_some_and(|n| n != sub.as_str()) {
             log::warn!(
                 "nova.conf names the image cache subdirectory {sub:?} but {} is mounted: \
                  Nova may be caching images somewhere else",
@@ -423,7 +474,7 @@ fn serve(cfg: &MountConfig, on_ready: impl FnOnce()) -> Result<(), Refusal> {
             );
         }
     }
-    if cfg.nova_scanner_on {
+    if cfg.nova_scanner_on && !taking_over {
         log::warn!(
             "{}: [image_cache] remove_unused_base_images is not False: Nova's own cache manager \
              will still delete images behind imagecachefs's back; set it to False",
@@ -437,9 +488,10 @@ fn serve(cfg: &MountConfig, on_ready: impl FnOnce()) -> Result<(), Refusal> {
     // to memory (measured: RSS 47 MiB instead of 21 MiB after rendering 10 000 rows).
     unsafe { libc::mallopt(libc::M_ARENA_MAX, 2) };
     raise_fd_limit();
-    let (fstype, fs_type) = mount::filesystem_of(prepared.dir_fd.as_fd());
+    warn_request_timeout();
+    let (fstype, fs_type) = mount::filesystem_of(dir_fd.as_fd());
     let shared = shared_storage(cfg.storage, &fstype, fs_type);
-    if let Some(kind) = &shared {
+    if let Some(kind) = shared.as_ref().filter(|_| !taking_over) {
         log::warn!(
             "{} is on shared storage ({kind}): other hosts may use its files, so nothing is \
              evicted (use --storage local if only this host uses it)",
@@ -456,10 +508,15 @@ fn serve(cfg: &MountConfig, on_ready: impl FnOnce()) -> Result<(), Refusal> {
         pressure_min_age: cfg.pressure_min_age,
         verify_interval: cfg.verify_interval,
         verify_rate_mib: cfg.verify_rate_mib,
+        own_dev: if taking_over {
+            mount::top_mount(&mount_point).map(|m| makedev(m.dev))
+        } else {
+            None
+        },
     };
     // Before the mount: finding pre-mount holders stats /proc/*/fd targets, which must not
     // reach this mount before it is served.
-    let root = prepared.dir_fd.try_clone().map_err(|e| Refusal(format!("dup: {e}")))?;
+    let root = dir_fd.try_clone().map_err(|e| Refusal(format!("dup: {e}")))?;
     let mut shown_cfg = MountConfig { instances_dir: Some(instances_dir_shown), ..cfg.clone() };
     shown_cfg.policy = policy.clone();
     let cache = Cache::open(
@@ -475,25 +532,88 @@ fn serve(cfg: &MountConfig, on_ready: impl FnOnce()) -> Result<(), Refusal> {
         },
     )
     .map_err(|e| Refusal(format!("reading {}: {e}", dir.display())))?;
-    mount::mount(&prepared)?;
+    if !taking_over {
+        let prepared = mount::Prepared {
+            dir: dir.clone(),
+            dir_fd: dir_fd.try_clone().map_err(|e| Refusal(format!("dup: {e}")))?,
+            dev: dev.try_clone().map_err(|e| Refusal(format!("dup: {e}")))?,
+        };
+        mount::mount(&prepared)?;
+        // The supervisor holds the connection from now on: it outlives this server.
+        let sent =
+            supervise::send(sup.sock.as_fd(), supervise::MSG_FDS, &[dev.as_fd(), dir_fd.as_fd()]);
+        if let Err(e) = sent {
+            let _ = mount::detach(&mount_point);
+            return Err(Refusal(format!("handing the connection to the supervisor: {e}")));
+        }
+        let mut m = supervise::MSG_MOUNTED.to_vec();
+        m.extend_from_slice(mount_point.as_os_str().as_encoded_bytes());
+        let _ = supervise::send(sup.sock.as_fd(), &m, &[]);
+    }
     let fail = |msg: String| {
-        let _ = mount::detach(&mount_point);
+        if !taking_over {
+            let _ = mount::detach(&mount_point);
+        }
         Refusal(msg)
     };
-    let mount::Prepared { dir_fd, dev, .. } = prepared;
     let pt_dev = dev.try_clone().map_err(|e| fail(format!("dup /dev/fuse: {e}")))?;
-    let start = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let started = SystemTime::now();
+    let start = started.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let incarnation = journal.next_incarnation();
     let core = Arc::new(
-        OverlayFs::new(dir_fd, cache.clone(), start)
+        OverlayFs::new(dir_fd, cache.clone(), start, incarnation)
             .map_err(|e| fail(format!("{}: {e}", dir.display())))?,
     );
     cache.spawn_persister();
-    let adapter = FuseAdapter::new(core.clone(), cfg.passthrough.then_some(pt_dev), fs_type);
     let mut fuse_cfg = fuser::Config::default();
     fuse_cfg.n_threads = Some(cfg.threads);
     fuse_cfg.acl = fuser::SessionACL::All;
-    let session = fuser::Session::from_fd(adapter, dev, fuser::SessionACL::All, fuse_cfg)
-        .map_err(|e| fail(format!("FUSE handshake on {}: {e}", dir.display())))?;
+    let session = if taking_over {
+        let tables = journal.tables();
+        let Some(init) = tables.init else {
+            return Err(Refusal("the journal holds no FUSE_INIT result: cannot take over".into()));
+        };
+        if init.passthrough && cfg.passthrough {
+            core.enable_passthrough(crate::passthrough::Passthrough::new(pt_dev));
+        }
+        let (lost_nodes, lost_handles) = core.restore(&tables);
+        if !lost_handles.is_empty() {
+            log::warn!(
+                "took over without {} open handle(s) whose files are gone: requests for them \
+                 fail",
+                lost_handles.len()
+            );
+        }
+        if !lost_nodes.is_empty() {
+            // Removed files the kernel still remembers: it asks nothing more of them.
+            log::debug!("took over without {} node(s) whose files are gone", lost_nodes.len());
+        }
+        core.set_journal(journal.clone());
+        let adapter = FuseAdapter::resumed(core.clone(), fs_type);
+        let session = fuser::Session::from_fd_initialized(
+            adapter,
+            dev,
+            fuser::SessionACL::All,
+            fuse_cfg,
+            fuser::Version(init.major, init.minor),
+        );
+        // What the dead server read and never answered comes back first.
+        if let Err(e) = session.notifier().resend() {
+            log::warn!("FUSE_NOTIFY_RESEND: {e}: requests the previous server held may hang");
+        }
+        info!(
+            "took over {} ({} node(s), {} open handle(s))",
+            dir.display(),
+            tables.nodes.len(),
+            tables.opens.len()
+        );
+        session
+    } else {
+        core.set_journal(journal.clone());
+        let adapter = FuseAdapter::new(core.clone(), cfg.passthrough.then_some(pt_dev), fs_type);
+        fuser::Session::from_fd(adapter, dev, fuser::SessionACL::All, fuse_cfg)
+            .map_err(|e| fail(format!("FUSE handshake on {}: {e}", dir.display())))?
+    };
     let ours = mount::top_mount(&mount_point);
     let our_dev = ours.as_ref().map(|m| makedev(m.dev));
     if let Some(d) = our_dev {
@@ -506,18 +626,97 @@ fn serve(cfg: &MountConfig, on_ready: impl FnOnce()) -> Result<(), Refusal> {
     }
     crate::evict::spawn(cache.clone());
     crate::checksums::spawn(cache.clone());
-    info!(
-        "mounted over {} ({} worker threads, passthrough {})",
-        dir.display(),
-        cfg.threads,
-        if core.passthrough_enabled() { "on" } else { "OFF" }
+    let last_restart = sup.last_restart.map(|(ms, cause)| {
+        let at = UNIX_EPOCH + std::time::Duration::from_millis(ms);
+        let duration = SystemTime::now().duration_since(at).unwrap_or_default();
+        crate::cache::LastRestart { cause, at, duration }
+    });
+    let info = crate::cache::ServerInfo {
+        pid: std::process::id(),
+        started,
+        // Servers this connection had before this one (the journal counts them, whoever
+        // supervised them).
+        restarts: u64::from(incarnation.saturating_sub(1)),
+        last_restart,
+    };
+    let sock = Arc::new(sup.sock);
+    let asker = sock.clone();
+    cache.set_server(
+        info,
+        Box::new(move || {
+            supervise::send(asker.as_fd(), supervise::MSG_RESTART, &[])
+                .map_err(|e| format!("the supervisor is not reachable ({e})"))
+        }),
     );
+    if taking_over {
+        info!("serving {} again", dir.display());
+    } else {
+        info!(
+            "mounted over {} ({} worker threads, passthrough {})",
+            dir.display(),
+            cfg.threads,
+            if core.passthrough_enabled() { "on" } else { "OFF" }
+        );
+    }
     on_ready();
+    let _ = supervise::send(sock.as_fd(), supervise::MSG_READY, &[]);
+    spawn_supervisor_listener(sock, cache.clone());
     spawn_signal_thread(signals, mount_point, our_dev, core.clone(), cache.clone());
     session.run().map_err(|e| Refusal(format!("FUSE session on {}: {e}", dir.display())))?;
     cache.persist();
     info!("session on {} ended; exiting", dir.display());
     Ok(())
+}
+
+/// Reads what the supervisor says (a refused restart); says once if it is gone, since a crash
+/// of this server then ends the mount.
+fn spawn_supervisor_listener(sock: Arc<OwnedFd>, cache: Arc<Cache>) {
+    std::thread::Builder::new()
+        .name("supervisor".into())
+        .spawn(move || loop {
+            match supervise::recv(sock.as_fd()) {
+                Ok(Some((msg, _))) => {
+                    if let Some(why) = msg.strip_prefix(supervise::MSG_REFUSED) {
+                        let why = String::from_utf8_lossy(why).into_owned();
+                        cache.restart_refused(&why);
+                    }
+                }
+                Ok(None) | Err(_) if supervise::fdstore_enabled() => {
+                    // systemd keeps the connection and starts a supervisor that takes it
+                    // over: two servers must never serve one connection.
+                    log::warn!(
+                        "the supervisor is gone; systemd's fd store keeps the mount: exiting"
+                    );
+                    cache.persist();
+                    std::process::exit(0);
+                }
+                Ok(None) | Err(_) => {
+                    log::warn!(
+                        "the supervisor is gone: this server goes on, but if it dies the mount \
+                         dies with it"
+                    );
+                    return;
+                }
+            }
+        })
+        .expect("spawn supervisor listener");
+}
+
+/// The kernel aborts a connection whose oldest request waits longer than its request timeout
+/// (Linux 6.14+), and a server being replaced leaves requests waiting: this mount never asks
+/// for a timeout, but the system-wide ones apply all the same.
+fn warn_request_timeout() {
+    for name in ["default_request_timeout", "max_request_timeout"] {
+        let path = format!("/proc/sys/fs/fuse/{name}");
+        let Ok(text) = std::fs::read_to_string(&path) else { continue };
+        let secs: u64 = text.trim().parse().unwrap_or(0);
+        if secs > 0 {
+            log::warn!(
+                "{path} is {secs}: the kernel aborts this mount if a server restart ever takes \
+                 longer than that (set it to 0)"
+            );
+        }
+    }
 }
 
 /// Takes every signal of [`handled_signals`]. SIGTERM/SIGINT detach the mount lazily, once:
@@ -705,6 +904,67 @@ pub fn unmount_command(dir: &Path, verbose: u8) -> i32 {
             1
         }
     }
+}
+
+/// `imagecachefs restart DIR`: asks the mount's supervisor to replace its server and
+/// itself with the binary on disk, and waits (10 s at most) until a new server answers.
+pub fn restart_command(dir: &Path) -> i32 {
+    let fail = |msg: String| {
+        eprintln!("imagecachefs: {msg}");
+        1
+    };
+    if unsafe { libc::geteuid() } != 0 {
+        return fail("restart needs root (the control file is root-only)".into());
+    }
+    let sdir = match status_dir(dir) {
+        Ok(d) => d,
+        Err(e) => return fail(e),
+    };
+    let server = |what: &str| -> Option<String> {
+        let text = std::fs::read_to_string(sdir.join("server")).ok()?;
+        text.lines().find_map(|l| l.strip_prefix(what)).map(|v| v.trim().to_owned())
+    };
+    let (Some(pid), Some(started)) = (server("pid:"), server("started:")) else {
+        return fail(format!("{}: no server information in the status tree", dir.display()));
+    };
+    let refusals = || {
+        std::fs::read_to_string(sdir.join("events"))
+            .map(|t| t.lines().filter(|l| l.contains(" restart-refused ")).count())
+            .unwrap_or(0)
+    };
+    let refused_before = refusals();
+    let t0 = std::time::Instant::now();
+    let written = OpenOptions::new()
+        .write(true)
+        .open(sdir.join("control"))
+        .and_then(|mut f| f.write_all(b"restart\n"));
+    if let Err(e) = written {
+        return fail(format!("restart {}: {e}", dir.display()));
+    }
+    let deadline = t0 + std::time::Duration::from_secs(10);
+    while std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        if refusals() > refused_before {
+            let events = std::fs::read_to_string(sdir.join("events")).unwrap_or_default();
+            let why = events
+                .lines()
+                .rev()
+                .find_map(|l| l.split_once(" restart-refused - ").map(|(_, w)| w.to_owned()))
+                .unwrap_or_default();
+            return fail(format!("restart refused: {why}"));
+        }
+        if let (Some(p), Some(s)) = (server("pid:"), server("started:")) {
+            if p != pid || s != started {
+                println!(
+                    "restarted {}: server {pid} -> {p}, serving after {} ms",
+                    dir.display(),
+                    t0.elapsed().as_millis()
+                );
+                return 0;
+            }
+        }
+    }
+    fail(format!("{}: no new server answered within 10 s (see the log)", dir.display()))
 }
 
 fn status_dir(dir: &Path) -> Result<std::path::PathBuf, String> {

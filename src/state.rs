@@ -281,6 +281,10 @@ pub enum EventKind {
     Refused,
     Pinned,
     Unpinned,
+    /// The server was replaced on the live connection (name `-`).
+    Restarted,
+    /// `restart` was refused (name `-`).
+    RestartRefused,
 }
 
 impl EventKind {
@@ -293,6 +297,8 @@ impl EventKind {
             EventKind::Refused => "eviction-refused",
             EventKind::Pinned => "pinned",
             EventKind::Unpinned => "unpinned",
+            EventKind::Restarted => "server-restarted",
+            EventKind::RestartRefused => "restart-refused",
         }
     }
 }

@@ -383,6 +383,53 @@ pub fn config(pairs: &[(String, String)]) -> String {
     pairs.iter().map(|(k, v)| format!("{k}: {}\n", escape(v.as_bytes()))).collect()
 }
 
+/// `server`: the process serving the mount now, and the last time one was replaced.
+pub fn server(info: Option<&crate::cache::ServerInfo>) -> String {
+    let Some(s) = info else { return String::new() };
+    let last = match &s.last_restart {
+        Some(l) => format!(
+            "{} at {} ({} ms)",
+            l.cause.replace('\n', " "),
+            crate::clock::rfc3339(l.at),
+            l.duration.as_millis()
+        ),
+        None => "-".into(),
+    };
+    format!(
+        "pid: {}\nstarted: {}\nrestarts: {}\nlast_restart: {last}\n",
+        s.pid,
+        crate::clock::rfc3339(s.started),
+        s.restarts
+    )
+}
+
+/// The server's lines of `metrics`.
+pub fn server_metrics(info: Option<&crate::cache::ServerInfo>) -> String {
+    let Some(s) = info else { return String::new() };
+    let mut out = String::new();
+    let secs = |t: std::time::SystemTime| {
+        t.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+    };
+    metric(&mut out, "server_start_time_seconds", "gauge", "When the serving process started.");
+    let _ = writeln!(out, "imagecachefs_server_start_time_seconds {:.3}", secs(s.started));
+    metric(
+        &mut out,
+        "restarts_total",
+        "counter",
+        "Servers replaced on the live connection since the mount (crashes and upgrades).",
+    );
+    let _ = writeln!(out, "imagecachefs_restarts_total {}", s.restarts);
+    metric(
+        &mut out,
+        "last_restart_duration_seconds",
+        "gauge",
+        "From the previous server's end to this one serving (0 before any restart).",
+    );
+    let d = s.last_restart.as_ref().map(|l| l.duration.as_secs_f64()).unwrap_or(0.0);
+    let _ = writeln!(out, "imagecachefs_last_restart_duration_seconds {d:.3}");
+    out
+}
+
 fn metric(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP imagecachefs_{name} {help}");
     let _ = writeln!(out, "# TYPE imagecachefs_{name} {kind}");

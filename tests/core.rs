@@ -75,6 +75,7 @@ impl World {
             pressure_min_age: 600,
             verify_interval: 86_400,
             verify_rate_mib: 0,
+            own_dev: None,
         };
         Cache::open(
             unsafe { OwnedFd::from_raw_fd(fd) },
@@ -343,11 +344,11 @@ fn create_of_a_name_that_exists_behind_the_mount_is_not_handed_over() {
     let fd =
         unsafe { libc::open(root.as_ptr(), libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC) };
     assert!(fd >= 0);
-    let core = OverlayFs::new(unsafe { OwnedFd::from_raw_fd(fd) }, c, 1).unwrap();
+    let core = OverlayFs::new(unsafe { OwnedFd::from_raw_fd(fd) }, c, 1, 1).unwrap();
     let secret = w.base().join("secret");
     fs::write(&secret, b"root's").unwrap();
     fs::set_permissions(&secret, fs::Permissions::from_mode(0o600)).unwrap();
-    let nobody = Caller { pid: std::process::id(), uid: 65534, gid: 65534 };
+    let nobody = Caller { pid: std::process::id(), uid: 65534, gid: 65534, unique: 0 };
     let name = OsStr::new("secret");
     let create = |flags: i32, who: Caller| {
         core.create(ROOT, name, 0o644, 0o022, flags | libc::O_CREAT, who).map(|(_, o)| o.fh)

@@ -927,6 +927,7 @@ fn verify_interval_zero_turns_re_verification_off() {
                 pressure_min_age: 600,
                 verify_interval: interval,
                 verify_rate_mib: 0,
+                own_dev: None,
             },
             Vec::new(),
         )

@@ -70,6 +70,7 @@ fn open_cache(
         pressure_min_age,
         verify_interval,
         verify_rate_mib: 0,
+        own_dev: None,
     };
     Cache::open(
         unsafe { OwnedFd::from_raw_fd(fd) },

@@ -301,6 +301,7 @@ fn core(files: &[&str]) -> Core {
         pressure_min_age: 600,
         verify_interval: 86_400,
         verify_rate_mib: 0,
+        own_dev: None,
     };
     let start = from_unix_secs(1_800_000_000);
     let cache: Arc<Cache> = Cache::open(
@@ -312,7 +313,7 @@ fn core(files: &[&str]) -> Core {
         Vec::new(),
     )
     .unwrap();
-    let fs = OverlayFs::new(o_path(&base), cache, 1_800_000_000).unwrap();
+    let fs = OverlayFs::new(o_path(&base), cache, 1_800_000_000, 1).unwrap();
     Core { _tmp: tmp, base, fs }
 }
 

@@ -197,7 +197,12 @@ fn systemd_unit_and_drop_in_carry_the_required_keys_and_verify() {
     }
     assert!(unit_value(&keys, "Unit", "After").contains("local-fs.target"));
     assert_eq!(unit_value(&keys, "Unit", "RequiresMountsFor"), "/var/lib/nova/instances");
-    assert_eq!(unit_value(&keys, "Service", "Type"), "simple");
+    assert_eq!(unit_value(&keys, "Service", "Type"), "notify");
+    assert_eq!(unit_value(&keys, "Service", "NotifyAccess"), "main");
+    assert_eq!(unit_value(&keys, "Service", "FileDescriptorStoreMax"), "3");
+    assert_eq!(unit_value(&keys, "Service", "FileDescriptorStorePreserve"), "yes");
+    assert!(unit_value(&keys, "Service", "ExecReload")
+        .ends_with(" restart /var/lib/nova/instances/_base"));
     assert_eq!(
         unit_value(&keys, "Service", "ExecStart"),
         "/usr/local/bin/imagecachefs mount /var/lib/nova/instances/_base \
@@ -223,7 +228,11 @@ fn systemd_unit_and_drop_in_carry_the_required_keys_and_verify() {
 
     let drop_in = fs::read_to_string(script("nova-compute.service.d/imagecachefs.conf")).unwrap();
     let dkeys = unit_keys(&drop_in);
-    assert_eq!(unit_value(&dkeys, "Unit", "Requires"), "imagecachefs.service");
+    assert_eq!(unit_value(&dkeys, "Unit", "Wants"), "imagecachefs.service");
+    assert!(
+        !dkeys.iter().any(|(_, k, _)| k == "Requires"),
+        "Requires= would restart nova-compute with every restart of imagecachefs"
+    );
     assert_eq!(unit_value(&dkeys, "Unit", "After"), "imagecachefs.service");
 
     if !Path::new("/usr/bin/systemd-analyze").exists()
