@@ -26,7 +26,7 @@ use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::{
-    alive, bin, kill_and_reap, overlay, run_ok, run_timeout, splitmix64, status_json, tool,
+    alive, bin, kill_and_reap, overlay, run_ok, run_timeout, server_info, splitmix64, tool,
     wait_timeout, wait_until, BindMount, Mount, Proc, Scratch,
 };
 
@@ -100,17 +100,16 @@ fn refs(dir: &Path, name: &str) -> u64 {
     img["refs"].parse().unwrap_or_else(|_| panic!("images/{name}: refs {:?}", img["refs"]))
 }
 
-/// The `server` object of `status.json` (panics, naming what is missing, without one).
-fn server_status(m: &Mount) -> serde_json::Value {
-    let v = status_json(&m.dir).expect("status.json cannot be read or parsed");
-    v.get("server").cloned().unwrap_or_else(|| panic!("status.json has no \"server\" object: {v}"))
+/// `.imagecache/server` as key → value (panics when it cannot be read).
+fn server_status(m: &Mount) -> BTreeMap<String, String> {
+    server_info(&m.dir).expect(".imagecache/server cannot be read")
 }
 
 fn server_restarts(m: &Mount) -> u64 {
     let s = server_status(m);
     s.get("restarts")
-        .and_then(|r| r.as_u64())
-        .unwrap_or_else(|| panic!("status.json server.restarts is not a number: {s}"))
+        .and_then(|r| r.parse().ok())
+        .unwrap_or_else(|| panic!(".imagecache/server: restarts is not a number: {s:?}"))
 }
 
 /// How many of `pid`'s descriptors are open on `path`.
@@ -920,10 +919,10 @@ fn restart_to_a_newly_installed_binary_under_a_reading_vm_costs_nothing() {
         assert_eq!(exe_ino(sup), ino, "{ctx}: the supervisor does not run the new binary");
         assert_eq!(exe_ino(server), ino, "{ctx}: the server does not run the new binary");
         let after = server_status(&m);
-        assert_eq!(after["pid"].as_u64(), Some(server as u64), "{ctx}: status.json {after}");
-        assert_ne!(after["started"], before["started"], "{ctx}: start time kept: {after}");
-        assert_eq!(server_restarts(&m), restarts + 1, "{ctx}: restarts: {after}");
-        assert!(!after["last_restart"].is_null(), "{ctx}: no last_restart: {after}");
+        assert_eq!(after["pid"], server.to_string(), "{ctx}: server {after:?}");
+        assert_ne!(after["started"], before["started"], "{ctx}: start time kept: {after:?}");
+        assert_eq!(server_restarts(&m), restarts + 1, "{ctx}: restarts: {after:?}");
+        assert_ne!(after["last_restart"], "-", "{ctx}: no last_restart: {after:?}");
         assert_eq!(
             refs(&m.dir, RAW),
             fds_on(qpid, &n.base.join(RAW)),
@@ -939,35 +938,41 @@ fn restart_to_a_newly_installed_binary_under_a_reading_vm_costs_nothing() {
     assert!(m.stop().success(), "the daemon did not stop cleanly");
 }
 
-/// A binary that cannot read the running journal's format is refused: `restart` exits
-/// non-zero with one clear line naming the format, and the running server goes on serving.
-/// The running supervisor is made to write a format this binary does not read through
-/// `IMAGECACHEFS_JOURNAL_FORMAT_OVERRIDE` (a test-only switch of the daemon).
+/// A new binary that cannot read the running journal's format is refused: the program the
+/// supervisor was started from is replaced by one that reads only format 99 (a script that
+/// answers `journal-formats` as such a release would); `restart` exits non-zero with one
+/// clear line naming both formats, and the running server goes on serving, not replaced.
 #[test]
 fn restart_to_a_binary_that_cannot_read_the_journal_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
     let n = Node::new();
     fill(&n.real(RAW), 0x61, MIB);
-    let m = Mount::with_env(
-        &n.base,
-        &n.mount_args(),
-        &[("IMAGECACHEFS_JOURNAL_FORMAT_OVERRIDE", "999")],
-    );
+    let prog = n.s.path("bin/imagecachefs");
+    fs::create_dir_all(prog.parent().unwrap()).unwrap();
+    install_binary(&prog);
+    let m = Mount::with_binary(&prog, &n.base, &n.mount_args());
+    let held = holder(&n.base.join(RAW), 1);
     let server = m.server_pid();
     let restarts = server_restarts(&m);
-    let (code, out, err) = run_timeout(
-        Command::new(bin())
-            .arg("restart")
-            .arg(&m.dir)
-            .env_remove("IMAGECACHEFS_JOURNAL_FORMAT_OVERRIDE"),
-        Duration::from_secs(60),
-    );
-    assert_ne!(code, 0, "a restart to a binary that cannot read format 999 succeeded:\n{out}{err}");
+    let script = prog.with_extension("new");
+    fs::write(&script, "#!/bin/sh\n[ \"$1\" = journal-formats ] && { echo 99; exit 0; }\nexit 2\n")
+        .unwrap();
+    fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).unwrap();
+    fs::rename(&script, &prog).unwrap();
+    let (code, out, err) =
+        run_timeout(Command::new(bin()).arg("restart").arg(&m.dir), Duration::from_secs(30));
     let msg = format!("{out}{err}");
+    assert_ne!(code, 0, "a restart to a binary that reads only format 99 succeeded:\n{msg}");
     assert_eq!(msg.trim().lines().count(), 1, "the refusal is one line: {msg:?}");
-    assert!(msg.contains("999"), "the refusal names the running format: {msg:?}");
+    assert!(msg.contains("99"), "the refusal names the formats the new binary reads: {msg:?}");
+    assert!(msg.contains("format"), "the refusal says it is about the format: {msg:?}");
+    assert!(m.running(), "the supervisor exited");
     assert_eq!(m.server_pid(), server, "the server was replaced anyway");
     assert_eq!(server_restarts(&m), restarts, "a refused restart was counted");
+    assert_eq!(refs(&m.dir, RAW), 1, "the holder is still counted");
     assert_eq!(fs::read(m.dir.join(RAW)).unwrap(), vec![0x61; MIB as usize]);
+    held.kill();
+    wait_until(POLL, "refs of RAW back to 0", || (refs(&m.dir, RAW) == 0).then_some(()));
     assert!(m.stop().success(), "the daemon did not stop cleanly");
 }
 

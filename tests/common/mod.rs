@@ -153,21 +153,16 @@ pub struct Mount {
 impl Mount {
     /// Mounts over `dir` with extra CLI arguments; returns once the mount is live.
     pub fn new(dir: &Path, extra: &[&str]) -> Self {
-        Mount::with_binary(Path::new(bin()), dir, extra)
+        Mount::spawn(Path::new(bin()), dir, extra)
     }
 
     /// As [`Mount::new`], run from the binary `program` (a copy that a test can replace
     /// before `imagecachefs restart`).
     pub fn with_binary(program: &Path, dir: &Path, extra: &[&str]) -> Self {
-        Mount::spawn(program, dir, extra, &[])
+        Mount::spawn(program, dir, extra)
     }
 
-    /// As [`Mount::new`], with extra environment variables for the daemon.
-    pub fn with_env(dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Self {
-        Mount::spawn(Path::new(bin()), dir, extra, env)
-    }
-
-    fn spawn(program: &Path, dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Self {
+    fn spawn(program: &Path, dir: &Path, extra: &[&str]) -> Self {
         require_fuse();
         let log = dir
             .with_file_name(format!("{}.daemon.log", dir.file_name().unwrap().to_string_lossy()));
@@ -177,7 +172,6 @@ impl Mount {
             .arg(dir)
             .args(extra)
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
-            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(logf.try_clone().unwrap())
             .stderr(logf)
@@ -231,16 +225,15 @@ impl Mount {
         )
     }
 
-    /// `server.pid` of `.imagecache/status.json`: the server that answered (None when the
-    /// file cannot be read or has no such field).
+    /// `pid:` of `.imagecache/server`: the server that answered (None when the file cannot
+    /// be read or has no such line).
     pub fn status_server_pid(&self) -> Option<u32> {
-        let v = status_json(&self.dir)?;
-        v.get("server")?.get("pid")?.as_u64().map(|p| p as u32)
+        server_info(&self.dir)?.get("pid")?.parse().ok()
     }
 
     /// SIGKILLs the server only (the supervisor keeps the connection) and returns the pid of
-    /// its replacement once that one answers through the mount (`status.json` names it); 5 s
-    /// at most.
+    /// its replacement once that one answers through the mount (`.imagecache/server` names
+    /// it); 5 s at most.
     pub fn kill_server(&self) -> u32 {
         let old = self.server_pid();
         unsafe { libc::kill(old as i32, libc::SIGKILL) };
@@ -367,10 +360,16 @@ pub fn alive(pid: u32) -> bool {
     }
 }
 
-/// `DIR/.imagecache/status.json`, parsed (None when it cannot be read or parsed).
-pub fn status_json(dir: &Path) -> Option<serde_json::Value> {
-    let text = fs::read_to_string(dir.join(".imagecache/status.json")).ok()?;
-    serde_json::from_str(&text).ok()
+/// `DIR/.imagecache/server` (`pid`, `started`, `restarts`, `last_restart`) as key → value
+/// (None when it cannot be read).
+pub fn server_info(dir: &Path) -> Option<std::collections::BTreeMap<String, String>> {
+    let text = fs::read_to_string(dir.join(".imagecache/server")).ok()?;
+    Some(
+        text.lines()
+            .filter_map(|l| l.split_once(": "))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    )
 }
 
 /// File-system types of the mounts whose mount point is exactly `dir`, bottom first.
