@@ -351,13 +351,16 @@ pub fn children(pid: u32) -> Vec<u32> {
     out
 }
 
-/// Whether `pid` exists and is not a zombie.
+/// Whether any thread of process `pid` still runs (has not exited). A killed process's
+/// leader can be a zombie while its other threads still exit, and its files are closed only
+/// when the last one has: every thread is checked.
 pub fn alive(pid: u32) -> bool {
-    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else { return false };
+    tasks.flatten().any(|t| match fs::read_to_string(t.path().join("stat")) {
         // The state follows the parenthesised command name (which may hold spaces).
-        Ok(stat) => stat.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z')),
+        Ok(stat) => stat.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with(['Z', 'X'])),
         Err(_) => false,
-    }
+    })
 }
 
 /// `DIR/.imagecache/server` (`pid`, `started`, `restarts`, `last_restart`) as key → value
