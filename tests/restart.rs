@@ -454,6 +454,12 @@ fn holder(path: &Path, handles: usize) -> Proc {
     p
 }
 
+/// The seed of a randomised test: `RESTART_TEST_SEED` to replay a failure (every failure
+/// message shows its seed), else the time.
+fn test_seed() -> u64 {
+    std::env::var("RESTART_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(unix_now)
+}
+
 fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
 }
@@ -517,7 +523,7 @@ fn twenty_server_kills_under_qemu_and_a_syscall_loop_cost_nothing() {
     let loop_dir = n.base.join("loop");
     fs::create_dir(&loop_dir).unwrap();
     let stopfile = n.s.path("stop-loop");
-    let seed = unix_now();
+    let seed = test_seed();
     let looper = Proc::spawn_logged(
         tool("python3")
             .arg("-c")
@@ -1015,72 +1021,116 @@ fn restart_to_a_binary_that_cannot_read_the_journal_is_refused() {
 // The reference model, with "server restart" among its operations.
 // ------------------------------------------------------------------------------------------
 
-/// Random opens (read or write), closes and `kill -9`s of the server through a real mount,
-/// the test process holding every handle; after each step `images/NAME` must show as many
-/// references as the model holds handles, `writing` exactly while a writer is open, and
-/// right after a restart without any wait (nothing was released meanwhile).
+/// One descriptor the test holds: which file, whether its open file description may write,
+/// and that description's number (a `dup` shares it: one handle, one reference).
+struct Held {
+    file: usize,
+    write: bool,
+    ofd: u64,
+    f: File,
+}
+
+/// What the model says a file must show: (refs, writing) — a reference per open file
+/// description, not per descriptor.
+fn model_refs(held: &[Held], file: usize) -> (u64, bool) {
+    let mut ofds: Vec<u64> = held.iter().filter(|h| h.file == file).map(|h| h.ofd).collect();
+    ofds.sort_unstable();
+    ofds.dedup();
+    (ofds.len() as u64, held.iter().any(|h| h.file == file && h.write))
+}
+
+/// Random opens (read or write), `dup`s, closes, `evict` commands and `kill -9`s of the
+/// server through a real mount, the test process holding every descriptor; after each step
+/// `images/NAME` must show one reference per open file description the model holds,
+/// `writing` exactly while a writable one is open — right after a restart without any wait
+/// (nothing was released meanwhile) — and `evict` must refuse a file with a reference from
+/// before a restart and remove one without.
 #[test]
 fn references_follow_the_model_across_server_kills() {
     const FILES: [&str; 3] = [RAW, RAW2, CHAIN];
+    const STEPS: usize = 80;
     let n = Node::new();
     for (i, name) in FILES.iter().enumerate() {
         fill(&n.real(name), i as u8 + 1, MIB);
     }
     let m = n.mount();
-    let seed = unix_now();
+    let seed = test_seed();
     let mut rng = seed;
-    let mut held: Vec<(usize, bool, File)> = Vec::new();
-    let mut kills = 0;
-    let check = |held: &[(usize, bool, File)], step: usize, wait: bool| {
+    let mut held: Vec<Held> = Vec::new();
+    let (mut kills, mut evicted, mut refused, mut next_ofd) = (0, 0, 0, 0u64);
+    let check = |held: &[Held], step: usize, what: &str, wait: bool| {
         for (i, name) in FILES.iter().enumerate() {
-            let want = held.iter().filter(|h| h.0 == i).count() as u64;
-            let writing = held.iter().any(|h| h.0 == i && h.1);
+            let (want, writing) = model_refs(held, i);
             let ok = || {
                 let img = image(&m.dir, name)?;
                 let r: u64 = img.get("refs")?.parse().ok()?;
                 (r == want && (img.get("state").map(String::as_str) == Some("writing")) == writing)
                     .then_some(())
             };
+            let ctx =
+                format!("step {step} {what} (seed {seed}): {name} refs {want}, writing {writing}");
             if wait {
-                wait_until(
-                    POLL,
-                    &format!("step {step} (seed {seed}): {name} refs {want}, writing {writing}"),
-                    ok,
-                );
+                wait_until(POLL, &ctx, ok);
             } else {
-                assert!(
-                    ok().is_some(),
-                    "right after a restart, step {step} (seed {seed}): {name} should have refs \
-                     {want}, writing {writing}:\n{:?}",
-                    image(&m.dir, name)
-                );
+                assert!(ok().is_some(), "right after a restart, {ctx}:\n{:?}", image(&m.dir, name));
             }
         }
     };
-    for step in 0..60 {
+    for step in 0..STEPS {
         let r = splitmix64(&mut rng);
+        let file = (r >> 8) as usize % FILES.len();
         match r % 8 {
-            0..=3 => {
-                let file = (r >> 8) as usize % FILES.len();
+            0..=2 => {
                 let write = (r >> 16).is_multiple_of(3);
                 let path = m.dir.join(FILES[file]);
                 let f = fs::OpenOptions::new().read(true).write(write).open(&path).unwrap();
-                held.push((file, write, f));
-                check(&held, step, true);
+                next_ofd += 1;
+                held.push(Held { file, write, ofd: next_ofd, f });
+                check(&held, step, "open", true);
+            }
+            3 if !held.is_empty() => {
+                let h = &held[(r >> 8) as usize % held.len()];
+                let dup =
+                    Held { file: h.file, write: h.write, ofd: h.ofd, f: h.f.try_clone().unwrap() };
+                held.push(dup);
+                check(&held, step, "dup", true);
             }
             4 | 5 if !held.is_empty() => {
                 held.remove((r >> 8) as usize % held.len());
-                check(&held, step, true);
+                check(&held, step, "close", true);
+            }
+            7 => {
+                let (refs_now, _) = model_refs(&held, file);
+                let (code, out, err) = run_timeout(
+                    Command::new(bin()).arg("evict").arg(&m.dir).arg(FILES[file]),
+                    Duration::from_secs(30),
+                );
+                let ctx =
+                    format!("step {step} evict {} with {refs_now} refs (seed {seed})", FILES[file]);
+                if refs_now > 0 {
+                    assert_ne!(code, 0, "{ctx}: evicted a file in use: {out}{err}");
+                    assert!(n.real(FILES[file]).exists(), "{ctx}: the file is gone");
+                    refused += 1;
+                } else {
+                    assert_eq!(code, 0, "{ctx}: {out}{err}\n{}", m.log_text());
+                    assert!(!n.real(FILES[file]).exists(), "{ctx}: the file is still there");
+                    evicted += 1;
+                    // It comes back (as Nova would download it again), and is looked up.
+                    fill(&n.real(FILES[file]), file as u8 + 1, MIB);
+                    fs::metadata(m.dir.join(FILES[file])).unwrap();
+                }
+                check(&held, step, "evict", true);
             }
             _ => {
                 m.kill_server();
                 kills += 1;
-                check(&held, step, false);
+                check(&held, step, "kill", false);
             }
         }
     }
     held.clear();
-    check(&held, 60, true);
+    check(&held, STEPS, "end", true);
+    eprintln!("{kills} kills, {evicted} evictions, {refused} refused evictions (seed {seed})");
     assert!(kills > 0, "no kill in the sequence (seed {seed})");
     assert!(m.stop().success(), "the daemon did not stop cleanly");
 }
