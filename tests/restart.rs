@@ -1134,3 +1134,56 @@ fn references_follow_the_model_across_server_kills() {
     assert!(kills > 0, "no kill in the sequence (seed {seed})");
     assert!(m.stop().success(), "the daemon did not stop cleanly");
 }
+
+/// An rmdir whose `unlinkat(AT_REMOVEDIR)` had run: the resent RMDIR succeeds.
+#[test]
+fn an_rmdir_done_by_a_dying_server_is_answered_as_done() {
+    let n = stuck(
+        "rmdir",
+        "unlinkat",
+        false,
+        1,
+        "olddir",
+        |_, dir| fs::create_dir(dir.join("olddir")).unwrap(),
+        |dir| fs::remove_dir(dir.join("olddir")).map(|_| String::new()),
+        Ok(String::new()),
+    );
+    assert!(!n.real("olddir").exists(), "the directory is still there");
+}
+
+/// A symlink whose `symlinkat` had run: the resent SYMLINK succeeds (no spurious
+/// `EEXIST`) and the link holds its target.
+#[test]
+fn a_symlink_done_by_a_dying_server_is_answered_as_done() {
+    let n = stuck(
+        "symlink",
+        "symlinkat",
+        false,
+        1,
+        "new-link",
+        |_, _| {},
+        |dir| std::os::unix::fs::symlink("the-target", dir.join("new-link")).map(|_| String::new()),
+        Ok(String::new()),
+    );
+    assert_eq!(fs::read_link(n.real("new-link")).unwrap(), Path::new("the-target"));
+}
+
+/// A hard link whose `linkat` had run: the resent LINK succeeds (no spurious `EEXIST`) and
+/// both names are the same file.
+#[test]
+fn a_link_done_by_a_dying_server_is_answered_as_done() {
+    use std::os::unix::fs::MetadataExt;
+    let n = stuck(
+        "link",
+        "linkat",
+        false,
+        1,
+        "second-name",
+        |_, dir| fill(&dir.join("first-name"), 0x73, 3000),
+        |dir| fs::hard_link(dir.join("first-name"), dir.join("second-name")).map(|_| String::new()),
+        Ok(String::new()),
+    );
+    let (a, b) =
+        (fs::metadata(n.real("first-name")).unwrap(), fs::metadata(n.real("second-name")).unwrap());
+    assert_eq!((a.ino(), a.nlink()), (b.ino(), 2), "two names of one file");
+}
