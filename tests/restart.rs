@@ -717,10 +717,11 @@ fn delay(server: u32, syscall: &str, enter: bool, when: u32, log: PathBuf) -> Pr
     p
 }
 
-/// Waits until the worker is held in the delayed call naming `name`: strace's log shows
-/// the call either entered and unfinished, or finished and `(DELAYED)`.
+/// Waits until the worker is held in the delayed call naming `name` (any delayed call when
+/// `name` is empty): strace's log shows the call either entered and unfinished, or finished
+/// and `(DELAYED)`.
 fn wait_in_flight(log: &Path, name: &str) {
-    let quoted = format!("\"{name}\"");
+    let quoted = if name.is_empty() { String::new() } else { format!("\"{name}\"") };
     wait_until(Duration::from_secs(10), &format!("a delayed call on {name:?}"), || {
         let text = fs::read_to_string(log).ok()?;
         text.lines()
@@ -1186,4 +1187,36 @@ fn a_link_done_by_a_dying_server_is_answered_as_done() {
     let (a, b) =
         (fs::metadata(n.real("first-name")).unwrap(), fs::metadata(n.real("second-name")).unwrap());
     assert_eq!((a.ino(), a.nlink()), (b.ino(), 2), "two names of one file");
+}
+
+/// An open held after the server registered the file's passthrough backing id (`ioctl`
+/// `FUSE_DEV_IOC_BACKING_OPEN`) but before it replied: the resent OPEN gives the caller a
+/// working descriptor on the right file, counted as exactly one reference while it is open.
+#[test]
+fn an_open_stuck_after_its_backing_id_is_answered_once() {
+    stuck(
+        "open",
+        "ioctl",
+        false,
+        1,
+        "",
+        // Made under the mount, so that the open is the first the server hears of it.
+        |n, _| fill(&n.real(RAW), 0x74, 5000),
+        |dir| {
+            let mut f = File::open(dir.join(RAW))?;
+            let mut data = Vec::new();
+            f.read_to_end(&mut data)?;
+            let ok = data.iter().all(|&b| b == 0x74);
+            let refs = || image(dir, RAW).and_then(|i| i.get("refs").cloned()).unwrap_or_default();
+            let held = refs();
+            drop(f);
+            // The release reaches the server after close(2) returns.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while refs() != "0" && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Ok(format!("{} bytes, right data {ok}, refs {held}, then {}", data.len(), refs()))
+        },
+        Ok("5000 bytes, right data true, refs 1, then 0".into()),
+    );
 }
