@@ -1220,3 +1220,75 @@ fn an_open_stuck_after_its_backing_id_is_answered_once() {
         Ok("5000 bytes, right data true, refs 1, then 0".into()),
     );
 }
+
+/// For the release tests: opens a file twice, says `ready`, closes the first descriptor once
+/// `<dir>/close-a` exists and ends (closing the second) once `<dir>/end` exists (60 s at
+/// most for each).
+const TWO_HANDLES: &str = r#"
+import os, sys, time
+path, d = sys.argv[1], sys.argv[2]
+a = os.open(path, os.O_RDONLY); b = os.open(path, os.O_RDONLY)
+print('ready', flush=True)
+def wait(name):
+    end = time.time() + 60
+    while not os.path.exists(os.path.join(d, name)) and time.time() < end:
+        time.sleep(0.01)
+wait('close-a'); os.close(a)
+wait('end')
+"#;
+
+/// The RELEASE of one of two handles of a file, held before (`enter`) or after the server
+/// wrote it to its journal, then the server killed: the resent RELEASE leaves exactly the
+/// other handle's reference, neither both nor none.
+fn release_case(enter: bool) {
+    let holder = std::sync::Mutex::new(None::<Proc>);
+    stuck(
+        if enter {
+            "release before its journal record"
+        } else {
+            "release after its journal record"
+        },
+        "pwrite64",
+        enter,
+        1,
+        "",
+        |n, dir| {
+            fill(&n.real(RAW), 0x75, 1000);
+            let trig = dir.parent().unwrap();
+            let mut p = Proc::spawn(
+                tool("python3").arg("-c").arg(TWO_HANDLES).arg(dir.join(RAW)).arg(trig),
+            );
+            p.wait_line("ready");
+            wait_until(POLL, "two references", || (refs(dir, RAW) == 2).then_some(()));
+            *holder.lock().unwrap() = Some(p);
+        },
+        |dir| {
+            let trig = dir.parent().unwrap();
+            fs::write(trig.join("close-a"), b"")?;
+            // The release reaches the server after close(2) returns; a lost one never does.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let mut r = refs(dir, RAW);
+            while r == 2 && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+                r = refs(dir, RAW);
+            }
+            // Settle: a second decrement would show now.
+            std::thread::sleep(Duration::from_millis(200));
+            let settled = refs(dir, RAW);
+            fs::write(trig.join("end"), b"")?;
+            Ok(format!("refs {r}, then {settled}"))
+        },
+        Ok("refs 1, then 1".into()),
+    );
+    drop(holder);
+}
+
+#[test]
+fn a_release_held_before_its_journal_record_counts_once() {
+    release_case(true);
+}
+
+#[test]
+fn a_release_held_after_its_journal_record_counts_once() {
+    release_case(false);
+}
