@@ -1292,3 +1292,67 @@ fn a_release_held_before_its_journal_record_counts_once() {
 fn a_release_held_after_its_journal_record_counts_once() {
     release_case(false);
 }
+
+// ------------------------------------------------------------------------------------------
+// The kernel's request timeout.
+// ------------------------------------------------------------------------------------------
+
+/// A set `fs.fuse.default_request_timeout` (the kernel aborts a connection whose oldest
+/// request waits longer, as one may during a restart) is reported by `preflight.sh` and in
+/// the daemon's log. The host's sysctls are never changed (they apply to every FUSE mount
+/// made meanwhile, other tests' included): preflight reads a fake directory
+/// (`IMAGECACHEFS_FUSE_SYSCTL_DIR`), and the daemon runs in a private mount namespace where a
+/// file saying 30 is bind-mounted over the sysctl.
+#[test]
+fn a_set_request_timeout_is_reported_by_preflight_and_the_daemon() {
+    let n = Node::new();
+    let fake = n.s.path("fuse-sysctl");
+    fs::create_dir(&fake).unwrap();
+    fs::write(fake.join("default_request_timeout"), "30\n").unwrap();
+    fs::write(fake.join("max_request_timeout"), "0\n").unwrap();
+    let preflight = Path::new(env!("CARGO_MANIFEST_DIR")).join("mount-scripts/preflight.sh");
+    let (code, out, err) = run_timeout(
+        Command::new(&preflight)
+            .arg("--cache-dir")
+            .arg(&n.base)
+            .env("IMAGECACHEFS_BIN", bin())
+            .env("IMAGECACHEFS_FUSE_SYSCTL_DIR", &fake),
+        Duration::from_secs(60),
+    );
+    let ctx = format!("preflight exit {code}\nstdout: {out}\nstderr: {err}");
+    assert!(
+        out.lines().any(|l| l.starts_with("warn") && l.contains("default_request_timeout is 30")),
+        "preflight does not warn about the request timeout\n{ctx}"
+    );
+    assert!(out.contains("max_request_timeout is 0"), "{ctx}");
+
+    let log = n.s.path("ns-daemon.log");
+    let script = r#"set -e
+mount --bind "$1" /proc/sys/fs/fuse/default_request_timeout
+"$2" mount "$3" --background --log-file "$4"
+"$2" unmount "$3"
+"#;
+    let (code, out, err) = run_timeout(
+        tool("unshare")
+            .args(["-m", "--propagation", "private", "sh", "-c", script, "sh"])
+            .arg(fake.join("default_request_timeout"))
+            .arg(bin())
+            .arg(&n.base)
+            .arg(&log),
+        Duration::from_secs(60),
+    );
+    assert_eq!(code, 0, "mount and unmount in a private namespace:\nstdout: {out}\nstderr: {err}");
+    assert!(
+        common::wait_daemons_gone(&n.base, Duration::from_secs(20)),
+        "the daemon started in the namespace did not exit"
+    );
+    let text = fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        text.lines().any(|l| l.contains("WARN") && l.contains("default_request_timeout is 30")),
+        "the daemon's log does not report the request timeout:\n{text}"
+    );
+    assert_eq!(
+        fs::read_to_string("/proc/sys/fs/fuse/default_request_timeout").unwrap().trim(),
+        "0"
+    );
+}
