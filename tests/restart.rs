@@ -1359,3 +1359,41 @@ mount --bind "$1" /proc/sys/fs/fuse/default_request_timeout
         "the host's sysctl changed (the namespace's bind mount leaked?)"
     );
 }
+
+// ------------------------------------------------------------------------------------------
+// Any death is a crash like any other.
+// ------------------------------------------------------------------------------------------
+
+/// A server killed by a signal it does not handle (abort, kill, a bad system call) is
+/// replaced, and `.imagecache/server` names the signal as the last restart's cause; a file
+/// held open across all of it stays counted and readable.
+#[test]
+fn a_server_killed_by_any_signal_is_replaced_and_the_signal_named() {
+    let n = Node::new();
+    fill(&n.real(RAW), 0x76, MIB);
+    let m = n.mount();
+    let held = holder(&n.base.join(RAW), 1);
+    for (sig, name) in
+        [(libc::SIGABRT, "SIGABRT"), (libc::SIGKILL, "SIGKILL"), (libc::SIGSYS, "SIGSYS")]
+    {
+        let old = m.server_pid();
+        let restarts = server_restarts(&m);
+        unsafe { libc::kill(old as i32, sig) };
+        let info =
+            wait_until(Duration::from_secs(5), &format!("a new server after {name}"), || {
+                let i = server_info(&m.dir)?;
+                (i.get("pid")? != &old.to_string()).then_some(i)
+            });
+        assert_eq!(server_restarts(&m), restarts + 1, "{name}: one restart: {info:?}");
+        assert!(
+            info["last_restart"].contains(name),
+            "{name}: the cause: {info:?}\n{}",
+            m.log_text()
+        );
+        assert_eq!(refs(&m.dir, RAW), 1, "{name}: the holder is still counted");
+        assert_eq!(fs::read(m.dir.join(RAW)).unwrap(), vec![0x76; MIB as usize], "{name}");
+    }
+    held.kill();
+    wait_until(POLL, "refs of RAW back to 0", || (refs(&m.dir, RAW) == 0).then_some(()));
+    assert!(m.stop().success(), "the daemon did not stop cleanly");
+}
