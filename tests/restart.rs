@@ -54,10 +54,12 @@ const POLL: Duration = Duration::from_secs(15);
 /// `<tmp>/instances/_base` (the mount), instance directories beside it, and `<tmp>/covered`,
 /// a bind mount of the cache directory made before the overlay (the real files).
 struct Node {
+    /// First, so that it is detached before the scratch tree is removed (fields drop in
+    /// order): removing the tree through it would fail and leave the tree behind.
+    covered: BindMount,
     s: Scratch,
     instances: PathBuf,
     base: PathBuf,
-    covered: BindMount,
 }
 
 impl Node {
@@ -67,7 +69,7 @@ impl Node {
         let base = instances.join("_base");
         fs::create_dir_all(&base).unwrap();
         let covered = BindMount::new(&base, &s.path("covered"));
-        Node { s, instances, base, covered }
+        Node { covered, s, instances, base }
     }
 
     /// The real file under the mount.
