@@ -466,8 +466,9 @@ fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
 }
 
-/// 20 `kill -9`s of the server at random moments while QEMU reads and writes a raw base and a
-/// qcow2 chain through the mount (direct/native and default cache), a syscall loop runs, a
+/// 20 `kill -9`s of the server at random moments (and an `imagecachefs restart` after every
+/// fifth) while QEMU reads and writes a raw base and a qcow2 chain through the mount
+/// (direct/native and default cache), a syscall loop runs, a
 /// checksum is verified, one file falls due for eviction and another is held: zero errors,
 /// the same result for every syscall as on a plain directory, every holder counted after
 /// each restart, nothing held evicted, the due file evicted exactly once, and the held one
@@ -545,13 +546,27 @@ fn twenty_server_kills_under_qemu_and_a_syscall_loop_cost_nothing() {
     let mut rng = seed ^ 0xdead_beef;
     let mut gaps = Vec::new();
     let mut verify_issued = None;
+    let mut restarts = restarts0;
     for i in 0..KILLS {
         std::thread::sleep(Duration::from_millis(50 + splitmix64(&mut rng) % 450));
         let t = Instant::now();
         let new = m.kill_server();
         gaps.push(t.elapsed());
-        let ctx = format!("after kill {} (server now {new}, seed {seed})", i + 1);
-        assert_eq!(server_restarts(&m), restarts0 + i as u64 + 1, "restarts {ctx}");
+        restarts += 1;
+        let mut ctx = format!("after kill {} (server now {new}, seed {seed})", i + 1);
+        assert_eq!(server_restarts(&m), restarts, "restarts {ctx}");
+        if i % 5 == 4 {
+            // An upgrade in place now and then, under the same load.
+            let (code, out, err) = run_timeout(
+                Command::new(bin()).arg("restart").arg(&m.dir),
+                Duration::from_secs(30),
+            );
+            assert_eq!(code, 0, "imagecachefs restart {ctx}: {out}{err}\n{}", m.log_text());
+            restarts += 1;
+            ctx = format!("after kill {} and a restart (seed {seed})", i + 1);
+            assert_eq!(server_restarts(&m), restarts, "restarts {ctx}");
+            assert_ne!(m.server_pid(), new, "the server was not replaced {ctx}");
+        }
         // Every holder still counted, exactly once.
         assert_eq!(refs(&m.dir, HELD), HELD_HANDLES as u64, "refs of {HELD} {ctx}");
         assert_eq!(refs(&m.dir, RAW), want_refs(RAW, &raw_pids[..1]), "refs of {RAW} {ctx}");
