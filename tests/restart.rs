@@ -554,7 +554,20 @@ fn twenty_server_kills_under_qemu_and_a_syscall_loop_cost_nothing() {
         gaps.push(t.elapsed());
         restarts += 1;
         let mut ctx = format!("after kill {} (server now {new}, seed {seed})", i + 1);
-        assert_eq!(server_restarts(&m), restarts, "restarts {ctx}");
+        let supervisor_lines = || {
+            let log = m.log_text();
+            let lines: Vec<&str> = log
+                .lines()
+                .filter(|l| {
+                    l.contains("supervise")
+                        || l.contains("panicked")
+                        || l.contains("control")
+                        || l.contains("resent")
+                })
+                .collect();
+            lines.join("\n")
+        };
+        assert_eq!(server_restarts(&m), restarts, "restarts {ctx}\n{}", supervisor_lines());
         if i % 5 == 4 {
             // An upgrade in place now and then, under the same load.
             let (code, out, err) = run_timeout(
@@ -564,7 +577,7 @@ fn twenty_server_kills_under_qemu_and_a_syscall_loop_cost_nothing() {
             assert_eq!(code, 0, "imagecachefs restart {ctx}: {out}{err}\n{}", m.log_text());
             restarts += 1;
             ctx = format!("after kill {} and a restart (seed {seed})", i + 1);
-            assert_eq!(server_restarts(&m), restarts, "restarts {ctx}");
+            assert_eq!(server_restarts(&m), restarts, "restarts {ctx}\n{}", supervisor_lines());
             assert_ne!(m.server_pid(), new, "the server was not replaced {ctx}");
         }
         // Every holder still counted, exactly once.
