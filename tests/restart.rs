@@ -320,6 +320,16 @@ impl Vm {
     }
 }
 
+/// Sets a stop flag when dropped: background drivers end when the test does, a failing one
+/// included.
+struct StopOnDrop(Arc<AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
 /// `qemu-io` on a raw image with `cache.direct=on,aio=native` (`-t none -i native`), or with
 /// the default cache.
 fn qemu_raw(path: &Path, direct: bool) -> QemuIo {
@@ -513,6 +523,7 @@ fn twenty_server_kills_under_qemu_and_a_syscall_loop_cost_nothing() {
     assert!(want_refs(RAW, &raw_pids[..1]) > 0, "qemu-io does not hold {RAW} open");
     assert!(want_refs(CHAIN, &chain_pids) > 0, "qemu-io does not hold {CHAIN} open");
     let stop = Arc::new(AtomicBool::new(false));
+    let _stop_guard = StopOnDrop(stop.clone());
     let threads: Vec<_> = vms
         .into_iter()
         .enumerate()
@@ -959,6 +970,7 @@ fn restart_to_a_newly_installed_binary_under_a_reading_vm_costs_nothing() {
     vm.expect = expect;
     let qpid = vm.q.pid();
     let stop = Arc::new(AtomicBool::new(false));
+    let _stop_guard = StopOnDrop(stop.clone());
     let reader = {
         let stop = stop.clone();
         std::thread::spawn(move || vm.run(7, false, stop))
@@ -1425,5 +1437,55 @@ fn a_server_killed_by_any_signal_is_replaced_and_the_signal_named() {
     }
     held.kill();
     wait_until(POLL, "refs of RAW back to 0", || (refs(&m.dir, RAW) == 0).then_some(()));
+    assert!(m.stop().success(), "the daemon did not stop cleanly");
+}
+
+/// Each `imagecachefs restart` restarts exactly once, also right after a crash and while VMs
+/// write through the mount: the control write that asked for it must not be carried out
+/// again when the kernel resends it to the new server (the old one may die before its reply
+/// is out).
+#[test]
+fn each_restart_command_restarts_once_under_load() {
+    const RESTARTS: u64 = 10;
+    let n = Node::new();
+    fill(&n.real(RAW), 0, IMG_SIZE);
+    fill(&n.real(RAW2), 0, IMG_SIZE);
+    let m = n.mount();
+    let stop = Arc::new(AtomicBool::new(false));
+    let _stop_guard = StopOnDrop(stop.clone());
+    let vms: Vec<_> = [(RAW, true), (RAW2, false)]
+        .into_iter()
+        .enumerate()
+        .map(|(i, (name, direct))| {
+            let vm = Vm::new(qemu_raw(&n.base.join(name), direct), 0);
+            let stop = stop.clone();
+            std::thread::spawn(move || vm.run(0x2000 + i as u64, true, stop))
+        })
+        .collect();
+    let before = server_restarts(&m);
+    for k in 1..=RESTARTS {
+        // Right after a crash, as in the 20-kill test where this was first seen.
+        m.kill_server();
+        let (code, out, err) =
+            run_timeout(Command::new(bin()).arg("restart").arg(&m.dir), Duration::from_secs(30));
+        assert_eq!(code, 0, "restart {k}: {out}{err}");
+        let log = m.log_text();
+        let lines: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("restart") || l.contains("resent") || l.contains("serving"))
+            .collect();
+        assert_eq!(
+            server_restarts(&m),
+            before + 2 * k,
+            "kill and restart command {k}: more restarts than that:\n{}",
+            lines.join("\n")
+        );
+    }
+    stop.store(true, Ordering::Relaxed);
+    for t in vms {
+        let vm = t.join().expect("a qemu-io driver panicked");
+        assert!(vm.errors.is_empty(), "qemu-io saw errors:\n{}", vm.errors.join("\n"));
+        vm.q.quit();
+    }
     assert!(m.stop().success(), "the daemon did not stop cleanly");
 }
