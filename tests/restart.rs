@@ -1489,3 +1489,35 @@ fn each_restart_command_restarts_once_under_load() {
     }
     assert!(m.stop().success(), "the daemon did not stop cleanly");
 }
+
+/// A verdict that `images/NAME` has shown (`verified: ok TIME`) is still shown after the
+/// server is killed: what was reported is not lost (PRODUCT.md, "State survives restarts").
+/// Likewise a pin.
+#[test]
+fn a_shown_verdict_and_pin_survive_a_server_kill() {
+    let n = Node::new();
+    let m = n.mount();
+    fs::write(n.base.join(SUM), vec![0x5a; MIB as usize]).unwrap();
+    wait_until(POLL, "the SHA-1 of SUM", || {
+        image(&m.dir, SUM).filter(|i| i.get("sha1").is_some_and(|s| s != "pending"))
+    });
+    for (what, args) in [("verify", ["verify"]), ("pin", ["pin"])] {
+        let (code, out, err) = run_timeout(
+            Command::new(bin()).args(args).arg(&m.dir).arg(SUM),
+            Duration::from_secs(30),
+        );
+        assert_eq!(code, 0, "{what}: {out}{err}");
+    }
+    let shown = wait_until(POLL, "SUM verified ok", || {
+        image(&m.dir, SUM).filter(|i| i.get("verified").is_some_and(|v| v.starts_with("ok ")))
+    });
+    assert_eq!(shown["state"], "pinned", "{shown:?}");
+    m.kill_server();
+    let after = image(&m.dir, SUM).expect("images/SUM after the kill");
+    assert_eq!(
+        (after.get("verified"), after.get("state")),
+        (shown.get("verified"), shown.get("state")),
+        "what was shown before the kill: {shown:?}\nafter: {after:?}"
+    );
+    assert!(m.stop().success(), "the daemon did not stop cleanly");
+}
