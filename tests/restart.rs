@@ -8,7 +8,14 @@
 //! for every call as the same loop on a plain directory; a checksum pass; an eviction falls
 //! due once; every holder is still counted after each restart, nothing held is evicted, no
 //! reference is lost or counted twice; a request stuck in the server when it dies is resent
-//! and answered once, as its first execution would have been.
+//! and answered once, as its first execution would have been (strace holds the one FUSE
+//! worker of a `--threads 1` mount in the request's system call); an upgrade to a newly
+//! installed binary runs it, and one that cannot read the journal is refused; a reference
+//! model with `kill -9` among its operations; any deadly signal is named as the cause; a set
+//! kernel request timeout is reported (in a private mount namespace: the host's sysctls are
+//! never changed).
+//!
+//! A failing randomised test prints its seed; `RESTART_TEST_SEED=N` replays it.
 //!
 //! Every background process is owned by the test (killed on drop); the mount goes with its
 //! [`Mount`]. Waits poll with deadlines.
