@@ -1135,7 +1135,7 @@ EOF
 # run's value on stderr.
 write_restart_helper() {
     cat >"$SCRATCH/bin/restart.py" <<'PY'
-import json, os, signal, statistics, subprocess, sys, time
+import os, signal, statistics, subprocess, sys, time
 d, sup, binary, runs = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
 
 def children():
@@ -1146,15 +1146,16 @@ def children():
     return out
 
 def answering_server(old, limit=10.0):
-    """The server status.json names, once it is a child of the supervisor other than `old`."""
+    """The server `.imagecache/server` names, once it is a child of the supervisor other
+    than `old`."""
     end = time.monotonic() + limit
     while time.monotonic() < end:
         try:
-            with open(os.path.join(d, ".imagecache/status.json")) as f:
-                pid = json.load(f)["server"]["pid"]
+            with open(os.path.join(d, ".imagecache/server")) as f:
+                pid = int(dict(l.split(": ", 1) for l in f.read().splitlines() if ": " in l)["pid"])
             if pid != old and pid in children():
                 return pid
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError, KeyError):
             pass
         time.sleep(0.01)
     sys.exit(f"no new server answered within {limit} s")

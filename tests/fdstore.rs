@@ -16,7 +16,7 @@ use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{bin, children, is_fuse, kill_and_reap, status_json, wait_until, Scratch};
+use common::{bin, children, is_fuse, kill_and_reap, wait_until, Scratch};
 
 /// One notify datagram: its text and the fds it carried.
 fn receive(sock: &UnixDatagram) -> Option<(String, Vec<OwnedFd>)> {
@@ -220,6 +220,12 @@ fn a_supervisor_restarted_from_the_fd_store_takes_the_mount_over() {
         mgr2.take(&sock);
         (mgr2.removed.len() == 3).then_some(())
     });
+}
+
+/// `DIR/.imagecache/status.json`, parsed (None when it cannot be read or parsed).
+fn status_json(dir: &std::path::Path) -> Option<serde_json::Value> {
+    let text = std::fs::read_to_string(dir.join(".imagecache/status.json")).ok()?;
+    serde_json::from_str(&text).ok()
 }
 
 fn proc_state(pid: u32) -> char {

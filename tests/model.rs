@@ -1,8 +1,9 @@
 //! Model-based test of the reference and eviction bookkeeping (`state::CacheState`): random
 //! sequences of opens, releases, renames, unlinks, pins, touches, backing-file references,
 //! opens of files outside the cache directory's root that are then moved or linked into it,
-//! `mknod`, holders outside the mount that fork and exit, and clock advances, checked against
-//! a plain reference model after every step.
+//! `mknod`, holders outside the mount that fork and exit, clock advances and server restarts
+//! (a new server rebuilt from the state file, the journal's open handles and a /proc walk),
+//! checked against a plain reference model after every step.
 //!
 //! Invariants: reference counts equal the model's, wherever the file was opened; a file with
 //! an open handle, a holder outside the mount, a writer, a pin or a backing-file reference is
@@ -85,6 +86,12 @@ enum Op {
         secs: u64,
     },
     EvictTick,
+    /// The server is killed and a new one takes the connection over: it starts from the
+    /// state file (as the persister last wrote it: the state as of now), looks the named
+    /// files up again, is told every open handle by the journal (same fh, inode and writer
+    /// flag), and walks /proc for the holders outside the mount. Nothing in the model
+    /// changes: references, writers, pins and last uses must all carry over.
+    ServerRestart,
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -105,6 +112,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0..4usize, 0..4usize).prop_map(|(file, pick)| Op::HolderExits { file, pick }),
         3 => (0..5_000u64).prop_map(|secs| Op::Advance { secs }),
         3 => Just(Op::EvictTick),
+        2 => Just(Op::ServerRestart),
     ]
 }
 
@@ -325,6 +333,32 @@ impl World {
             }
             Op::Advance { secs } => self.now += secs,
             Op::EvictTick => self.evict_tick(),
+            Op::ServerRestart => self.server_restart(),
+        }
+    }
+
+    /// What a new server rebuilds: the state file's records, the names found again, the
+    /// journal's open handles, a /proc walk.
+    fn server_restart(&mut self) {
+        let now = t(self.now);
+        let mut fresh = CacheState::new();
+        let bad = fresh.restore(&self.state.persist_text());
+        assert_eq!(bad, 0, "the state file reads back whole");
+        for (&ino, f) in &self.files {
+            if let Some(name) = &f.name {
+                fresh.observe(name.as_ref(), ino, 1, now);
+            }
+        }
+        for (&ino, f) in &self.files {
+            for (&fh, &write) in &f.opens {
+                fresh.reference(RefChange::Open { fh, ino, holder: holder(), write }, now);
+            }
+        }
+        self.state = fresh;
+        let held: Vec<u64> =
+            self.files.iter().filter(|(_, f)| !f.outside.is_empty()).map(|(i, _)| *i).collect();
+        for ino in held {
+            self.walk(ino);
         }
     }
 

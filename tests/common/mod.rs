@@ -153,35 +153,19 @@ pub struct Mount {
 impl Mount {
     /// Mounts over `dir` with extra CLI arguments; returns once the mount is live.
     pub fn new(dir: &Path, extra: &[&str]) -> Self {
-        Mount::with_binary(Path::new(bin()), dir, extra)
+        Mount::spawn(Path::new(bin()), dir, extra)
     }
 
     /// As [`Mount::new`], run from the binary `program` (a copy that a test can replace
     /// before `imagecachefs restart`).
     pub fn with_binary(program: &Path, dir: &Path, extra: &[&str]) -> Self {
-        Mount::spawn(program, dir, extra, &[])
+        Mount::spawn(program, dir, extra)
     }
 
-    /// As [`Mount::new`], with extra environment variables for the daemon.
-    pub fn with_env(dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Self {
-        Mount::spawn(Path::new(bin()), dir, extra, env)
-    }
-
-    fn spawn(program: &Path, dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Self {
+    fn spawn(program: &Path, dir: &Path, extra: &[&str]) -> Self {
         let log = dir
             .with_file_name(format!("{}.daemon.log", dir.file_name().unwrap().to_string_lossy()));
-        let env: Vec<(String, String)> =
-            env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        Mount::spawn_from(
-            program,
-            dir,
-            extra,
-            log,
-            move |c| {
-                c.envs(env);
-            },
-            || is_fuse(dir),
-        )
+        Mount::spawn_from(program, dir, extra, log, |_| {}, || is_fuse(dir))
     }
 
     /// As [`Mount::new`], the daemon's output going to `log` (not next to `dir`: where that
@@ -271,16 +255,15 @@ impl Mount {
         )
     }
 
-    /// `server.pid` of `.imagecache/status.json`: the server that answered (None when the
-    /// file cannot be read or has no such field).
+    /// `pid:` of `.imagecache/server`: the server that answered (None when the file cannot
+    /// be read or has no such line).
     pub fn status_server_pid(&self) -> Option<u32> {
-        let v = status_json(&self.dir)?;
-        v.get("server")?.get("pid")?.as_u64().map(|p| p as u32)
+        server_info(&self.dir)?.get("pid")?.parse().ok()
     }
 
     /// SIGKILLs the server only (the supervisor keeps the connection) and returns the pid of
-    /// its replacement once that one answers through the mount (`status.json` names it); 5 s
-    /// at most.
+    /// its replacement once that one answers through the mount (`.imagecache/server` names
+    /// it); 5 s at most.
     pub fn kill_server(&self) -> u32 {
         let old = self.server_pid();
         unsafe { libc::kill(old as i32, libc::SIGKILL) };
@@ -398,24 +381,33 @@ pub fn children(pid: u32) -> Vec<u32> {
     out
 }
 
-/// Whether `pid` exists and is not a zombie.
+/// Whether any thread of process `pid` still runs (has not exited). A killed process's
+/// leader can be a zombie while its other threads still exit, and its files are closed only
+/// when the last one has: every thread is checked.
 pub fn alive(pid: u32) -> bool {
-    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else { return false };
+    tasks.flatten().any(|t| match fs::read_to_string(t.path().join("stat")) {
         // The state follows the parenthesised command name (which may hold spaces).
         // A zombie leader whose other threads still exit keeps the process's descriptors
         // (a FUSE connection among them) until the last one is gone.
         Ok(stat) => stat.rsplit_once(") ").is_some_and(|(_, rest)| {
-            !rest.starts_with('Z')
+            !rest.starts_with(['Z', 'X'])
                 || fs::read_dir(format!("/proc/{pid}/task")).map_or(0, |d| d.count()) > 1
         }),
         Err(_) => false,
-    }
+    })
 }
 
-/// `DIR/.imagecache/status.json`, parsed (None when it cannot be read or parsed).
-pub fn status_json(dir: &Path) -> Option<serde_json::Value> {
-    let text = fs::read_to_string(dir.join(".imagecache/status.json")).ok()?;
-    serde_json::from_str(&text).ok()
+/// `DIR/.imagecache/server` (`pid`, `started`, `restarts`, `last_restart`) as key → value
+/// (None when it cannot be read).
+pub fn server_info(dir: &Path) -> Option<std::collections::BTreeMap<String, String>> {
+    let text = fs::read_to_string(dir.join(".imagecache/server")).ok()?;
+    Some(
+        text.lines()
+            .filter_map(|l| l.split_once(": "))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    )
 }
 
 /// File-system types of the mounts whose mount point is exactly `dir`, bottom first.
