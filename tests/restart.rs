@@ -1508,8 +1508,9 @@ fn each_restart_command_restarts_once_under_load() {
 }
 
 /// A verdict that `images/NAME` has shown (`verified: ok TIME`) is still shown after the
-/// server is killed: what was reported is not lost (PRODUCT.md, "State survives restarts").
-/// Likewise a pin.
+/// server is killed, once a rendering said it was on disk (`persisted: true`, STATUS.md):
+/// what was reported is not lost (PRODUCT.md, "State survives restarts"). Likewise a pin
+/// (control commands write the state before they answer).
 #[test]
 fn a_shown_verdict_and_pin_survive_a_server_kill() {
     let n = Node::new();
@@ -1529,6 +1530,13 @@ fn a_shown_verdict_and_pin_survive_a_server_kill() {
         image(&m.dir, SUM).filter(|i| i.get("verified").is_some_and(|v| v.starts_with("ok ")))
     });
     assert_eq!(shown["state"], "pinned", "{shown:?}");
+    // The contract (STATUS.md): what a rendering saying `persisted: true` shows survives a
+    // kill -9; the state file is written within about a second of a change.
+    wait_until(POLL, "status.json persisted: true", || {
+        let text = fs::read_to_string(m.dir.join(".imagecache/status.json")).ok()?;
+        let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+        (v["persisted"] == true).then_some(())
+    });
     m.kill_server();
     let after = image(&m.dir, SUM).expect("images/SUM after the kill");
     assert_eq!(
