@@ -127,6 +127,17 @@ pub struct Node {
 }
 
 impl Node {
+    /// Node `id` for the covered file behind `fd` (`st`: its attributes).
+    fn new(id: u64, fd: OwnedFd, st: &Stat) -> Arc<Node> {
+        Arc::new(Node {
+            id,
+            ino: st.ino,
+            fd,
+            file_type: st.file_type(),
+            state: Mutex::new(NodeState::default()),
+        })
+    }
+
     fn fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()
     }
@@ -361,15 +372,7 @@ impl OverlayFs {
                 continue;
             };
             let mut nodes = self.nodes.write();
-            let node = nodes.entry(id).or_insert_with(|| {
-                Arc::new(Node {
-                    id,
-                    ino: st.ino,
-                    fd,
-                    file_type: st.file_type(),
-                    state: Mutex::new(NodeState::default()),
-                })
-            });
+            let node = nodes.entry(id).or_insert_with(|| Node::new(id, fd, &st));
             node.state.lock().nlookup = rec.nlookup;
         }
         let mut lost_handles = Vec::new();
@@ -485,13 +488,7 @@ impl OverlayFs {
             if let Some(j) = journal {
                 j.node(id, st.ino, parent, name.as_bytes(), handle);
             }
-            Arc::new(Node {
-                id,
-                ino: st.ino,
-                fd,
-                file_type: st.file_type(),
-                state: Mutex::new(NodeState::default()),
-            })
+            Node::new(id, fd, &st)
         });
         node.state.lock().nlookup += 1;
         if let Some(j) = journal {

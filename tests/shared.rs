@@ -511,11 +511,7 @@ fn an_open_during_another_hosts_eviction_misses_the_file() {
     );
     // The other host's eviction: its exclusive lock first.
     let lock = lock_path(&n, H1);
-    let evicting =
-        OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&lock).unwrap();
-    let fl = flock(libc::F_WRLCK);
-    let rc = unsafe { libc::fcntl(evicting.as_raw_fd(), libc::F_OFD_SETLK, &fl) };
-    assert_eq!(rc, 0, "exclusive lock: {}", std::io::Error::last_os_error());
+    let evicting = exclusive(&lock);
     let path = n.at(H1);
     let opener =
         std::thread::spawn(move || File::open(path).map(drop).map_err(|e| e.raw_os_error()));
@@ -543,11 +539,7 @@ fn an_open_that_outwaits_another_hosts_eviction_lock_is_not_handed_the_file() {
         &["--storage", "shared", "--shared", "--shared-quarantine", &QUARANTINE.to_string()],
     );
     let lock = lock_path(&n, H1);
-    let evicting =
-        OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&lock).unwrap();
-    let fl = flock(libc::F_WRLCK);
-    let rc = unsafe { libc::fcntl(evicting.as_raw_fd(), libc::F_OFD_SETLK, &fl) };
-    assert_eq!(rc, 0, "exclusive lock: {}", std::io::Error::last_os_error());
+    let evicting = exclusive(&lock);
     // The file stays on disk the whole time: only the other host's lock says it is going.
     let opened = File::open(n.at(H1)).map(drop).map_err(|e| e.raw_os_error());
     assert_eq!(opened, Err(Some(libc::ENOENT)), "{}", m.log_text());
@@ -555,4 +547,15 @@ fn an_open_that_outwaits_another_hosts_eviction_lock_is_not_handed_the_file() {
     assert_eq!(n.field(H1, "refs"), "0", "the refused open holds no reference");
     drop(evicting);
     wait_until(Duration::from_secs(10), "the file opening again", || File::open(n.at(H1)).ok());
+}
+
+/// "Another host"'s eviction lock: an exclusive OFD lock on `lock` (created if missing), held
+/// until the file is dropped.
+fn exclusive(lock: &std::path::Path) -> File {
+    let f =
+        OpenOptions::new().read(true).write(true).create(true).truncate(false).open(lock).unwrap();
+    let fl = flock(libc::F_WRLCK);
+    let rc = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_OFD_SETLK, &fl) };
+    assert_eq!(rc, 0, "exclusive lock: {}", std::io::Error::last_os_error());
+    f
 }
