@@ -555,6 +555,10 @@ fn serve(cfg: &MountConfig, on_ready: impl FnOnce(), sup: ServerFds) -> Result<(
         }
         // The mount is live: a listener that cannot start must not take it down.
         None => {
+            // A supervisor that took over (restart, fd store) learns where to detach too.
+            let mut m = supervise::MSG_MOUNTED.to_vec();
+            m.extend_from_slice(mount_point.as_os_str().as_encoded_bytes());
+            let _ = supervise::send(sup.sock.as_fd(), &m, &[]);
             if let Err(e) = crate::exporter::start(cfg.metrics_listen, &cache) {
                 log::error!("{e}; serving without it");
             }

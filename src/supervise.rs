@@ -515,6 +515,14 @@ impl Supervisor {
                     Ended::Killed(..) => 1,
                 };
             }
+            if self.stopping && !server.ready {
+                // Told to stop, and the server that should have stopped the mount died before
+                // it served (servers that cannot start): give the mount up rather than
+                // restart servers forever while whoever stops us waits.
+                error!("server {} {cause} while stopping: giving up the mount", server.pid);
+                self.give_up();
+                return 1;
+            }
             self.restarts += 1;
             let died = now_ms();
             error!(
@@ -534,6 +542,28 @@ impl Supervisor {
                 0..=3 => Duration::ZERO,
                 n => Duration::from_millis(50 << (n - 3).min(4)),
             };
+        }
+    }
+
+    /// Ends the mount without a server: detaches it where it is known, closes the connection
+    /// (requests still waiting on it fail) and takes it out of systemd's fd store.
+    fn give_up(&mut self) {
+        if let Some(h) = self.held.take() {
+            let mount_point = h.mount_point.clone();
+            drop(h);
+            match mount_point {
+                Some(mp) => {
+                    if let Err(e) = crate::mount::detach(&mp) {
+                        warn!("detaching {}: {e}", mp.display());
+                    }
+                }
+                None => warn!("the mount point is not known here: the dead mount stays"),
+            }
+        }
+        if fdstore_enabled() {
+            for name in STORE_NAMES {
+                notify_systemd(&format!("FDSTOREREMOVE=1\nFDNAME={name}"));
+            }
         }
     }
 
