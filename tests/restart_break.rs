@@ -6,11 +6,12 @@
 mod common;
 
 use std::fs::{self, OpenOptions};
-use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
 use std::time::Duration;
 
-use common::{is_fuse, wait_until, Mount, Scratch};
+use common::{is_fuse, tool, wait_until, BindMount, Mount, Proc, Scratch};
 
 /// The journal memfd among the supervisor's descriptors, as a path that opens it.
 fn journal_of(sup: u32) -> PathBuf {
@@ -93,4 +94,87 @@ fn an_unlinked_file_still_open_survives_a_server_kill_without_passthrough() {
     drop(f);
     let log = m.log_text();
     assert!(errors.is_empty(), "after the server was killed: {errors:?}\n{log}");
+}
+
+/// The FUSE worker thread of `server` (mounted with `--threads 1`: fuser names it `fuser-0`).
+fn worker_thread(server: u32) -> u32 {
+    wait_until(Duration::from_secs(5), "the server's FUSE worker thread", || {
+        fs::read_dir(format!("/proc/{server}/task")).ok()?.flatten().find_map(|t| {
+            let comm = fs::read_to_string(t.path().join("comm")).ok()?;
+            comm.starts_with("fuser").then(|| t.file_name().to_str()?.parse().ok())?
+        })
+    })
+}
+
+/// Holds the server's only worker for 3 s before its `when`-th `syscall` after the attach
+/// runs (strace's `delay_enter`); the trace goes to `log`.
+fn hold_before(server: u32, syscall: &str, when: u32, log: &Path) -> Proc {
+    let worker = worker_thread(server);
+    let mut p = Proc::spawn_logged(
+        tool("strace")
+            .args(["-qq", "-p", &worker.to_string(), "-o"])
+            .arg(log)
+            .arg("-e")
+            .arg(format!("trace={syscall}"))
+            .arg("-e")
+            .arg(format!("inject={syscall}:delay_enter=3s:when={when}")),
+        log.with_extension("err"),
+    );
+    wait_until(Duration::from_secs(10), "strace to attach to the worker", || {
+        p.assert_alive();
+        let status = fs::read_to_string(format!("/proc/{server}/task/{worker}/status")).ok()?;
+        status.lines().any(|l| l.starts_with("TracerPid:") && !l.ends_with("\t0")).then_some(())
+    });
+    p
+}
+
+/// Waits until the held worker is inside a call naming `name` that has not returned.
+fn wait_held(log: &Path, name: &str) {
+    let quoted = format!("\"{name}\"");
+    wait_until(Duration::from_secs(10), &format!("a held call on {name:?}"), || {
+        let text = fs::read_to_string(log).ok()?;
+        text.lines().any(|l| l.contains(&quoted) && !l.contains(" = ")).then_some(())
+    });
+}
+
+/// An exclusive create (`O_CREAT|O_EXCL|O_TRUNC`) that a server had read but not yet run when
+/// it died, while another process made the same name behind the mount (another host on
+/// shared storage, an operator in the covered directory): the resent CREATE must not open —
+/// let alone truncate — the other file and report it as created. It fails with `EEXIST`, and
+/// the other file keeps its content.
+#[test]
+fn a_resent_exclusive_create_never_takes_a_file_made_meanwhile() {
+    let s = Scratch::new();
+    let covered = BindMount::new(&s.base, &s.path("covered"));
+    let m = Mount::new(&s.base, &["--threads", "1"]);
+    let server = m.server_pid();
+    let log = s.path("strace.log");
+    // A CREATE of a name the kernel never saw: LOOKUP's `openat` first, then CREATE's.
+    let tracer = hold_before(server, "openat", 2, &log);
+    let path = s.base.join("newfile");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let r = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .custom_flags(libc::O_TRUNC)
+            .open(&path)
+            .map(|_| ());
+        let _ = tx.send(r.map_err(|e| e.raw_os_error().unwrap_or(-1)));
+    });
+    wait_held(&log, "newfile");
+    let other = covered.target.join("newfile");
+    fs::write(&other, b"made by someone else").unwrap();
+    unsafe { libc::kill(server as i32, libc::SIGKILL) };
+    let got = rx.recv_timeout(Duration::from_secs(20));
+    drop(tracer);
+    let log = m.log_text();
+    let got = got.unwrap_or_else(|_| panic!("the stuck create was never answered\n{log}"));
+    let content = fs::read(&other).unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&content),
+        "made by someone else",
+        "the other process's file was changed by the resent create\n{log}"
+    );
+    assert_eq!(got, Err(libc::EEXIST), "the resent exclusive create's result\n{log}");
 }
