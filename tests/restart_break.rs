@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::fs::{self, OpenOptions};
+use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
@@ -177,4 +177,40 @@ fn a_resent_exclusive_create_never_takes_a_file_made_meanwhile() {
         "the other process's file was changed by the resent create\n{log}"
     );
     assert_eq!(got, Err(libc::EEXIST), "the resent exclusive create's result\n{log}");
+}
+
+/// `status.json` read in pieces (a reader with a small buffer; `cat` of a listing larger
+/// than one read) while the server is replaced: what the reader gets must be one document,
+/// as every open of a status file reads one snapshot — not the start of the old server's
+/// rendering glued to the rest of the new one's.
+#[test]
+fn status_json_read_across_a_server_kill_is_one_document() {
+    let s = Scratch::new();
+    let m = Mount::new(&s.base, &[]);
+    for i in 0..40 {
+        fs::write(s.base.join(format!("image-{i:02}")), vec![i as u8; 1000]).unwrap();
+    }
+    let path = s.base.join(".imagecache/status.json");
+    let whole = fs::read(&path).unwrap();
+    let cut = 300;
+    assert!(whole.len() > 2 * cut, "status.json is too short to be read in pieces");
+    let f = File::open(&path).unwrap();
+    let mut got = vec![0u8; cut];
+    let n = f.read_at(&mut got, 0).unwrap();
+    assert_eq!(n, cut, "the first piece");
+    m.kill_server();
+    let mut at = cut as u64;
+    let mut buf = vec![0u8; 4096];
+    for _ in 0..10_000 {
+        let n = f.read_at(&mut buf, at).unwrap_or_else(|e| panic!("read at {at}: {e}"));
+        if n == 0 {
+            break;
+        }
+        got.extend_from_slice(&buf[..n]);
+        at += n as u64;
+    }
+    let text = String::from_utf8_lossy(&got);
+    if let Err(e) = serde_json::from_slice::<serde_json::Value>(&got) {
+        panic!("status.json read across the kill is not one JSON document ({e}):\n{text}");
+    }
 }
