@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use common::{is_fuse, tool, wait_until, BindMount, Mount, Proc, Scratch};
+use common::{alive, is_fuse, tool, wait_until, BindMount, Mount, Proc, Scratch};
 
 /// The journal memfd among the supervisor's descriptors, as a path that opens it.
 fn journal_of(sup: u32) -> PathBuf {
@@ -213,4 +213,44 @@ fn status_json_read_across_a_server_kill_is_one_document() {
     if let Err(e) = serde_json::from_slice::<serde_json::Value>(&got) {
         panic!("status.json read across the kill is not one JSON document ({e}):\n{text}");
     }
+}
+
+/// A mount stopped with SIGTERM is detached while its server goes on serving the files still
+/// open (a VM's base), and a new daemon mounts the directory (`systemctl restart`). If the
+/// old server then dies, its supervisor starts a replacement on the old connection: that one
+/// must know the mount at the path is not its own — never detach it when told to stop, never
+/// decide evictions for it.
+#[test]
+fn a_server_replaced_after_its_mount_was_detached_leaves_the_next_mount_alone() {
+    let s = Scratch::new();
+    let old = Mount::new(&s.base, &[]);
+    fs::write(s.base.join("held"), b"data").unwrap();
+    let held = File::open(s.base.join("held")).unwrap();
+    let old_server = old.server_pid();
+    old.signal_term();
+    wait_until(Duration::from_secs(10), "the old mount detached", || {
+        (!is_fuse(&s.base)).then_some(())
+    });
+    let new = Mount::new(&s.base, &[]);
+    let new_server = new.server_pid();
+    unsafe { libc::kill(old_server as i32, libc::SIGKILL) };
+    // The replacement takes over the old connection and is told to stop at once. (Both
+    // daemons log to the same file, truncated by the new one: only lines since are there.)
+    wait_until(Duration::from_secs(10), "the old connection's replacement told to stop", || {
+        old.log_text()
+            .lines()
+            .any(|l| l.contains("SIGTERM: detached") || l.contains("no longer mounted by this"))
+            .then_some(())
+    });
+    let log = old.log_text().replace('\0', "");
+    assert!(
+        is_fuse(&s.base) && alive(new_server),
+        "the new mount was detached by the old connection's replacement server:\n{log}"
+    );
+    let mut buf = [0u8; 4];
+    held.read_at(&mut buf, 0).unwrap();
+    assert_eq!(&buf, b"data", "the file held through the old mount");
+    drop(held);
+    assert!(old.wait_exit(Duration::from_secs(10)).is_some(), "the old daemon did not end");
+    assert!(new.stop().success(), "the new daemon did not stop cleanly");
 }
