@@ -628,8 +628,8 @@ fn serve(cfg: &MountConfig, on_ready: impl FnOnce(), sup: ServerFds) -> Result<(
         fuser::Session::from_fd(adapter, dev, fuser::SessionACL::All, fuse_cfg)
             .map_err(|e| fail(format!("FUSE handshake on {}: {e}", dir.display())))?
     };
-    let ours = mount::top_mount(&mount_point);
-    let our_dev = ours.as_ref().map(|m| makedev(m.dev));
+    let (ours, our_dev) =
+        supervise::own_mount(sup.sock.as_fd(), taking_over, sup.mount_dev, &mount_point, &cache);
     if let Some(d) = our_dev {
         cache.set_own_dev(d);
     }

@@ -70,6 +70,10 @@ pub const MSG_FDS: &[u8] = b"fds";
 pub const MSG_READY: &[u8] = b"ready";
 /// `mounted PATH`: where the first server mounted (detached if it dies before it serves).
 pub const MSG_MOUNTED: &[u8] = b"mounted ";
+/// `mountdev N`: the device number of the mount the first server made (its connection's).
+/// A later server compares it with what is mounted at the path: once the mount was
+/// detached, whatever is there is another daemon's.
+pub const MSG_MOUNT_DEV: &[u8] = b"mountdev ";
 pub const MSG_RESTART: &[u8] = b"restart";
 pub const MSG_REFUSED: &[u8] = b"refused ";
 
@@ -83,6 +87,8 @@ pub struct ServerFds {
     pub restarts: u64,
     /// When the previous server died (ms since the epoch) and why.
     pub last_restart: Option<(u64, String)>,
+    /// The device number of this connection's mount (see [`MSG_MOUNT_DEV`]), when known.
+    pub mount_dev: Option<u64>,
 }
 
 fn parse_fds(text: &str) -> Vec<(String, u64)> {
@@ -121,7 +127,8 @@ pub fn server_fds() -> Option<ServerFds> {
         let (ms, cause) = s.split_once(' ')?;
         Some((ms.parse().ok()?, cause.to_owned()))
     });
-    Some(ServerFds { sock, journal, live, restarts, last_restart })
+    let mount_dev = get(&kv, "mountdev");
+    Some(ServerFds { sock, journal, live, restarts, last_restart, mount_dev })
 }
 
 /// Sends one message, with fds, on a `SOCK_SEQPACKET` socket.
@@ -220,6 +227,8 @@ struct Held {
     dev: OwnedFd,
     dir: OwnedFd,
     mount_point: Option<PathBuf>,
+    /// The mount's device number (see [`MSG_MOUNT_DEV`]).
+    mount_dev: Option<u64>,
 }
 
 struct Server {
@@ -397,7 +406,8 @@ impl Supervisor {
             else {
                 return Err(format!("{TAKEOVER_ENV}={text}: the connection's fds are missing"));
             };
-            sup.held = Some(Held { dev, dir, mount_point: None });
+            let mount_dev = get(&kv, "mountdev");
+            sup.held = Some(Held { dev, dir, mount_point: None, mount_dev });
             sup.served = true;
             sup.journal = journal;
             sup.restarts = get(&kv, "restarts").unwrap_or(0);
@@ -405,7 +415,7 @@ impl Supervisor {
             sup.last_death = Some((died, "restart (upgrade)".into(), Instant::now()));
             info!("supervisor {} took over the connection", std::process::id());
         } else if let Some([dev, dir, journal]) = fds_from_systemd() {
-            sup.held = Some(Held { dev, dir, mount_point: None });
+            sup.held = Some(Held { dev, dir, mount_point: None, mount_dev: None });
             sup.journal = journal;
             sup.served = true;
             let cause = "supervisor restarted by systemd (fd store)".to_owned();
@@ -425,6 +435,9 @@ impl Supervisor {
         if let Some(h) = &self.held {
             spec.push_str(&format!(",dev={},dir={}", h.dev.as_raw_fd(), h.dir.as_raw_fd()));
             keep.extend([h.dev.as_raw_fd(), h.dir.as_raw_fd()]);
+            if let Some(d) = h.mount_dev {
+                spec.push_str(&format!(",mountdev={d}"));
+            }
         }
         // A crash restart runs the very binary this supervisor runs.
         let exe = if self.held.is_some() {
@@ -655,11 +668,17 @@ impl Supervisor {
                         notify_systemd_fds(&format!("FDSTORE=1\nFDNAME={name}"), &[fd]);
                     }
                 }
-                self.held = Some(Held { dev, dir, mount_point: None });
+                self.held = Some(Held { dev, dir, mount_point: None, mount_dev: None });
             }
         } else if let Some(path) = msg.strip_prefix(MSG_MOUNTED) {
             if let Some(h) = &mut self.held {
                 h.mount_point = Some(PathBuf::from(std::ffi::OsStr::from_bytes(path)));
+            }
+        } else if let Some(d) = msg.strip_prefix(MSG_MOUNT_DEV) {
+            if let (Some(h), Some(d)) =
+                (&mut self.held, std::str::from_utf8(d).ok().and_then(|d| d.parse().ok()))
+            {
+                h.mount_dev = Some(d);
             }
         } else if msg == MSG_READY {
             server.ready = true;
@@ -725,7 +744,7 @@ impl Supervisor {
     /// only on failure.
     fn exec_successor(&self) -> io::Error {
         let Some(h) = &self.held else { return io::Error::other("no connection") };
-        let spec = format!(
+        let mut spec = format!(
             "dev={},dir={},journal={},restarts={},died={}",
             h.dev.as_raw_fd(),
             h.dir.as_raw_fd(),
@@ -733,6 +752,9 @@ impl Supervisor {
             self.restarts + 1,
             now_ms()
         );
+        if let Some(d) = h.mount_dev {
+            spec.push_str(&format!(",mountdev={d}"));
+        }
         for fd in [h.dev.as_raw_fd(), h.dir.as_raw_fd(), self.journal.as_raw_fd()] {
             if let Err(e) = inherit(fd) {
                 return e;
@@ -803,5 +825,48 @@ fn notify_systemd_fds(state: &str, fds: &[BorrowedFd<'_>]) {
     };
     if let Err(e) = connected.and_then(|()| send(sock.as_fd(), state.as_bytes(), fds)) {
         warn!("telling systemd {state:?}: {e}");
+    }
+}
+
+/// This connection's mount at `mount_point` and its device number, for a server that starts.
+/// The first server's is the mount on top, which it just made (told to the supervisor, which
+/// hands it to every later server). A later server's is the one with that device: when the
+/// mount on top is another (this one was detached, and another daemon mounted the directory),
+/// the connection only serves its open files, and the server says so to the cache at once —
+/// it never detaches, watches or decides for the other daemon's mount.
+pub fn own_mount(
+    sock: BorrowedFd<'_>,
+    taking_over: bool,
+    known: Option<u64>,
+    mount_point: &Path,
+    cache: &crate::cache::Cache,
+) -> (Option<crate::mount::MountInfo>, Option<u64>) {
+    let top = crate::mount::top_mount(mount_point);
+    let dev_of = |m: &crate::mount::MountInfo| libc::makedev(m.dev.0, m.dev.1);
+    match (taking_over, known) {
+        (true, Some(d)) => match top {
+            Some(m) if dev_of(&m) == d => (Some(m), Some(d)),
+            _ => {
+                cache.lose_mount(&format!(
+                    "the mount at {} is not this connection's (it was detached)",
+                    mount_point.display()
+                ));
+                (None, Some(d))
+            }
+        },
+        // A supervisor restarted from systemd's fd store does not know it: the mount on top.
+        (true, None) => {
+            let d = top.as_ref().map(dev_of);
+            (top, d)
+        }
+        (false, _) => {
+            let d = top.as_ref().map(dev_of);
+            if let Some(d) = d {
+                let mut m = MSG_MOUNT_DEV.to_vec();
+                m.extend_from_slice(d.to_string().as_bytes());
+                let _ = send(sock, &m, &[]);
+            }
+            (top, d)
+        }
     }
 }
