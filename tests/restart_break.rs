@@ -254,3 +254,39 @@ fn a_server_replaced_after_its_mount_was_detached_leaves_the_next_mount_alone() 
     assert!(old.wait_exit(Duration::from_secs(10)).is_some(), "the old daemon did not end");
     assert!(new.stop().success(), "the new daemon did not stop cleanly");
 }
+
+/// `rm -rf` through the mount while the server is replaced: a directory listed in pieces,
+/// each entry unlinked as it is read (what `rm -r` and `shutil.rmtree` do). The listing must
+/// go on where it was — every entry read once — so the directory ends empty and its `rmdir`
+/// succeeds, as it does without a restart.
+#[test]
+fn a_directory_emptied_while_listed_across_a_server_kill_ends_empty() {
+    let s = Scratch::new();
+    let m = Mount::new(&s.base, &[]);
+    let dir = s.base.join("tree");
+    fs::create_dir(&dir).unwrap();
+    let total = 3000;
+    for i in 0..total {
+        File::create(dir.join(format!("file-{i:05}-{}", "x".repeat(40)))).unwrap();
+    }
+    let mut removed = 0;
+    let mut errors = Vec::new();
+    for e in fs::read_dir(&dir).unwrap() {
+        match e.and_then(|e| fs::remove_file(e.path())) {
+            Ok(()) => removed += 1,
+            Err(e) => errors.push(e.to_string()),
+        }
+        if removed == 100 {
+            m.kill_server();
+        }
+    }
+    let left = fs::read_dir(&dir).unwrap().count();
+    assert!(errors.is_empty(), "listing and unlinking: {errors:?}");
+    assert_eq!(
+        (removed, left),
+        (total, 0),
+        "entries removed while listing, and left behind (rmdir: {:?})",
+        fs::remove_dir(&dir).err()
+    );
+    fs::remove_dir(&dir).unwrap();
+}
