@@ -290,3 +290,31 @@ fn a_directory_emptied_while_listed_across_a_server_kill_ends_empty() {
     );
     fs::remove_dir(&dir).unwrap();
 }
+
+/// A server that stops answering (stopped with SIGSTOP here; a deadlock or a covered
+/// filesystem that hangs does the same) is not dead, so nothing replaces it: every request
+/// through the mount — Nova's, every VM's `fstat`/`open` — waits for ever, since this mount
+/// never negotiates a request timeout. A request must be answered within 10 s.
+#[test]
+fn a_server_that_stops_answering_is_replaced() {
+    let s = Scratch::new();
+    let m = Mount::new(&s.base, &[]);
+    fs::write(s.base.join("before"), b"x").unwrap();
+    let server = m.server_pid();
+    unsafe { libc::kill(server as i32, libc::SIGSTOP) };
+    let (tx, rx) = mpsc::channel();
+    let fresh = s.base.join("never-looked-up");
+    std::thread::spawn(move || {
+        let _ = tx.send(fs::symlink_metadata(&fresh).map(|_| ()).map_err(|e| e.to_string()));
+    });
+    let got = rx.recv_timeout(Duration::from_secs(10));
+    // Whatever happened, the stopped server goes on (so the test leaves nothing hanging).
+    unsafe { libc::kill(server as i32, libc::SIGCONT) };
+    let log = m.log_text();
+    match got {
+        Ok(r) => assert_eq!(r.err().as_deref(), Some("No such file or directory (os error 2)")),
+        Err(_) => {
+            panic!("a lookup waited 10 s on a stopped server, and nothing replaced it\n{log}")
+        }
+    }
+}
