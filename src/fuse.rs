@@ -658,8 +658,8 @@ impl Filesystem for FuseAdapter {
             Ok(e) => e,
             Err(e) => return reply.error(fail("readdir", e)),
         };
-        for (i, e) in entries.iter().enumerate() {
-            let next = offset + i as u64 + 1;
+        for e in &entries {
+            let next = crate::fs::dir_cookie(&e.name);
             if reply.add(INodeNo(e.ino), next, file_type(e.kind), &e.name) {
                 break;
             }
@@ -683,8 +683,8 @@ impl Filesystem for FuseAdapter {
             Ok(v) => v,
             Err(e) => return reply.error(fail("readdirplus", e)),
         };
-        for (i, e) in entries.iter().enumerate() {
-            let next = offset + i as u64 + 1;
+        for e in &entries {
+            let next = crate::fs::dir_cookie(&e.name);
             let dots = e.name == "." || e.name == "..";
             // `.` and `..` are not lookups: the kernel skips them and counts nothing.
             let st = if dots {
