@@ -674,6 +674,7 @@ fn serve(cfg: &MountConfig, on_ready: impl FnOnce(), sup: ServerFds) -> Result<(
     }
     on_ready();
     let _ = supervise::send(sock.as_fd(), supervise::MSG_READY, &[]);
+    supervise::spawn_heartbeat(sock.clone());
     spawn_supervisor_listener(sock, cache.clone());
     spawn_signal_thread(signals, mount_point, our_dev, core.clone(), cache.clone());
     session.run().map_err(|e| Refusal(format!("FUSE session on {}: {e}", dir.display())))?;

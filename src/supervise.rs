@@ -75,6 +75,12 @@ pub const MSG_MOUNTED: &[u8] = b"mounted ";
 /// detached, whatever is there is another daemon's.
 pub const MSG_MOUNT_DEV: &[u8] = b"mountdev ";
 pub const MSG_RESTART: &[u8] = b"restart";
+/// Sent by a serving server every [`HEARTBEAT`]: a server silent for [`SILENT_MAX`] is hung
+/// (stopped, or frozen whole) and is killed, so that a new one serves; the kernel resends
+/// what it held. (A server that never sent one, an older binary, is never judged.)
+pub const MSG_ALIVE: &[u8] = b"alive";
+pub const HEARTBEAT: Duration = Duration::from_secs(1);
+pub const SILENT_MAX: Duration = Duration::from_secs(5);
 pub const MSG_REFUSED: &[u8] = b"refused ";
 
 /// What a server was given by its supervisor.
@@ -237,6 +243,8 @@ struct Server {
     sock: OwnedFd,
     started: Instant,
     ready: bool,
+    /// When its last heartbeat came (none yet: not judged).
+    alive: Option<Instant>,
 }
 
 /// How a child ended.
@@ -472,7 +480,7 @@ impl Supervisor {
         drop(child);
         let pidfd = pidfd_open(pid)?;
         drop(theirs);
-        Ok(Server { pid, pidfd, sock: mine, started: Instant::now(), ready: false })
+        Ok(Server { pid, pidfd, sock: mine, started: Instant::now(), ready: false, alive: None })
     }
 
     fn run(&mut self) -> i32 {
@@ -588,8 +596,22 @@ impl Supervisor {
                 libc::pollfd { fd: server.sock.as_raw_fd(), events: libc::POLLIN, revents: 0 },
                 libc::pollfd { fd: self.signals.as_raw_fd(), events: libc::POLLIN, revents: 0 },
             ];
-            let n = unsafe { libc::poll(pfds.as_mut_ptr(), 3, -1) };
+            let timeout = if server.alive.is_some() { HEARTBEAT.as_millis() as i32 } else { -1 };
+            let n = unsafe { libc::poll(pfds.as_mut_ptr(), 3, timeout) };
             if n < 0 {
+                continue;
+            }
+            if n == 0 {
+                // Nothing came in a heartbeat's time (so no heartbeat is waiting unread).
+                if let Some(last) = server.alive.filter(|t| t.elapsed() > SILENT_MAX) {
+                    error!(
+                        "server {} sent no heartbeat for {} ms (stopped or hung): killing it",
+                        server.pid,
+                        last.elapsed().as_millis()
+                    );
+                    server.alive = None;
+                    unsafe { libc::kill(server.pid, libc::SIGKILL) };
+                }
                 continue;
             }
             if pfds[2].revents != 0 {
@@ -680,6 +702,8 @@ impl Supervisor {
             {
                 h.mount_dev = Some(d);
             }
+        } else if msg == MSG_ALIVE {
+            server.alive = Some(Instant::now());
         } else if msg == MSG_READY {
             server.ready = true;
             self.served = true;
@@ -868,5 +892,18 @@ pub fn own_mount(
             }
             (top, d)
         }
+    }
+}
+
+/// In a serving server: tells the supervisor every [`HEARTBEAT`] that the process runs. Only
+/// a socket write: nothing it does can hang on a filesystem.
+pub fn spawn_heartbeat(sock: std::sync::Arc<OwnedFd>) {
+    let spawned = std::thread::Builder::new().name("heartbeat".into()).spawn(move || {
+        while send(sock.as_fd(), MSG_ALIVE, &[]).is_ok() {
+            std::thread::sleep(HEARTBEAT);
+        }
+    });
+    if let Err(e) = spawned {
+        warn!("no heartbeat thread ({e}): a hung server is not replaced");
     }
 }
