@@ -1188,7 +1188,8 @@ impl OverlayFs {
         Ok(())
     }
 
-    /// The listing of a directory: `.`, `..`, then its entries.
+    /// The listing of a directory: `.`, `..`, then its entries, in the order of their
+    /// [`dir_cookie`].
     fn list(&self, dh: &DirHandle) -> Result<Vec<DirEntry>> {
         let dot = |name: &str, ino| DirEntry { name: name.into(), ino, kind: libc::S_IFDIR };
         let mut list = vec![dot(".", dh.id), dot("..", dh.id)];
@@ -1217,13 +1218,16 @@ impl OverlayFs {
             }
             _ => {}
         }
+        list.sort_by_cached_key(|e| dir_cookie(&e.name));
         Ok(list)
     }
 
-    /// Entries from `offset` on (offset `i` is the i-th entry; `.` and `..` come first).
-    /// Offset 0 takes a fresh listing, and so does the first read of a handle at any other
-    /// offset: the kernel starts a handle there when the listing it cached is dropped in the
-    /// middle of a read, or after a `seekdir` to a position another handle returned.
+    /// Entries after `offset`: the [`dir_cookie`] of the last entry the caller read (0: from
+    /// the start). Offset 0 takes a fresh listing, and so does the first read of a handle at
+    /// any other offset: the kernel starts a handle there when the listing it cached is
+    /// dropped in the middle of a read, after a `seekdir` to a position another handle
+    /// returned, or when a server replaced the one that listed. A cookie names a place in
+    /// any listing of the directory, so entries removed meanwhile shift nothing.
     pub fn readdir(&self, fh: u64, offset: u64) -> Result<Vec<DirEntry>> {
         let dh = self.dir_handle(fh)?;
         let mut entries = dh.entries.lock();
@@ -1231,7 +1235,8 @@ impl OverlayFs {
             Some(listing) if offset != 0 => listing,
             stale => stale.insert(self.list(&dh)?),
         };
-        Ok(listing.iter().skip(offset as usize).cloned().collect())
+        let from = listing.partition_point(|e| dir_cookie(&e.name) <= offset);
+        Ok(listing[from..].to_vec())
     }
 
     /// The directory's own attributes and a lookup of one of its entries (for readdirplus).
@@ -1365,4 +1370,24 @@ fn xattr_reply(size: u32, call: impl Fn(&mut [u8]) -> std::io::Result<usize>) ->
     let n = call(&mut buf)?;
     buf.truncate(n);
     Ok(Xattr::Data(buf))
+}
+
+/// The offset a listing gives for the place after the entry `name`: `.` is 1, `..` is 2, any
+/// other name a 63-bit hash of it (FNV-1a) above those. Listings are in cookie order, so the
+/// place after a name is the same in every listing of the directory — by this server or the
+/// one that replaces it — whatever was added or removed elsewhere in it (as ext4's own
+/// hash-ordered offsets). Two names with one cookie (one chance in 2^63 per pair) would
+/// make a listing resumed between them skip the second.
+pub fn dir_cookie(name: &OsStr) -> u64 {
+    match name.as_bytes() {
+        b"." => 1,
+        b".." => 2,
+        b => {
+            let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+            for &x in b {
+                h = (h ^ x as u64).wrapping_mul(0x0100_0000_01b3);
+            }
+            (h >> 1).max(3)
+        }
+    }
 }

@@ -658,8 +658,8 @@ impl Filesystem for FuseAdapter {
             Ok(e) => e,
             Err(e) => return reply.error(fail("readdir", e)),
         };
-        for (i, e) in entries.iter().enumerate() {
-            let next = offset + i as u64 + 1;
+        for e in &entries {
+            let next = crate::fs::dir_cookie(&e.name);
             if reply.add(INodeNo(e.ino), next, file_type(e.kind), &e.name) {
                 break;
             }
@@ -683,8 +683,8 @@ impl Filesystem for FuseAdapter {
             Ok(v) => v,
             Err(e) => return reply.error(fail("readdirplus", e)),
         };
-        for (i, e) in entries.iter().enumerate() {
-            let next = offset + i as u64 + 1;
+        for e in &entries {
+            let next = crate::fs::dir_cookie(&e.name);
             let dots = e.name == "." || e.name == "..";
             // `.` and `..` are not lookups: the kernel skips them and counts nothing.
             let st = if dots {
@@ -810,8 +810,17 @@ impl Filesystem for FuseAdapter {
         let result = match self.reopened(req) {
             Some((o, ino)) => self.core.getattr(ino).map(|st| (st, o)),
             // Its first execution may have made the file just before that server died.
-            None if resent => {
-                self.core.create(parent.0, name, mode, umask, flags & !libc::O_EXCL, caller(req))
+            None if resent && flags & libc::O_EXCL != 0 => {
+                // A file it made is still empty (its caller has waited since): a name taken
+                // by a file with data is someone else's, never truncated or handed out.
+                let flags = flags & !(libc::O_EXCL | libc::O_TRUNC);
+                match self.core.create(parent.0, name, mode, umask, flags, caller(req)) {
+                    Ok((st, o)) if st.size > 0 => {
+                        let _ = self.core.release(o.fh);
+                        Err(Error::Io(io::Error::from_raw_os_error(libc::EEXIST)))
+                    }
+                    r => r,
+                }
             }
             None => self.core.create(parent.0, name, mode, umask, flags, caller(req)),
         };

@@ -27,6 +27,11 @@ pub const FORMAT: u32 = 1;
 /// not read the running journal's format).
 pub const READS: &[u32] = &[1];
 
+/// Bit 63 of a request's `unique`: set on a copy the kernel resends. Requests are journaled
+/// under their `unique` without it, so that a copy resent again (after a second server died)
+/// finds what the first copy did.
+const RESENT: u64 = 1 << 63;
+
 const MAGIC: &[u8; 8] = b"ICFSJRNL";
 const HEADER: u64 = 4096;
 /// Room for each region (sparse: only what is written takes memory).
@@ -594,7 +599,8 @@ impl Journal {
         self.append(Record::Forget { id, n });
     }
 
-    pub fn opened(&self, fh: u64, rec: OpenRec) {
+    pub fn opened(&self, fh: u64, mut rec: OpenRec) {
+        rec.unique &= !RESENT;
         self.append(Record::Open { fh, rec });
     }
 
@@ -603,17 +609,17 @@ impl Journal {
     }
 
     pub fn done(&self, unique: u64, outcome: Outcome) {
-        self.append(Record::Done { unique, outcome });
+        self.append(Record::Done { unique: unique & !RESENT, outcome });
     }
 
     /// The result recorded for request `unique` (a resent request).
     pub fn outcome(&self, unique: u64) -> Option<Outcome> {
-        self.w.lock().tables.done(unique)
+        self.w.lock().tables.done(unique & !RESENT)
     }
 
     /// The handle request `unique` opened (a resent open).
     pub fn opened_by(&self, unique: u64) -> Option<(u64, OpenRec)> {
-        self.w.lock().tables.opened_by(unique)
+        self.w.lock().tables.opened_by(unique & !RESENT)
     }
 }
 
@@ -768,6 +774,23 @@ mod tests {
         assert_eq!(again.opened_by(78).map(|(fh, _)| fh), Some(101));
         assert_eq!(again.outcome(55), Some(Outcome::Entry(12)));
         assert_eq!(again.next_incarnation(), 2);
+    }
+
+    /// An OPEN whose first server died before it journaled anything is resent (bit 63 set);
+    /// the server that runs that copy dies too before replying, and the kernel resends it
+    /// again: the third server must find the handle the second one opened, not open another
+    /// (whose reference no RELEASE would ever drop).
+    #[test]
+    fn a_request_resent_twice_finds_what_its_first_resent_copy_did() {
+        let j = journal();
+        let u = 4242;
+        j.opened(7, OpenRec { ino: 12, unique: u | RESENT, ..Default::default() });
+        j.done(u | RESENT, Outcome::Entry(12));
+        let again = Journal::open(j.fd()).unwrap();
+        // Asked with or without the bit (the adapter strips it), the handle is found.
+        assert_eq!(again.opened_by(u).map(|(fh, _)| fh), Some(7));
+        assert_eq!(again.opened_by(u | RESENT).map(|(fh, _)| fh), Some(7));
+        assert_eq!(again.outcome(u | RESENT), Some(Outcome::Entry(12)));
     }
 
     #[test]

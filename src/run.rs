@@ -555,6 +555,10 @@ fn serve(cfg: &MountConfig, on_ready: impl FnOnce(), sup: ServerFds) -> Result<(
         }
         // The mount is live: a listener that cannot start must not take it down.
         None => {
+            // A supervisor that took over (restart, fd store) learns where to detach too.
+            let mut m = supervise::MSG_MOUNTED.to_vec();
+            m.extend_from_slice(mount_point.as_os_str().as_encoded_bytes());
+            let _ = supervise::send(sup.sock.as_fd(), &m, &[]);
             if let Err(e) = crate::exporter::start(cfg.metrics_listen, &cache) {
                 log::error!("{e}; serving without it");
             }
@@ -624,8 +628,8 @@ fn serve(cfg: &MountConfig, on_ready: impl FnOnce(), sup: ServerFds) -> Result<(
         fuser::Session::from_fd(adapter, dev, fuser::SessionACL::All, fuse_cfg)
             .map_err(|e| fail(format!("FUSE handshake on {}: {e}", dir.display())))?
     };
-    let ours = mount::top_mount(&mount_point);
-    let our_dev = ours.as_ref().map(|m| makedev(m.dev));
+    let (ours, our_dev) =
+        supervise::own_mount(sup.sock.as_fd(), taking_over, sup.mount_dev, &mount_point, &cache);
     if let Some(d) = our_dev {
         cache.set_own_dev(d);
     }
@@ -670,6 +674,7 @@ fn serve(cfg: &MountConfig, on_ready: impl FnOnce(), sup: ServerFds) -> Result<(
     }
     on_ready();
     let _ = supervise::send(sock.as_fd(), supervise::MSG_READY, &[]);
+    supervise::spawn_heartbeat(sock.clone());
     spawn_supervisor_listener(sock, cache.clone());
     spawn_signal_thread(signals, mount_point, our_dev, core.clone(), cache.clone());
     session.run().map_err(|e| Refusal(format!("FUSE session on {}: {e}", dir.display())))?;

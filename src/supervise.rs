@@ -70,7 +70,17 @@ pub const MSG_FDS: &[u8] = b"fds";
 pub const MSG_READY: &[u8] = b"ready";
 /// `mounted PATH`: where the first server mounted (detached if it dies before it serves).
 pub const MSG_MOUNTED: &[u8] = b"mounted ";
+/// `mountdev N`: the device number of the mount the first server made (its connection's).
+/// A later server compares it with what is mounted at the path: once the mount was
+/// detached, whatever is there is another daemon's.
+pub const MSG_MOUNT_DEV: &[u8] = b"mountdev ";
 pub const MSG_RESTART: &[u8] = b"restart";
+/// Sent by a serving server every [`HEARTBEAT`]: a server silent for [`SILENT_MAX`] is hung
+/// (stopped, or frozen whole) and is killed, so that a new one serves; the kernel resends
+/// what it held. (A server that never sent one, an older binary, is never judged.)
+pub const MSG_ALIVE: &[u8] = b"alive";
+pub const HEARTBEAT: Duration = Duration::from_secs(1);
+pub const SILENT_MAX: Duration = Duration::from_secs(5);
 pub const MSG_REFUSED: &[u8] = b"refused ";
 
 /// What a server was given by its supervisor.
@@ -83,6 +93,8 @@ pub struct ServerFds {
     pub restarts: u64,
     /// When the previous server died (ms since the epoch) and why.
     pub last_restart: Option<(u64, String)>,
+    /// The device number of this connection's mount (see [`MSG_MOUNT_DEV`]), when known.
+    pub mount_dev: Option<u64>,
 }
 
 fn parse_fds(text: &str) -> Vec<(String, u64)> {
@@ -121,7 +133,8 @@ pub fn server_fds() -> Option<ServerFds> {
         let (ms, cause) = s.split_once(' ')?;
         Some((ms.parse().ok()?, cause.to_owned()))
     });
-    Some(ServerFds { sock, journal, live, restarts, last_restart })
+    let mount_dev = get(&kv, "mountdev");
+    Some(ServerFds { sock, journal, live, restarts, last_restart, mount_dev })
 }
 
 /// Sends one message, with fds, on a `SOCK_SEQPACKET` socket.
@@ -220,6 +233,8 @@ struct Held {
     dev: OwnedFd,
     dir: OwnedFd,
     mount_point: Option<PathBuf>,
+    /// The mount's device number (see [`MSG_MOUNT_DEV`]).
+    mount_dev: Option<u64>,
 }
 
 struct Server {
@@ -228,6 +243,8 @@ struct Server {
     sock: OwnedFd,
     started: Instant,
     ready: bool,
+    /// When its last heartbeat came (none yet: not judged).
+    alive: Option<Instant>,
 }
 
 /// How a child ended.
@@ -397,7 +414,8 @@ impl Supervisor {
             else {
                 return Err(format!("{TAKEOVER_ENV}={text}: the connection's fds are missing"));
             };
-            sup.held = Some(Held { dev, dir, mount_point: None });
+            let mount_dev = get(&kv, "mountdev");
+            sup.held = Some(Held { dev, dir, mount_point: None, mount_dev });
             sup.served = true;
             sup.journal = journal;
             sup.restarts = get(&kv, "restarts").unwrap_or(0);
@@ -405,7 +423,7 @@ impl Supervisor {
             sup.last_death = Some((died, "restart (upgrade)".into(), Instant::now()));
             info!("supervisor {} took over the connection", std::process::id());
         } else if let Some([dev, dir, journal]) = fds_from_systemd() {
-            sup.held = Some(Held { dev, dir, mount_point: None });
+            sup.held = Some(Held { dev, dir, mount_point: None, mount_dev: None });
             sup.journal = journal;
             sup.served = true;
             let cause = "supervisor restarted by systemd (fd store)".to_owned();
@@ -425,6 +443,9 @@ impl Supervisor {
         if let Some(h) = &self.held {
             spec.push_str(&format!(",dev={},dir={}", h.dev.as_raw_fd(), h.dir.as_raw_fd()));
             keep.extend([h.dev.as_raw_fd(), h.dir.as_raw_fd()]);
+            if let Some(d) = h.mount_dev {
+                spec.push_str(&format!(",mountdev={d}"));
+            }
         }
         // A crash restart runs the very binary this supervisor runs.
         let exe = if self.held.is_some() {
@@ -459,7 +480,7 @@ impl Supervisor {
         drop(child);
         let pidfd = pidfd_open(pid)?;
         drop(theirs);
-        Ok(Server { pid, pidfd, sock: mine, started: Instant::now(), ready: false })
+        Ok(Server { pid, pidfd, sock: mine, started: Instant::now(), ready: false, alive: None })
     }
 
     fn run(&mut self) -> i32 {
@@ -515,6 +536,14 @@ impl Supervisor {
                     Ended::Killed(..) => 1,
                 };
             }
+            if self.stopping && !server.ready {
+                // Told to stop, and the server that should have stopped the mount died before
+                // it served (servers that cannot start): give the mount up rather than
+                // restart servers forever while whoever stops us waits.
+                error!("server {} {cause} while stopping: giving up the mount", server.pid);
+                self.give_up();
+                return 1;
+            }
             self.restarts += 1;
             let died = now_ms();
             error!(
@@ -537,6 +566,28 @@ impl Supervisor {
         }
     }
 
+    /// Ends the mount without a server: detaches it where it is known, closes the connection
+    /// (requests still waiting on it fail) and takes it out of systemd's fd store.
+    fn give_up(&mut self) {
+        if let Some(h) = self.held.take() {
+            let mount_point = h.mount_point.clone();
+            drop(h);
+            match mount_point {
+                Some(mp) => {
+                    if let Err(e) = crate::mount::detach(&mp) {
+                        warn!("detaching {}: {e}", mp.display());
+                    }
+                }
+                None => warn!("the mount point is not known here: the dead mount stays"),
+            }
+        }
+        if fdstore_enabled() {
+            for name in STORE_NAMES {
+                notify_systemd(&format!("FDSTOREREMOVE=1\nFDNAME={name}"));
+            }
+        }
+    }
+
     /// Waits for the server to end (its status), or for a `restart` to hand over (`None`).
     fn watch(&mut self, server: &mut Server) -> Option<Ended> {
         loop {
@@ -545,8 +596,22 @@ impl Supervisor {
                 libc::pollfd { fd: server.sock.as_raw_fd(), events: libc::POLLIN, revents: 0 },
                 libc::pollfd { fd: self.signals.as_raw_fd(), events: libc::POLLIN, revents: 0 },
             ];
-            let n = unsafe { libc::poll(pfds.as_mut_ptr(), 3, -1) };
+            let timeout = if server.alive.is_some() { HEARTBEAT.as_millis() as i32 } else { -1 };
+            let n = unsafe { libc::poll(pfds.as_mut_ptr(), 3, timeout) };
             if n < 0 {
+                continue;
+            }
+            if n == 0 {
+                // Nothing came in a heartbeat's time (so no heartbeat is waiting unread).
+                if let Some(last) = server.alive.filter(|t| t.elapsed() > SILENT_MAX) {
+                    error!(
+                        "server {} sent no heartbeat for {} ms (stopped or hung): killing it",
+                        server.pid,
+                        last.elapsed().as_millis()
+                    );
+                    server.alive = None;
+                    unsafe { libc::kill(server.pid, libc::SIGKILL) };
+                }
                 continue;
             }
             if pfds[2].revents != 0 {
@@ -625,12 +690,20 @@ impl Supervisor {
                         notify_systemd_fds(&format!("FDSTORE=1\nFDNAME={name}"), &[fd]);
                     }
                 }
-                self.held = Some(Held { dev, dir, mount_point: None });
+                self.held = Some(Held { dev, dir, mount_point: None, mount_dev: None });
             }
         } else if let Some(path) = msg.strip_prefix(MSG_MOUNTED) {
             if let Some(h) = &mut self.held {
                 h.mount_point = Some(PathBuf::from(std::ffi::OsStr::from_bytes(path)));
             }
+        } else if let Some(d) = msg.strip_prefix(MSG_MOUNT_DEV) {
+            if let (Some(h), Some(d)) =
+                (&mut self.held, std::str::from_utf8(d).ok().and_then(|d| d.parse().ok()))
+            {
+                h.mount_dev = Some(d);
+            }
+        } else if msg == MSG_ALIVE {
+            server.alive = Some(Instant::now());
         } else if msg == MSG_READY {
             server.ready = true;
             self.served = true;
@@ -695,7 +768,7 @@ impl Supervisor {
     /// only on failure.
     fn exec_successor(&self) -> io::Error {
         let Some(h) = &self.held else { return io::Error::other("no connection") };
-        let spec = format!(
+        let mut spec = format!(
             "dev={},dir={},journal={},restarts={},died={}",
             h.dev.as_raw_fd(),
             h.dir.as_raw_fd(),
@@ -703,6 +776,9 @@ impl Supervisor {
             self.restarts + 1,
             now_ms()
         );
+        if let Some(d) = h.mount_dev {
+            spec.push_str(&format!(",mountdev={d}"));
+        }
         for fd in [h.dev.as_raw_fd(), h.dir.as_raw_fd(), self.journal.as_raw_fd()] {
             if let Err(e) = inherit(fd) {
                 return e;
@@ -773,5 +849,61 @@ fn notify_systemd_fds(state: &str, fds: &[BorrowedFd<'_>]) {
     };
     if let Err(e) = connected.and_then(|()| send(sock.as_fd(), state.as_bytes(), fds)) {
         warn!("telling systemd {state:?}: {e}");
+    }
+}
+
+/// This connection's mount at `mount_point` and its device number, for a server that starts.
+/// The first server's is the mount on top, which it just made (told to the supervisor, which
+/// hands it to every later server). A later server's is the one with that device: when the
+/// mount on top is another (this one was detached, and another daemon mounted the directory),
+/// the connection only serves its open files, and the server says so to the cache at once —
+/// it never detaches, watches or decides for the other daemon's mount.
+pub fn own_mount(
+    sock: BorrowedFd<'_>,
+    taking_over: bool,
+    known: Option<u64>,
+    mount_point: &Path,
+    cache: &crate::cache::Cache,
+) -> (Option<crate::mount::MountInfo>, Option<u64>) {
+    let top = crate::mount::top_mount(mount_point);
+    let dev_of = |m: &crate::mount::MountInfo| libc::makedev(m.dev.0, m.dev.1);
+    match (taking_over, known) {
+        (true, Some(d)) => match top {
+            Some(m) if dev_of(&m) == d => (Some(m), Some(d)),
+            _ => {
+                cache.lose_mount(&format!(
+                    "the mount at {} is not this connection's (it was detached)",
+                    mount_point.display()
+                ));
+                (None, Some(d))
+            }
+        },
+        // A supervisor restarted from systemd's fd store does not know it: the mount on top.
+        (true, None) => {
+            let d = top.as_ref().map(dev_of);
+            (top, d)
+        }
+        (false, _) => {
+            let d = top.as_ref().map(dev_of);
+            if let Some(d) = d {
+                let mut m = MSG_MOUNT_DEV.to_vec();
+                m.extend_from_slice(d.to_string().as_bytes());
+                let _ = send(sock, &m, &[]);
+            }
+            (top, d)
+        }
+    }
+}
+
+/// In a serving server: tells the supervisor every [`HEARTBEAT`] that the process runs. Only
+/// a socket write: nothing it does can hang on a filesystem.
+pub fn spawn_heartbeat(sock: std::sync::Arc<OwnedFd>) {
+    let spawned = std::thread::Builder::new().name("heartbeat".into()).spawn(move || {
+        while send(sock.as_fd(), MSG_ALIVE, &[]).is_ok() {
+            std::thread::sleep(HEARTBEAT);
+        }
+    });
+    if let Err(e) = spawned {
+        warn!("no heartbeat thread ({e}): a hung server is not replaced");
     }
 }

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use common::{wait_until, Scratch};
 use imagecachefs::cache::{Cache, Settings};
 use imagecachefs::clock::{from_unix_secs, ManualClock};
-use imagecachefs::fs::{OverlayFs, ROOT, STATUS_DIR, V_DIR, V_IMAGES};
+use imagecachefs::fs::{dir_cookie, OverlayFs, ROOT, STATUS_DIR, V_DIR, V_IMAGES};
 use imagecachefs::procfs::ProcRoot;
 use imagecachefs::state::Policy;
 use nova::{Nova, LONG};
@@ -331,14 +331,16 @@ fn a_handle_first_read_past_offset_0_lists_the_directory() {
     let whole = c.fs.opendir(ROOT).unwrap();
     let all = entry_names(&c.fs, whole.fh, 0);
     assert!(all.len() > 6, "{all:?}");
-    for offset in [1, 3, all.len() as u64 - 1] {
+    // The offset after the i-th entry is that entry's cookie.
+    let after = |i: usize| dir_cookie(OsStr::new(&all[i - 1]));
+    for i in [1, 3, all.len() - 1] {
         let late = c.fs.opendir(ROOT).unwrap();
-        assert_eq!(entry_names(&c.fs, late.fh, offset), all[offset as usize..], "{offset}");
+        assert_eq!(entry_names(&c.fs, late.fh, after(i)), all[i..], "{i}");
         c.fs.releasedir(late.fh).unwrap();
     }
     // A handle serves the listing it took until it is read from offset 0 again.
     fs::write(c.base.join("f"), b"f").unwrap();
-    assert_eq!(entry_names(&c.fs, whole.fh, 2), all[2..]);
+    assert_eq!(entry_names(&c.fs, whole.fh, after(2)), all[2..]);
     assert!(entry_names(&c.fs, whole.fh, 0).contains(&"f".to_string()));
     c.fs.releasedir(whole.fh).unwrap();
 }
