@@ -336,11 +336,29 @@ struct Saved {
 pub struct Snapshot {
     bytes: Box<[u8]>,
     ledger: Arc<AtomicUsize>,
+    /// Unique among this process's snapshots (a journaled copy is named by it).
+    id: u64,
 }
+
+static SNAPSHOT_IDS: AtomicU64 = AtomicU64::new(1);
 
 impl Snapshot {
     pub fn bytes(&self) -> &[u8] {
         &self.bytes
+    }
+
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// A rendering an earlier server of this connection handed out, from the journal (held
+    /// by its handle only; counts against no cap).
+    pub fn restored(bytes: Vec<u8>) -> Arc<Snapshot> {
+        Arc::new(Snapshot {
+            bytes: bytes.into_boxed_slice(),
+            ledger: Arc::default(),
+            id: SNAPSHOT_IDS.fetch_add(1, Ordering::Relaxed),
+        })
     }
 }
 
@@ -407,8 +425,11 @@ impl SnapshotStore {
             return self.latest.get(&key).and_then(|(_, w)| w.upgrade());
         }
         self.ledger.fetch_add(bytes.len(), Ordering::Relaxed);
-        let snap =
-            Arc::new(Snapshot { bytes: bytes.into_boxed_slice(), ledger: self.ledger.clone() });
+        let snap = Arc::new(Snapshot {
+            bytes: bytes.into_boxed_slice(),
+            ledger: self.ledger.clone(),
+            id: SNAPSHOT_IDS.fetch_add(1, Ordering::Relaxed),
+        });
         if self.latest.len() >= 256 {
             self.latest.retain(|_, (_, w)| w.strong_count() > 0);
         }

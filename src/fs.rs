@@ -233,6 +233,9 @@ pub enum Xattr {
     Data(Vec<u8>),
 }
 
+/// See `OverlayFs::keeper`.
+pub type KeepFile = Box<dyn Fn(u64, Option<BorrowedFd<'_>>) + Send + Sync>;
+
 pub struct OverlayFs {
     root: Arc<Node>,
     dev: u64,
@@ -246,6 +249,9 @@ pub struct OverlayFs {
     passthrough: OnceLock<Passthrough>,
     /// Where node ids, lookups and open handles are recorded for the next server.
     journal: OnceLock<Arc<Journal>>,
+    /// Hands the covered file of a node whose data the daemon serves to whoever keeps it
+    /// for the next server while it is open (`Some(fd)`), and lets it go (`None`).
+    keeper: OnceLock<KeepFile>,
     cache: Arc<Cache>,
     start: std::time::SystemTime,
     owner: (u32, u32),
@@ -282,6 +288,7 @@ impl OverlayFs {
             next_fh: AtomicU64::new(1),
             passthrough: OnceLock::new(),
             journal: OnceLock::new(),
+            keeper: OnceLock::new(),
             cache,
             start: crate::clock::from_unix_secs(start_secs),
             owner: unsafe { (libc::geteuid(), libc::getegid()) },
@@ -300,6 +307,11 @@ impl OverlayFs {
 
     pub fn journal(&self) -> Option<&Arc<Journal>> {
         self.journal.get()
+    }
+
+    /// See `OverlayFs::keeper`.
+    pub fn set_keeper(&self, k: KeepFile) {
+        let _ = self.keeper.set(k);
     }
 
     /// The node id of the file with inode number `ino` (allocated, and journaled, the first
@@ -352,7 +364,7 @@ impl OverlayFs {
     /// (found again by file handle, or by name where the filesystem has none) with their
     /// lookup counts, and its open handles with their backing ids and references. Returns
     /// the node ids and handles that could not be found again.
-    pub fn restore(&self, t: &Tables) -> (Vec<u64>, Vec<u64>) {
+    pub fn restore(&self, t: &Tables, kept: &HashMap<u64, OwnedFd>) -> (Vec<u64>, Vec<u64>) {
         {
             let mut m = self.inos.lock();
             for (&id, &ino) in &t.mapped {
@@ -366,7 +378,12 @@ impl OverlayFs {
         order.sort_by_key(|(_, n)| n.order());
         let mount_fd = backing::reopen(self.root.fd(), libc::O_RDONLY | libc::O_DIRECTORY).ok();
         for (&id, rec) in order {
-            let found = self.find_again(mount_fd.as_ref().map(|f| f.as_fd()), rec);
+            let found = self.find_again(mount_fd.as_ref().map(|f| f.as_fd()), rec).or_else(|| {
+                // Removed while open (its data served by the daemon): kept for us.
+                let fd = kept.get(&id)?.try_clone().ok()?;
+                let st = backing::stat(fd.as_fd()).ok()?;
+                (st.ino == rec.ino && st.dev == self.dev).then_some((fd, st))
+            });
             let Some((fd, st)) = found else {
                 lost_nodes.push(id);
                 continue;
@@ -374,6 +391,13 @@ impl OverlayFs {
             let mut nodes = self.nodes.write();
             let node = nodes.entry(id).or_insert_with(|| Node::new(id, fd, &st));
             node.state.lock().nlookup = rec.nlookup;
+        }
+        let mut renderings: HashMap<u64, Arc<cache::Snapshot>> = HashMap::new();
+        for (&fh, sid) in &t.status {
+            let Some(bytes) = t.snapshots.get(sid) else { continue };
+            let snap =
+                renderings.entry(*sid).or_insert_with(|| cache::Snapshot::restored(bytes.clone()));
+            self.status.write().insert(fh, Arc::new(StatusHandle::Snapshot(snap.clone())));
         }
         let mut lost_handles = Vec::new();
         for (&fh, o) in &t.opens {
@@ -832,6 +856,10 @@ impl OverlayFs {
             )
         };
         let fh = self.new_fh();
+        if let (Some(j), StatusHandle::Snapshot(snap)) = (self.journal.get(), &handle) {
+            // A new server goes on with this very rendering for a reader half way through.
+            j.status_opened(fh, snap.id(), snap.bytes());
+        }
         self.status.write().insert(fh, Arc::new(handle));
         Ok(Opened { fh, backing: None, direct_io: true })
     }
@@ -938,6 +966,13 @@ impl OverlayFs {
         Ok(Opened { fh, backing, direct_io: false })
     }
 
+    /// Passes node's covered file to the keeper (`keep`) or lets it go.
+    fn keep(&self, node: &Node, keep: bool) {
+        if let Some(k) = self.keeper.get() {
+            k(node.id, keep.then(|| node.fd()));
+        }
+    }
+
     fn start_io(&self, node: &Node) -> Option<u32> {
         let mut st = node.state.lock();
         st.opens += 1;
@@ -948,6 +983,7 @@ impl OverlayFs {
         }
         let Some(pt) = self.passthrough.get() else {
             st.io = Io::Daemon;
+            self.keep(node, true);
             return None;
         };
         match pt.open(node.fd()) {
@@ -957,6 +993,7 @@ impl OverlayFs {
             }
             Err(e) => {
                 st.io = Io::Daemon;
+                self.keep(node, true);
                 self.cache.counters.lock().passthrough_fallbacks += 1;
                 if !st.warned {
                     st.warned = true;
@@ -975,6 +1012,9 @@ impl OverlayFs {
     pub fn release(&self, fh: u64) -> Result<()> {
         let status = self.status.write().remove(&fh);
         if let Some(s) = status {
+            if let (Some(j), StatusHandle::Snapshot(_)) = (self.journal.get(), &*s) {
+                j.released(fh);
+            }
             // The end of a block-wise stream of commands runs when the file is closed for
             // good (its last descriptor: not at each `close` of a dup or a child's copy).
             if let StatusHandle::Control(pending) = &*s {
@@ -1002,10 +1042,14 @@ impl OverlayFs {
             let mut st = h.node.state.lock();
             st.opens = st.opens.saturating_sub(1);
             if st.opens == 0 {
-                if let Io::Passthrough(id) = st.io {
-                    if let Some(Err(e)) = self.passthrough.get().map(|p| p.close(id)) {
-                        error!("closing backing id {id} of inode {}: {e}", h.node.id);
+                match st.io {
+                    Io::Passthrough(id) => {
+                        if let Some(Err(e)) = self.passthrough.get().map(|p| p.close(id)) {
+                            error!("closing backing id {id} of inode {}: {e}", h.node.id);
+                        }
                     }
+                    Io::Daemon => self.keep(&h.node, false),
+                    Io::Idle => {}
                 }
                 st.io = Io::Idle;
             }

@@ -38,6 +38,11 @@ const HEADER: u64 = 4096;
 const REGION: u64 = 256 << 20;
 /// The log is rewritten once it is this long and four times what the tables need.
 const COMPACT_MIN: u64 = 1 << 20;
+/// A status-file rendering larger than this is not kept for a new server (it renders the
+/// file again for a handle that reads on).
+pub const SNAPSHOT_MAX: usize = 4 << 20;
+/// The renderings kept at most, together.
+const SNAPSHOTS_MAX: usize = 32 << 20;
 /// Results of requests kept for resends (most recent first out).
 const DONE_MAX: usize = 4096;
 
@@ -128,6 +133,16 @@ enum Record {
         id: u64,
         ino: u64,
     },
+    /// A status-file rendering, named `sid`.
+    Snapshot {
+        sid: u64,
+        bytes: Vec<u8>,
+    },
+    /// Status-file handle `fh` reads rendering `sid`.
+    Status {
+        fh: u64,
+        sid: u64,
+    },
 }
 
 /// Everything the records say, applied in order.
@@ -140,6 +155,9 @@ pub struct Tables {
     pub opens: HashMap<u64, OpenRec>,
     /// Node ids given to inode numbers too large to be their own (id → inode number).
     pub mapped: BTreeMap<u64, u64>,
+    /// Status-file handles and the rendering each reads (by name, below).
+    pub status: HashMap<u64, u64>,
+    pub snapshots: HashMap<u64, Vec<u8>>,
     done: HashMap<u64, Outcome>,
     done_order: VecDeque<u64>,
     next_seq: u64,
@@ -173,6 +191,19 @@ impl Tables {
             }
             Record::Release { fh } => {
                 self.opens.remove(&fh);
+                if let Some(sid) = self.status.remove(&fh) {
+                    if !self.status.values().any(|s| *s == sid) {
+                        self.snapshots.remove(&sid);
+                    }
+                }
+            }
+            Record::Snapshot { sid, bytes } => {
+                self.snapshots.insert(sid, bytes);
+            }
+            Record::Status { fh, sid } => {
+                if self.snapshots.contains_key(&sid) {
+                    self.status.insert(fh, sid);
+                }
             }
             Record::Map { id, ino } => {
                 self.mapped.insert(id, ino);
@@ -217,6 +248,12 @@ impl Tables {
         }
         for (fh, rec) in &self.opens {
             out.push(Record::Open { fh: *fh, rec: *rec });
+        }
+        for (sid, bytes) in &self.snapshots {
+            out.push(Record::Snapshot { sid: *sid, bytes: bytes.clone() });
+        }
+        for (fh, sid) in &self.status {
+            out.push(Record::Status { fh: *fh, sid: *sid });
         }
         for unique in &self.done_order {
             out.push(Record::Done { unique: *unique, outcome: self.done[unique] });
@@ -330,6 +367,16 @@ fn encode(r: &Record) -> Vec<u8> {
             e.u64(*id);
             e.u64(*ino);
         }
+        Record::Snapshot { sid, bytes } => {
+            e.u8(10);
+            e.u64(*sid);
+            e.bytes(bytes);
+        }
+        Record::Status { fh, sid } => {
+            e.u8(11);
+            e.u64(*fh);
+            e.u64(*sid);
+        }
         Record::Done { unique, outcome } => {
             e.u8(8);
             e.u64(*unique);
@@ -389,6 +436,8 @@ fn decode(b: &[u8]) -> Option<Record> {
         },
         7 => Record::Release { fh: d.u64()? },
         9 => Record::Map { id: d.u64()?, ino: d.u64()? },
+        10 => Record::Snapshot { sid: d.u64()?, bytes: d.bytes()? },
+        11 => Record::Status { fh: d.u64()?, sid: d.u64()? },
         8 => Record::Done {
             unique: d.u64()?,
             outcome: match d.u8()? {
@@ -604,6 +653,27 @@ impl Journal {
         self.append(Record::Open { fh, rec });
     }
 
+    /// A status-file handle `fh` reading rendering `sid` (its bytes written once, while
+    /// handles read it; none past [`SNAPSHOT_MAX`], nor past [`SNAPSHOTS_MAX`] together).
+    pub fn status_opened(&self, fh: u64, sid: u64, bytes: &[u8]) {
+        let known = {
+            let w = self.w.lock();
+            if w.tables.snapshots.contains_key(&sid) {
+                true
+            } else {
+                let held: usize = w.tables.snapshots.values().map(Vec::len).sum();
+                if bytes.len() > SNAPSHOT_MAX || held + bytes.len() > SNAPSHOTS_MAX {
+                    return;
+                }
+                false
+            }
+        };
+        if !known {
+            self.append(Record::Snapshot { sid, bytes: bytes.to_vec() });
+        }
+        self.append(Record::Status { fh, sid });
+    }
+
     pub fn released(&self, fh: u64) {
         self.append(Record::Release { fh });
     }
@@ -720,6 +790,8 @@ mod tests {
             Record::Forget { id: 12, n: 1 },
             Record::Release { fh: 3 },
             Record::Map { id: 1 << 61, ino: u64::MAX - 5 },
+            Record::Snapshot { sid: 4, bytes: b"{\"images\":[]}".to_vec() },
+            Record::Status { fh: 9, sid: 4 },
         ]
     }
 
@@ -791,6 +863,22 @@ mod tests {
         assert_eq!(again.opened_by(u).map(|(fh, _)| fh), Some(7));
         assert_eq!(again.opened_by(u | RESENT).map(|(fh, _)| fh), Some(7));
         assert_eq!(again.outcome(u | RESENT), Some(Outcome::Entry(12)));
+    }
+
+    #[test]
+    fn a_rendering_is_kept_while_a_handle_reads_it() {
+        let j = journal();
+        j.status_opened(1, 7, b"abc");
+        j.status_opened(2, 7, b"abc");
+        j.status_opened(3, 8, &vec![0; SNAPSHOT_MAX + 1]);
+        let t = Journal::open(j.fd()).unwrap().tables();
+        assert_eq!(t.status.get(&1), Some(&7));
+        assert_eq!(t.snapshots.get(&7).map(Vec::as_slice), Some(&b"abc"[..]));
+        assert!(!t.status.contains_key(&3), "too large to keep");
+        j.released(1);
+        assert!(j.tables().snapshots.contains_key(&7), "handle 2 still reads it");
+        j.released(2);
+        assert!(j.tables().snapshots.is_empty());
     }
 
     #[test]

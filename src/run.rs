@@ -590,7 +590,8 @@ fn serve(cfg: &MountConfig, on_ready: impl FnOnce(), sup: ServerFds) -> Result<(
         if init.passthrough && cfg.passthrough {
             core.enable_passthrough(crate::passthrough::Passthrough::new(pt_dev));
         }
-        let (lost_nodes, lost_handles) = core.restore(&tables);
+        let kept = supervise::receive_kept(sup.sock.as_fd());
+        let (lost_nodes, lost_handles) = core.restore(&tables, &kept);
         if !lost_handles.is_empty() {
             log::warn!(
                 "took over without {} open handle(s) whose files are gone: requests for them \
@@ -603,6 +604,7 @@ fn serve(cfg: &MountConfig, on_ready: impl FnOnce(), sup: ServerFds) -> Result<(
             log::debug!("took over without {} node(s) whose files are gone", lost_nodes.len());
         }
         core.set_journal(journal.clone());
+        core.set_keeper(keeper_of(&sup.sock));
         let adapter = FuseAdapter::resumed(core.clone(), fs_type);
         let session = fuser::Session::from_fd_initialized(
             adapter,
@@ -624,6 +626,7 @@ fn serve(cfg: &MountConfig, on_ready: impl FnOnce(), sup: ServerFds) -> Result<(
         session
     } else {
         core.set_journal(journal.clone());
+        core.set_keeper(keeper_of(&sup.sock));
         let adapter = FuseAdapter::new(core.clone(), cfg.passthrough.then_some(pt_dev), fs_type);
         fuser::Session::from_fd(adapter, dev, fuser::SessionACL::All, fuse_cfg)
             .map_err(|e| fail(format!("FUSE handshake on {}: {e}", dir.display())))?
@@ -681,6 +684,28 @@ fn serve(cfg: &MountConfig, on_ready: impl FnOnce(), sup: ServerFds) -> Result<(
     cache.persist();
     info!("session on {} ended; exiting", dir.display());
     Ok(())
+}
+
+/// Sends the covered file of a node served by the daemon to the supervisor, which keeps it
+/// while it is open (`keep ID`), and tells it when to let go (`drop ID`).
+fn keeper_of(sock: &OwnedFd) -> crate::fs::KeepFile {
+    let sock = sock.try_clone().ok();
+    Box::new(move |id, fd| {
+        let Some(sock) = &sock else { return };
+        let sent = match fd {
+            Some(fd) => {
+                let m = [supervise::MSG_KEEP, id.to_string().as_bytes()].concat();
+                supervise::send(sock.as_fd(), &m, &[fd])
+            }
+            None => {
+                let m = [supervise::MSG_DROP, id.to_string().as_bytes()].concat();
+                supervise::send(sock.as_fd(), &m, &[])
+            }
+        };
+        if let Err(e) = sent {
+            log::debug!("keeping node {id} with the supervisor: {e}");
+        }
+    })
 }
 
 /// Reads what the supervisor says (a refused restart); says once if it is gone, since a crash

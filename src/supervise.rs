@@ -7,6 +7,7 @@
 //! binary now on disk. The supervisor never touches a filesystem: it waits on its child, its
 //! socket to the server and its signals.
 
+use std::collections::HashMap;
 use std::ffi::{CString, OsString};
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
@@ -75,6 +76,17 @@ pub const MSG_MOUNTED: &[u8] = b"mounted ";
 /// detached, whatever is there is another daemon's.
 pub const MSG_MOUNT_DEV: &[u8] = b"mountdev ";
 pub const MSG_RESTART: &[u8] = b"restart";
+/// `keep ID` with an fd: the covered file of node ID, whose data the server serves itself
+/// (no passthrough), kept by the supervisor while it is open: a file removed while open is
+/// found only through it by the next server.
+pub const MSG_KEEP: &[u8] = b"keep ";
+/// `drop ID`: node ID's last handle closed.
+pub const MSG_DROP: &[u8] = b"drop ";
+/// `kept ID` with an fd, to a new server, for each file kept; then [`MSG_KEPT_END`].
+pub const MSG_KEPT: &[u8] = b"kept ";
+pub const MSG_KEPT_END: &[u8] = b"kept-end";
+/// In a supervisor started by `restart`: the files kept, `ID:FD ID:FD ...`.
+const KEPT_ENV: &str = "IMAGECACHEFS_KEPT";
 /// Sent by a serving server every [`HEARTBEAT`]: a server silent for [`SILENT_MAX`] is hung
 /// (stopped, or frozen whole) and is killed, so that a new one serves; the kernel resends
 /// what it held. (A server that never sent one, an older binary, is never judged.)
@@ -135,6 +147,30 @@ pub fn server_fds() -> Option<ServerFds> {
     });
     let mount_dev = get(&kv, "mountdev");
     Some(ServerFds { sock, journal, live, restarts, last_restart, mount_dev })
+}
+
+/// In a server taking over: the files its supervisor kept (`MSG_KEPT` ... `MSG_KEPT_END`,
+/// queued before the server started), by node id; 2 s at most.
+pub fn receive_kept(sock: BorrowedFd<'_>) -> HashMap<u64, OwnedFd> {
+    let mut kept = HashMap::new();
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < deadline {
+        let mut pfd = libc::pollfd { fd: sock.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        if unsafe { libc::poll(&mut pfd, 1, 100) } <= 0 {
+            continue;
+        }
+        let Ok(Some((msg, fds))) = recv(sock) else { break };
+        if msg == MSG_KEPT_END {
+            break;
+        }
+        if let Some(id) = msg.strip_prefix(MSG_KEPT) {
+            let id = std::str::from_utf8(id).ok().and_then(|i| i.parse().ok());
+            if let (Some(id), Some(fd)) = (id, fds.into_iter().next()) {
+                kept.insert(id, fd);
+            }
+        }
+    }
+    kept
 }
 
 /// Sends one message, with fds, on a `SOCK_SEQPACKET` socket.
@@ -386,6 +422,8 @@ struct Supervisor {
     ignored: u128,
     /// Servers that died young in a row (start-up crash loop: restarts slow down).
     quick_deaths: u32,
+    /// Covered files of nodes whose data a server serves itself, while open (`MSG_KEEP`).
+    kept: HashMap<u64, OwnedFd>,
     /// A server of this connection reported it live once: from then on, a dead server is
     /// replaced (before, its death means the mount did not come up).
     served: bool,
@@ -405,7 +443,19 @@ impl Supervisor {
             ignored: 0,
             quick_deaths: 0,
             served: false,
+            kept: HashMap::new(),
         };
+        if let Ok(text) = std::env::var(KEPT_ENV) {
+            std::env::remove_var(KEPT_ENV);
+            for pair in text.split_whitespace() {
+                let parsed = pair.split_once(':').and_then(|(id, fd)| {
+                    Some((id.parse::<u64>().ok()?, take_fd(fd.parse().ok()?)?))
+                });
+                if let Some((id, fd)) = parsed {
+                    sup.kept.insert(id, fd);
+                }
+            }
+        }
         if let Ok(text) = std::env::var(TAKEOVER_ENV) {
             std::env::remove_var(TAKEOVER_ENV);
             let kv = parse_fds(&text);
@@ -480,6 +530,14 @@ impl Supervisor {
         drop(child);
         let pidfd = pidfd_open(pid)?;
         drop(theirs);
+        if self.held.is_some() {
+            // Queued before the server reads anything: it takes them before it serves.
+            for (id, fd) in &self.kept {
+                let m = format!("{}{id}", String::from_utf8_lossy(MSG_KEPT));
+                let _ = send(mine.as_fd(), m.as_bytes(), &[fd.as_fd()]);
+            }
+            let _ = send(mine.as_fd(), MSG_KEPT_END, &[]);
+        }
         Ok(Server { pid, pidfd, sock: mine, started: Instant::now(), ready: false, alive: None })
     }
 
@@ -702,6 +760,15 @@ impl Supervisor {
             {
                 h.mount_dev = Some(d);
             }
+        } else if let Some(id) = msg.strip_prefix(MSG_KEEP) {
+            let id = std::str::from_utf8(id).ok().and_then(|i| i.parse().ok());
+            if let (Some(id), Some(fd)) = (id, fds.into_iter().next()) {
+                self.kept.insert(id, fd);
+            }
+        } else if let Some(id) = msg.strip_prefix(MSG_DROP) {
+            if let Some(id) = std::str::from_utf8(id).ok().and_then(|i| i.parse::<u64>().ok()) {
+                self.kept.remove(&id);
+            }
         } else if msg == MSG_ALIVE {
             server.alive = Some(Instant::now());
         } else if msg == MSG_READY {
@@ -779,17 +846,22 @@ impl Supervisor {
         if let Some(d) = h.mount_dev {
             spec.push_str(&format!(",mountdev={d}"));
         }
-        for fd in [h.dev.as_raw_fd(), h.dir.as_raw_fd(), self.journal.as_raw_fd()] {
+        for fd in [h.dev.as_raw_fd(), h.dir.as_raw_fd(), self.journal.as_raw_fd()]
+            .into_iter()
+            .chain(self.kept.values().map(|f| f.as_raw_fd()))
+        {
             if let Err(e) = inherit(fd) {
                 return e;
             }
         }
+        let kept: Vec<String> =
+            self.kept.iter().map(|(id, fd)| format!("{id}:{}", fd.as_raw_fd())).collect();
         let cstr = |b: &[u8]| CString::new(b).unwrap_or_default();
         let exe = cstr(self.plan.exe.as_os_str().as_bytes());
         let mut argv = vec![exe.clone()];
         argv.extend(self.plan.args.iter().map(|a| cstr(a.as_bytes())));
         let mut envp: Vec<CString> = std::env::vars_os()
-            .filter(|(k, _)| k != TAKEOVER_ENV && k != crate::run::READY_FD_ENV)
+            .filter(|(k, _)| k != TAKEOVER_ENV && k != KEPT_ENV && k != crate::run::READY_FD_ENV)
             .map(|(k, v)| {
                 let mut b = k.as_bytes().to_vec();
                 b.push(b'=');
@@ -798,6 +870,7 @@ impl Supervisor {
             })
             .collect();
         envp.push(cstr(format!("{TAKEOVER_ENV}={spec}").as_bytes()));
+        envp.push(cstr(format!("{KEPT_ENV}={}", kept.join(" ")).as_bytes()));
         let argp: Vec<*const libc::c_char> =
             argv.iter().map(|a| a.as_ptr()).chain(std::iter::once(std::ptr::null())).collect();
         let envpp: Vec<*const libc::c_char> =
