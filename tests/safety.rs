@@ -399,8 +399,11 @@ fn a_stalled_filesystem_elsewhere_does_not_block_mount_status_or_eviction() {
     let other = Mount::new(&stalled.base, &["--no-evict"]);
     let mut reader = Proc::python(READER, &[&stalled.base.join("volume")]);
     reader.wait_line("ready");
+    // Stalled: the server, and its supervisor (which would replace a silent server).
+    let server = other.server_pid();
     unsafe { libc::kill(other.pid() as i32, libc::SIGSTOP) };
-    let _cont = Continue(other.pid());
+    unsafe { libc::kill(server as i32, libc::SIGSTOP) };
+    let _cont = (Continue(server), Continue(other.pid()));
 
     let n = Nova::new();
     write_file(&n.at(H1), &pseudo_random(4096, 7));
@@ -469,9 +472,11 @@ fn an_instance_directory_on_a_hung_filesystem_blocks_no_worker() {
     fs::create_dir_all(&inst).unwrap();
     let stalled = Mount::new(&inst, &["--no-evict"]);
     let m = n.mount((LONG, LONG, LONG), &["--threads", "1"]);
-    // The server answers requests (its supervisor only holds the connection).
-    unsafe { libc::kill(stalled.server_pid() as i32, libc::SIGSTOP) };
-    let _cont = Continue(stalled.server_pid());
+    // A hung filesystem: its supervisor stopped too, or it would replace the silent server.
+    let server = stalled.server_pid();
+    unsafe { libc::kill(stalled.pid() as i32, libc::SIGSTOP) };
+    unsafe { libc::kill(server as i32, libc::SIGSTOP) };
+    let _cont = (Continue(server), Continue(stalled.pid()));
     for _ in 0..3 {
         let (code, out, err) = run_timeout(
             tool("setpriv")
