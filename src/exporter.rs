@@ -1,6 +1,7 @@
 //! The scrapeable exporter (`--metrics-listen ADDR:PORT`): `GET /metrics` over HTTP, with the
 //! very exposition of `.imagecache/metrics`, for Prometheus to scrape without a textfile
-//! collector. Everything else gets 404 (another path) or 405 (another method on `/metrics`).
+//! collector (`HEAD` too, without the body). Everything else gets 404 (another path) or 405
+//! (another method on `/metrics`).
 //!
 //! Owns one thread, `exporter`, running a single-threaded tokio runtime under hyper's HTTP/1
 //! server. It renders from the cache's memory (`Cache::snapshot`, as a non-root reader: at
@@ -15,7 +16,9 @@
 //! The listener is bound before the mount ([`start`]), so a taken port refuses the mount with
 //! one line naming the address. It is closed once the daemon no longer owns its mount
 //! (detached by `SIGTERM` or `unmount`), so that the daemon that replaces it can bind the same
-//! port while this one still serves its last open files.
+//! port while this one still serves its last open files. A server that takes over a live
+//! mount after its predecessor died cannot refuse the mount for a taken port: it logs the
+//! refusal once and binds as soon as the port is free ([`start_after_takeover`]).
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -71,6 +74,43 @@ pub fn start(addr: Option<SocketAddr>, cache: &Arc<Cache>) -> Result<(), Refusal
         .spawn(move || serve(listener, addr, cache))
         .map_err(|e| Refusal(format!("--metrics-listen {addr}: starting its thread: {e}")))?;
     Ok(())
+}
+
+/// How often a server that took over a live mount tries again to bind a port that was taken.
+pub const REBIND_EVERY: Duration = Duration::from_secs(1);
+
+/// As [`start`], for a server that took over a live mount (its predecessor was killed): the
+/// mount must not go down for the exporter, and the port may still be held for a moment (by
+/// a predecessor whose last threads still exit, or anyone who bound it in between), so a
+/// taken port is logged once and tried again every [`REBIND_EVERY`] on the exporter's own
+/// thread until it is bound or the daemon no longer owns its mount.
+pub fn start_after_takeover(addr: Option<SocketAddr>, cache: &Arc<Cache>) {
+    let Some(addr) = addr else { return };
+    let cache = cache.clone();
+    let spawned = std::thread::Builder::new().name("exporter".into()).spawn(move || {
+        let mut logged = false;
+        let listener = loop {
+            match TcpListener::bind(addr).and_then(|l| l.set_nonblocking(true).map(|()| l)) {
+                Ok(l) => break l,
+                Err(e) if !logged => {
+                    error!(
+                        "--metrics-listen {addr}: cannot listen: {e}; trying again every {}s",
+                        REBIND_EVERY.as_secs()
+                    );
+                    logged = true;
+                }
+                Err(_) => {}
+            }
+            std::thread::sleep(REBIND_EVERY);
+            if !cache.owns_mount() {
+                return;
+            }
+        };
+        serve(listener, addr, cache);
+    });
+    if let Err(e) = spawned {
+        error!("--metrics-listen {addr}: starting its thread: {e}; serving without it");
+    }
 }
 
 /// The exporter thread: accepts until the daemon no longer owns its mount.
@@ -169,10 +209,11 @@ fn respond(req: &Request<Incoming>, cache: &Cache) -> Response<Full<Bytes>> {
     if req.uri().path() != "/metrics" {
         return reply(StatusCode::NOT_FOUND, "not found: the exporter serves /metrics only\n");
     }
-    if req.method() != Method::GET {
-        let mut r = reply(StatusCode::METHOD_NOT_ALLOWED, "only GET /metrics\n");
+    // HEAD is GET without the body (hyper leaves it out), as every HTTP server must serve it.
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        let mut r = reply(StatusCode::METHOD_NOT_ALLOWED, "only GET or HEAD /metrics\n");
         r.headers_mut()
-            .insert(hyper::header::ALLOW, hyper::header::HeaderValue::from_static("GET"));
+            .insert(hyper::header::ALLOW, hyper::header::HeaderValue::from_static("GET, HEAD"));
         return r;
     }
     // Metrics show nothing withheld from other users: rendered as any reader sees them,

@@ -559,9 +559,7 @@ fn serve(cfg: &MountConfig, on_ready: impl FnOnce(), sup: ServerFds) -> Result<(
             let mut m = supervise::MSG_MOUNTED.to_vec();
             m.extend_from_slice(mount_point.as_os_str().as_encoded_bytes());
             let _ = supervise::send(sup.sock.as_fd(), &m, &[]);
-            if let Err(e) = crate::exporter::start(cfg.metrics_listen, &cache) {
-                log::error!("{e}; serving without it");
-            }
+            crate::exporter::start_after_takeover(cfg.metrics_listen, &cache);
         }
     }
     let fail = |msg: String| {

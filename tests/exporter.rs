@@ -186,7 +186,7 @@ fn a_scrape_is_the_metrics_file_with_up_build_info_and_every_counter_at_zero() {
             &format!("{method} /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"),
         );
         assert_eq!(status, 405, "{method}: {body}");
-        assert_eq!(headers.get("allow").map(String::as_str), Some("GET"), "{method}");
+        assert_eq!(headers.get("allow").map(String::as_str), Some("GET, HEAD"), "{method}");
     }
     // A query string (as Prometheus may add) is the same page.
     assert_eq!(get(addr, "/metrics?x=1").0, 200);
