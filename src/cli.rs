@@ -423,7 +423,8 @@ fn helper_page(mount: &clap::Command) -> std::io::Result<String> {
     roff.text([roman(
         "Each option becomes the imagecachefs mount flag of the same name (see \
          imagecachefs-mount(8)); values are checked by imagecachefs itself before anything \
-         is mounted.",
+         is mounted. An option given twice counts once, with its last value: mount(8) puts \
+         the fstab entry's options before those of mount -o, which so override them.",
     )]);
     for arg in mount.get_arguments() {
         let Some(long) = arg.get_long() else { continue };
