@@ -14,17 +14,19 @@
 //! most `SHOWN_REFS_WAIT`, on the instance-disk reader, like any status file.
 //!
 //! The listener is bound before the mount ([`start`]), so a taken port refuses the mount with
-//! one line naming the address. It is closed once the daemon no longer owns its mount
-//! (detached by `SIGTERM` or `unmount`), so that the daemon that replaces it can bind the same
-//! port while this one still serves its last open files. A server that takes over a live
+//! one line naming the address. It stops listening before the daemon detaches its own mount
+//! (`SIGTERM`, `unmount`: [`let_go`]) or once it sees it detached by someone else, so that the
+//! daemon that replaces it can bind the same port while this one still serves its last open
+//! files. A server that takes over a live
 //! mount after its predecessor died cannot refuse the mount for a taken port: it logs the
 //! refusal once and binds as soon as the port is free ([`start_after_takeover`]).
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::net::{SocketAddr, TcpListener};
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http_body_util::Full;
@@ -59,6 +61,29 @@ const OWNER_CHECK: Duration = Duration::from_millis(200);
 
 /// The exposition format's content type (text format 0.0.4).
 const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// The listening socket while the exporter thread has it, for [`let_go`]: the thread clears
+/// it (under this lock) before it closes the socket, so the descriptor is never another file.
+static LISTENING: Mutex<Option<RawFd>> = Mutex::new(None);
+
+/// Set by [`let_go`]: the listener's failing accept is the end, not an error to wait out.
+static LET_GO: AtomicBool = AtomicBool::new(false);
+
+/// Stops listening at once, from any thread: called before the daemon detaches its own mount,
+/// so that when `imagecachefs unmount` returns (the mount gone from the table) the port is
+/// free for the daemon mounted next, even while this one still serves open files. Without it
+/// the port was released only at the exporter's next owner check, and a mount started right
+/// after the unmount was refused with "Address already in use".
+pub fn let_go() {
+    let listening = LISTENING.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(fd) = *listening {
+        LET_GO.store(true, Ordering::SeqCst);
+        // A listening TCP socket shut down stops listening: the port can be bound again
+        // (the daemon binds with SO_REUSEADDR), and the pending accept wakes with an error.
+        // SAFETY: `fd` is the exporter's open listener, not closed while the lock is held.
+        unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+    }
+}
 
 /// Binds `addr` (if given) and serves `/metrics` from `cache` on a thread of its own. Called
 /// before the mount: a refusal (the port is taken, the address is not this host's) stops the
@@ -130,6 +155,10 @@ fn serve(listener: TcpListener, addr: SocketAddr, cache: Arc<Cache>) {
                 return;
             }
         };
+        *LISTENING.lock().unwrap_or_else(|e| e.into_inner()) = Some(listener.as_raw_fd());
+        // Forgotten under the lock before the listener is closed, however the loop ends.
+        let listener = Forget(Some(listener));
+        let listener = listener.0.as_ref().expect("the listener");
         info!("serving metrics at http://{addr}/metrics");
         // Open connections in the order they came, each with "its request head has arrived".
         let mut open: VecDeque<(AbortHandle, Arc<AtomicBool>)> = VecDeque::new();
@@ -147,6 +176,10 @@ fn serve(listener: TcpListener, addr: SocketAddr, cache: Arc<Cache>) {
             };
             let stream = match accepted {
                 Ok((stream, _)) => stream,
+                Err(_) if LET_GO.load(Ordering::SeqCst) => {
+                    info!("--metrics-listen {addr}: closed (this daemon lets go of its mount)");
+                    return;
+                }
                 Err(e) => {
                     // Out of descriptors, most likely: wait instead of spinning.
                     warn!("--metrics-listen {addr}: accept: {e}");
@@ -176,6 +209,17 @@ fn serve(listener: TcpListener, addr: SocketAddr, cache: Arc<Cache>) {
             open.push_back((task.abort_handle(), head));
         }
     });
+}
+
+/// Owns the exporter's listener: drops it only once [`LISTENING`] no longer names it.
+struct Forget(Option<tokio::net::TcpListener>);
+
+impl Drop for Forget {
+    fn drop(&mut self) {
+        let mut listening = LISTENING.lock().unwrap_or_else(|e| e.into_inner());
+        *listening = None;
+        drop(self.0.take());
+    }
 }
 
 /// Serves one connection: one request, within the bounds of the module comment. `head` is

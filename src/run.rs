@@ -811,6 +811,8 @@ fn spawn_signal_thread(
                     cache.lose_mount("the mount is no longer this daemon's");
                     continue;
                 }
+                // The port too is free for the next daemon once the mount is gone.
+                crate::exporter::let_go();
                 // The last state this daemon may write: after the detach another daemon may
                 // own the directory.
                 cache.persist();

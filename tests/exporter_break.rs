@@ -113,3 +113,39 @@ impl Drop for Resume {
         unsafe { libc::kill(self.0 as i32, libc::SIGCONT) };
     }
 }
+
+/// Reproduction: `imagecachefs unmount DIR && imagecachefs mount DIR --metrics-listen ADDR`
+/// (an operator remounting with other flags, while VMs keep the old daemon serving their open
+/// files). The unmount returned once the mount was gone, but the old daemon let go of the
+/// port only at its exporter's next check, up to 200 ms later: the new mount was refused
+/// with "cannot listen: Address already in use". The port must be free when the unmount
+/// returns.
+#[test]
+fn a_mount_right_after_an_unmount_gets_the_port() {
+    let s = Scratch::new();
+    let addr = free_port();
+    let listen = addr.to_string();
+    let mut old = Mount::new(&s.base, &["--metrics-listen", &listen]);
+    std::fs::write(s.base.join("swap_1"), b"x").unwrap();
+    for round in 0..3 {
+        // An open file keeps the old daemon serving after its mount is detached.
+        let held = std::fs::File::open(s.base.join("swap_1")).unwrap();
+        let (code, _, err) = common::run_timeout(
+            std::process::Command::new(common::bin()).arg("unmount").arg(&s.base),
+            Duration::from_secs(20),
+        );
+        assert_eq!(code, 0, "round {round}: unmount: {err}");
+        // At once, as a script does: Mount::new fails the test if the daemon exits instead.
+        let new = Mount::new(&s.base, &["--metrics-listen", &listen]);
+        let got = ask(addr, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+        assert!(got.starts_with("HTTP/1.1 200 "), "round {round}: {got:.200}");
+        assert!(old.running(), "round {round}: the old daemon still serves the open file");
+        drop(held);
+        assert!(
+            old.wait_exit(Duration::from_secs(30)).is_some_and(|st| st.success()),
+            "round {round}: the old daemon exits once its file is closed"
+        );
+        old = new;
+    }
+    drop(old);
+}
