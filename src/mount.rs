@@ -196,9 +196,73 @@ pub fn prepare(dir: &Path) -> Result<Prepared, Refusal> {
     Ok(Prepared { dir: abs, dir_fd, dev, context: None })
 }
 
+/// How long a mount waits for another mount of the same directory that is under way.
+const MOUNT_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Takes an exclusive `flock` on the covered directory `dir_fd` (an `O_PATH` handle: a
+/// descriptor of its own is opened on it, `.` crossing no mount) and checks that nothing was
+/// mounted over it since it was opened. Two daemons started for one directory at once (the
+/// unit and `mount -a`) both found it plain in [`prepare`] and both mounted: the lower daemon
+/// never saw the opens made through the upper one and could evict images in use. Held until
+/// the mount is made (the returned descriptor); waits at most [`MOUNT_LOCK_WAIT`]. Reads only
+/// the covered directory and the kernel's mount table, never a FUSE mount.
+fn lock_uncovered(p: &Prepared) -> Result<OwnedFd, Refusal> {
+    use std::os::fd::AsRawFd;
+    let shown = p.dir.display();
+    let dot = CString::new(".").expect("no NUL");
+    let fd = unsafe {
+        libc::openat(
+            p.dir_fd.as_raw_fd(),
+            dot.as_ptr(),
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return refuse(format!("{shown}: {}", io::Error::last_os_error()));
+    }
+    // SAFETY: a descriptor just opened, owned by nothing else.
+    let lock: OwnedFd = unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) };
+    let deadline = std::time::Instant::now() + MOUNT_LOCK_WAIT;
+    while unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+            return refuse(format!("{shown}: locking it for the mount: {e}"));
+        }
+        if std::time::Instant::now() >= deadline {
+            return refuse(format!(
+                "{shown} stayed locked by another process for {} s (another imagecachefs \
+                 mounting it?); nothing mounted",
+                MOUNT_LOCK_WAIT.as_secs()
+            ));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", lock.as_raw_fd()))
+        .map_err(|e| Refusal(format!("{shown}: {e}")))?;
+    let ours = crate::procfs::parse_fdinfo(&info).mnt;
+    let table = std::fs::read_to_string("/proc/self/mountinfo")
+        .map_err(|e| Refusal(format!("/proc/self/mountinfo: {e}")))?;
+    let table = parse_mountinfo(&table);
+    let under = table.iter().find(|m| Some(m.id) == ours);
+    let at = mount_point(&p.dir);
+    let top = table.iter().rfind(|m| m.mount_point == at);
+    if under.is_some_and(|m| m.fstype == FSTYPE) || top.is_some_and(|m| m.fstype == FSTYPE) {
+        return refuse(format!("{shown} is already an imagecachefs mount"));
+    }
+    if let Some(top) = top.filter(|m| Some(m.id) != ours) {
+        return refuse(format!(
+            "{shown}: a {} filesystem was mounted over it meanwhile; nothing mounted",
+            top.fstype
+        ));
+    }
+    Ok(lock)
+}
+
 /// Mounts the FUSE connection over the directory itself.
 pub fn mount(p: &Prepared) -> Result<(), Refusal> {
     use std::os::fd::AsRawFd;
+    // Released (closed) once the mount is made or refused.
+    let _lock = lock_uncovered(p)?;
     let target = CString::new(p.dir.as_os_str().as_bytes()).expect("checked in prepare");
     let mut data = format!(
         "fd={},rootmode=40000,user_id=0,group_id=0,allow_other,default_permissions",

@@ -1,8 +1,8 @@
 //! Attempts to break the way operators install and mount imagecachefs (issue 14): the mount
-//! helper as util-linux `mount(8)` really runs it from an fstab entry. Each test is the
-//! reproduction of a way an operator's mount went wrong. The helper is put in `/sbin` of a
-//! private mount namespace only (an overlay), so the host is untouched; every daemon started
-//! there is unmounted, waited for, and killed if it lingers.
+//! helper as util-linux `mount(8)` really runs it from an fstab entry, and `--create-dir`
+//! mounts started together. Each test is the reproduction of a way an operator's mount went
+//! wrong. The helper is put in `/sbin` of a private mount namespace only (an overlay), so the
+//! host is untouched; every daemon started is unmounted, waited for, and killed if it lingers.
 
 mod common;
 
@@ -11,8 +11,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use common::Scratch;
-use common::{bin, detach, kill_daemons, mounts_at, on_path, run_timeout, wait_daemons_gone};
+use common::{
+    bin, daemon_pids, detach, kill_daemons, mounts_at, on_path, run_timeout, wait_daemons_gone,
+    Scratch,
+};
 
 const FSTYPE: &str = "fuse.imagecachefs";
 const HELPER: &str = "mount.fuse.imagecachefs";
@@ -126,5 +128,58 @@ fn fstab_ro_and_noatime_are_refused_with_one_line_and_mount_nothing() {
     }
     assert_eq!(err.lines().count(), 2, "nothing else said\n{ctx}");
     assert!(out.lines().any(|l| l == "== mounts 0"), "nothing mounted\n{ctx}");
+    drop(guard);
+}
+
+/// Reproduction: the systemd unit and an fstab `mount -a` (or two `mount --create-dir` runs)
+/// start at once for a missing `_base`. Both found the directory plain, and both mounted:
+/// two daemons stacked on one directory, the lower one never seeing the opens made through
+/// the upper one, free to evict images in use. Exactly one must mount; the other is refused
+/// with one line. The directory is made with the instances directory's owner and mode (Nova's
+/// uid 162, 0750) whichever wins.
+#[test]
+fn two_create_dir_mounts_at_once_mount_once() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let s = Scratch::new();
+    let instances = s.tmp.path();
+    std::os::unix::fs::chown(instances, Some(162), Some(162)).unwrap();
+    fs::set_permissions(instances, fs::Permissions::from_mode(0o750)).unwrap();
+    let guard = Cleanup(s.base.clone());
+    let start = || {
+        Command::new(bin())
+            .arg("mount")
+            .arg(&s.base)
+            .args(["--background", "--create-dir", "--log-file"])
+            .arg(s.path("daemons.log"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    for round in 0..20 {
+        fs::remove_dir(&s.base).unwrap();
+        let (a, b) = (start(), start());
+        let results: Vec<(bool, String)> = [a, b]
+            .into_iter()
+            .map(|c| {
+                let out = c.wait_with_output().unwrap();
+                (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+            })
+            .collect();
+        let ctx = format!("round {round}: {results:?}");
+        let mounted = mounts_at(&s.base).iter().filter(|t| *t == FSTYPE).count();
+        assert_eq!(mounted, 1, "one imagecachefs mount, not a stack\n{ctx}");
+        assert_eq!(results.iter().filter(|(ok, _)| *ok).count(), 1, "one mounted\n{ctx}");
+        let (_, refused) = results.iter().find(|(ok, _)| !ok).unwrap();
+        assert_eq!(refused.lines().count(), 1, "one line\n{ctx}");
+        assert!(refused.contains("already an imagecachefs mount"), "{ctx}");
+        let (code, _, err) =
+            run_timeout(Command::new(bin()).arg("unmount").arg(&s.base), Duration::from_secs(20));
+        assert_eq!(code, 0, "unmount: {err}\n{ctx}");
+        assert!(wait_daemons_gone(&s.base, Duration::from_secs(20)), "{ctx}");
+        assert!(daemon_pids(&s.base).is_empty(), "{ctx}");
+        let made = fs::metadata(&s.base).unwrap();
+        assert_eq!((made.uid(), made.gid(), made.mode() & 0o7777), (162, 162, 0o750), "{ctx}");
+    }
     drop(guard);
 }
