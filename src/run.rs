@@ -852,6 +852,7 @@ fn spawn_mount_watch(id: u64, cache: Arc<Cache>) {
             };
             while cache.owns_mount() {
                 if !present() {
+                    crate::exporter::let_go();
                     cache.lose_mount("the mount was detached");
                     return;
                 }

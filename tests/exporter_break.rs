@@ -149,3 +149,34 @@ fn a_mount_right_after_an_unmount_gets_the_port() {
     }
     drop(old);
 }
+
+/// As [`a_mount_right_after_an_unmount_gets_the_port`], the mount detached by someone else
+/// (`umount -l DIR`, by an operator or a script) and the next daemon started at once: the old
+/// daemon lets go of the port as soon as it sees its mount gone (its mount-table watch wakes
+/// at the change), not at its exporter's next check up to 200 ms later.
+#[test]
+fn a_mount_right_after_a_lazy_umount_gets_the_port() {
+    let s = Scratch::new();
+    let addr = free_port();
+    let listen = addr.to_string();
+    let mut old = Mount::new(&s.base, &["--metrics-listen", &listen]);
+    std::fs::write(s.base.join("swap_1"), b"x").unwrap();
+    for round in 0..3 {
+        let held = std::fs::File::open(s.base.join("swap_1")).unwrap();
+        let (code, _, err) = common::run_timeout(
+            common::tool("umount").arg("-l").arg(&s.base),
+            Duration::from_secs(20),
+        );
+        assert_eq!(code, 0, "round {round}: umount -l: {err}");
+        let new = Mount::new(&s.base, &["--metrics-listen", &listen]);
+        let got = ask(addr, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+        assert!(got.starts_with("HTTP/1.1 200 "), "round {round}: {got:.200}");
+        drop(held);
+        assert!(
+            old.wait_exit(Duration::from_secs(30)).is_some_and(|st| st.success()),
+            "round {round}: the old daemon exits once its file is closed"
+        );
+        old = new;
+    }
+    drop(old);
+}
