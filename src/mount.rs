@@ -193,7 +193,21 @@ pub fn prepare(dir: &Path) -> Result<Prepared, Refusal> {
     };
     let c = CString::new(abs.as_os_str().as_bytes()).map_err(|_| Refusal("bad path".into()))?;
     let dir_fd = backing::open_dir_path(&c).map_err(|e| Refusal(format!("{shown}: {e}")))?;
+    // Another daemon may have mounted since the probe: then the directory opened is its
+    // mount's root, which must be neither scanned nor covered.
+    if mount_of(dir_fd.as_fd()).is_some_and(|m| m.fstype == FSTYPE) {
+        return refuse(format!("{shown} is already an imagecachefs mount"));
+    }
     Ok(Prepared { dir: abs, dir_fd, dev, context: None })
+}
+
+/// The mount the descriptor `fd` is on, from the kernel's mount table (None if unreadable).
+fn mount_of(fd: std::os::fd::BorrowedFd<'_>) -> Option<MountInfo> {
+    use std::os::fd::AsRawFd;
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd())).ok()?;
+    let id = crate::procfs::parse_fdinfo(&info).mnt?;
+    let table = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    parse_mountinfo(&table).into_iter().find(|m| m.id == id)
 }
 
 /// How long a mount waits for another mount of the same directory that is under way.
