@@ -183,3 +183,38 @@ fn two_create_dir_mounts_at_once_mount_once() {
     }
     drop(guard);
 }
+
+/// Reproduction: `-o =x` (an option with a value but no name, as a typo in fstab makes it:
+/// `original_min_age=9,=86400`) was taken for an empty option and ignored: the mount went on
+/// without what the operator meant. It must be refused with one line, nothing mounted; an
+/// empty option (`,,`) stays nothing.
+#[test]
+fn an_option_without_a_name_is_refused_and_mounts_nothing() {
+    let s = Scratch::new();
+    let guard = Cleanup(s.base.clone());
+    let dir = s.base.to_str().unwrap();
+    let helper = |opts: &str| {
+        run_timeout(
+            Command::new(helper_script())
+                .args([dir, dir, "-o", opts])
+                .env("IMAGECACHEFS_BIN", bin()),
+            Duration::from_secs(30),
+        )
+    };
+    let (code, out, err) = helper("original_min_age=9,=86400");
+    let ctx = format!("exit {code}\nstdout: {out}\nstderr: {err}");
+    assert_eq!(code, 1, "{ctx}");
+    assert_eq!(err.lines().count(), 1, "one line\n{ctx}");
+    assert!(err.contains("unknown option =86400"), "{ctx}");
+    assert!(mounts_at(&s.base).is_empty(), "nothing mounted\n{ctx}");
+    assert!(daemon_pids(&s.base).is_empty(), "no daemon\n{ctx}");
+    // Empty options are still nothing: this one mounts.
+    let (code, out, err) = helper("original_min_age=9,,");
+    assert_eq!(code, 0, "exit {code}\nstdout: {out}\nstderr: {err}");
+    assert_eq!(mounts_at(&s.base).last().map(String::as_str), Some(FSTYPE));
+    let (code, _, err) =
+        run_timeout(Command::new(bin()).arg("unmount").arg(&s.base), Duration::from_secs(20));
+    assert_eq!(code, 0, "unmount: {err}");
+    assert!(wait_daemons_gone(&s.base, Duration::from_secs(20)), "the daemon exited");
+    drop(guard);
+}
