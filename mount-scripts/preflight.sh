@@ -179,7 +179,8 @@ fi
 # of that group (kolla and docker: a volume with :rslave or :rshared; Kubernetes:
 # mountPropagation HostToContainer or Bidirectional). A private copy keeps showing the covered
 # directory. Only the kernel's mount tables are read: nothing is stat'ed.
-# The mount holding $1, in the mountinfo file $2: "ID MAJ:MIN MOUNTPOINT OPTIONAL-FIELDS...".
+# The mount holding $1, in the mountinfo file $2:
+# "ID MAJ:MIN ROOT MOUNTPOINT OPTIONAL-FIELDS...".
 holding_mount() {
     awk -v want="${1// /\\040}" '
         { split($0, halves, " - "); n = split(halves[1], f, " ") }
@@ -187,14 +188,18 @@ holding_mount() {
             if (length(f[5]) >= best) {
                 best = length(f[5]); opt = ""
                 for (i = 7; i <= n; i++) opt = opt " " f[i]
-                line = f[1] " " f[3] " " f[5] opt
+                line = f[1] " " f[3] " " f[4] " " f[5] opt
             }
         }
         END { print line }
     ' "$2"
 }
 if [ "$dir_ok" -eq 1 ] || [ -d "${dir%/*}" ]; then
-    read -r _ host_dev host_mp host_opts <<<"$(holding_mount "$dir" /proc/self/mountinfo)"
+    read -r _ host_dev host_root host_mp host_opts <<<"$(holding_mount "$dir" /proc/self/mountinfo)"
+    # DIR as a path inside its filesystem (what a container's bind of it shows as its root).
+    rel=$dir
+    [ "$host_mp" = / ] || rel=${dir#"$host_mp"}
+    fs_path=${host_root%/}$rel
     group=
     for o in $host_opts; do
         case $o in shared:*) group=${o#shared:} ;; esac
@@ -212,18 +217,37 @@ if [ "$dir_ok" -eq 1 ] || [ -d "${dir%/*}" ]; then
         case $comm in nova-compute | libvirtd | virtqemud) ;; *) continue ;; esac
         ns=$(readlink "/proc/$pid/ns/mnt" 2>/dev/null) || continue
         [ "$ns" != "$own_ns" ] || continue
-        # Its mounts of DIR's filesystem, and whether any receives from our peer group.
-        found=$(awk -v dev="$host_dev" -v group="$group" '
-            { split($0, halves, " - "); n = split(halves[1], f, " ") }
-            f[3] == dev {
-                seen = 1
-                for (i = 7; i <= n; i++) if (group != "" && (f[i] == "master:" group || f[i] == "shared:" group)) gets = 1
+        # Where DIR shows in its namespace: every mount of DIR's filesystem whose root holds
+        # DIR, at the path where it shows it, if no other mount covers that path there. Each
+        # such view must receive from our peer group; one that does not keeps the covered
+        # directory (another view receiving, such as a second volume of the same disk, does not
+        # help the processes that use this one).
+        found=$(awk -v dev="$host_dev" -v group="$group" -v want="${fs_path// /\\040}" '
+            { split($0, halves, " - "); n = split(halves[1], f, " ")
+              m++; mp[m] = f[5]; dv[m] = f[3]; rt[m] = f[4]; gets[m] = 0
+              for (i = 7; i <= n; i++) if (group != "" && (f[i] == "master:" group || f[i] == "shared:" group)) gets[m] = 1 }
+            function under(p, top) { return top == "/" || p == top || index(p, top "/") == 1 }
+            END {
+                verdict = "none"
+                for (c = 1; c <= m; c++) {
+                    if (dv[c] != dev || !under(want, rt[c])) continue
+                    rest = (rt[c] == "/") ? want : substr(want, length(rt[c]) + 1)
+                    at = (mp[c] == "/") ? rest : mp[c] rest
+                    if (at == "") at = "/"
+                    # The mount that path resolves to: the deepest mount point over it, the
+                    # last mounted of equals.
+                    best = 0
+                    for (o = 1; o <= m; o++) if (under(at, mp[o]) && (best == 0 || length(mp[o]) >= length(mp[best]))) best = o
+                    if (best != c) continue
+                    if (gets[c]) { if (verdict == "none") verdict = "receives" }
+                    else { verdict = "private " at; break }
+                }
+                print verdict
             }
-            END { print (gets ? "receives" : (seen ? "private" : "none")) }
         ' "/proc/$pid/mountinfo" 2>/dev/null) || continue
         case $found in
             receives) ok "pid $pid ($comm) in another mount namespace receives mounts from $host_mp (rslave or rshared)" ;;
-            private) fail "pid $pid ($comm) is in a mount namespace whose copy of $host_mp does not receive mounts (private propagation): it would keep seeing the covered $dir; recreate its container with the volume rslave or rshared (OPERATIONS.md, Nova in containers)" ;;
+            private\ *) fail "pid $pid ($comm) is in a mount namespace whose view of $dir (at ${found#private }) does not receive mounts (private propagation): it would keep seeing the covered $dir; recreate its container with the volume rslave or rshared (OPERATIONS.md, Nova in containers)" ;;
             none) note "pid $pid ($comm) is in another mount namespace without $host_mp's filesystem: not checked" ;;
         esac
     done

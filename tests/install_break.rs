@@ -218,3 +218,97 @@ fn an_option_without_a_name_is_refused_and_mounts_nothing() {
     assert!(wait_daemons_gone(&s.base, Duration::from_secs(20)), "the daemon exited");
     drop(guard);
 }
+
+/// The instances directory bind-mounted shared on the host (a compute node's
+/// `/var/lib/nova`), undone on drop.
+struct SharedBind(PathBuf);
+
+impl SharedBind {
+    fn new(dir: &Path) -> Self {
+        use std::os::unix::ffi::OsStrExt;
+        let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).unwrap();
+        let rc = unsafe {
+            libc::mount(c.as_ptr(), c.as_ptr(), std::ptr::null(), libc::MS_BIND, std::ptr::null())
+        };
+        assert_eq!(rc, 0, "bind {dir:?}: {}", std::io::Error::last_os_error());
+        let bound = SharedBind(dir.to_path_buf());
+        let rc = unsafe {
+            libc::mount(
+                std::ptr::null(),
+                c.as_ptr(),
+                std::ptr::null(),
+                libc::MS_SHARED,
+                std::ptr::null(),
+            )
+        };
+        assert_eq!(rc, 0, "make {dir:?} shared: {}", std::io::Error::last_os_error());
+        bound
+    }
+}
+
+impl Drop for SharedBind {
+    fn drop(&mut self) {
+        detach(&self.0);
+    }
+}
+
+/// Reproduction: a nova-compute "container" (a mount namespace made with slave propagation,
+/// as an OpenStack-Helm pod with one volume HostToContainer) whose volume for the instances
+/// directory is private, while another mount of the same disk in it receives from the host.
+/// preflight.sh said "ok ... receives mounts" because some mount of the disk received, yet
+/// nova-compute, looking through its private volume, keeps seeing the covered directory. It
+/// must FAIL naming the view that does not receive.
+#[test]
+fn preflight_fails_a_private_volume_even_when_another_mount_of_the_disk_receives() {
+    require("unshare", "util-linux");
+    common::require_fuse();
+    let s = Scratch::new();
+    let shared = SharedBind::new(s.tmp.path());
+    let view = tempfile::Builder::new().prefix("icfs-test-ctr").tempdir().unwrap();
+    let nova_compute = s.path("nova-compute");
+    let sleep = ["/usr/bin/sleep", "/bin/sleep"].into_iter().find(|p| Path::new(p).exists());
+    fs::copy(sleep.expect("this test needs /usr/bin/sleep (coreutils)"), &nova_compute).unwrap();
+    // The volume is a private bind; the namespace's copy of the host's shared bind (at the
+    // host's path) stays a slave that receives.
+    let script =
+        r#"mount --bind "$1" "$2" && mount --make-private "$2" && echo ready && exec "$3" 60"#;
+    let mut ctr = common::Proc::spawn(
+        common::tool("unshare")
+            .args(["--mount", "--propagation", "slave", "--", "bash", "-c", script])
+            .arg("ctr")
+            .arg(s.tmp.path())
+            .arg(view.path())
+            .arg(&nova_compute),
+    );
+    ctr.wait_line("ready");
+    let pid = ctr.pid();
+    common::wait_until(Duration::from_secs(10), "the exec of nova-compute", || {
+        let comm = fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+        (comm.trim() == "nova-compute").then_some(())
+    });
+    let preflight = Path::new(env!("CARGO_MANIFEST_DIR")).join("mount-scripts/preflight.sh");
+    let (code, out, err) = run_timeout(
+        Command::new(preflight).arg("--cache-dir").arg(&s.base).env("IMAGECACHEFS_BIN", bin()),
+        Duration::from_secs(60),
+    );
+    let ctx = format!("preflight: exit {code}\nstdout: {out}\nstderr: {err}");
+    let line = out
+        .lines()
+        .find(|l| l.contains(&format!("pid {pid} (nova-compute)")))
+        .unwrap_or_else(|| panic!("the container is named\n{ctx}"));
+    assert!(line.starts_with("FAIL") && line.contains("private propagation"), "{line}\n{ctx}");
+    assert!(line.contains(view.path().to_str().unwrap()), "names the view\n{ctx}");
+    assert_eq!(code, 1, "{ctx}");
+
+    // What preflight warns of: the mount does not reach the container's volume.
+    let m = common::Mount::new(&s.base, &[]);
+    let inside = PathBuf::from(format!("/proc/{pid}/root"))
+        .join(view.path().join("_base/.imagecache/status").strip_prefix("/").unwrap());
+    assert!(s.base.join(".imagecache/status").exists(), "the host sees the mount");
+    let covered = inside.parent().and_then(Path::parent).unwrap();
+    assert!(covered.is_dir(), "{covered:?}: the container sees the directory");
+    assert!(!inside.exists(), "the container's volume keeps the covered directory");
+    drop(m);
+    ctr.kill();
+    drop(shared);
+}
