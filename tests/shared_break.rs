@@ -1,0 +1,157 @@
+//! Attempts to break `--shared` on a real mount (issue 13): hand-made damage to the lock
+//! directory, server restarts while holding a shared lock. As in `tests/shared.rs`, one
+//! daemon over `<tmp>/instances/_base` with `--storage shared --shared` stands for one host,
+//! and this test process, taking OFD locks on the covered lock files through the bind mount
+//! made before the overlay, stands for "another host". Every wait has a deadline.
+
+mod common;
+mod nova;
+
+use std::ffi::CString;
+use std::fs::{self, File};
+use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::wait_until;
+use nova::*;
+
+/// The quarantine the daemons here run with, seconds.
+const QUARANTINE: u64 = 3;
+
+const LOCK_DIR: &str = ".imagecachefs.locks";
+
+fn shared_mount(n: &Nova) -> common::Mount {
+    n.mount(
+        (LONG, LONG, LONG),
+        &["--storage", "shared", "--shared", "--shared-quarantine", &QUARANTINE.to_string()],
+    )
+}
+
+fn lock_path(n: &Nova, name: &str) -> PathBuf {
+    n.covered.target.join(LOCK_DIR).join(name)
+}
+
+fn flock(kind: i32) -> libc::flock {
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = kind as libc::c_short;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    fl.l_len = 1;
+    fl
+}
+
+/// The lock type someone else holds on byte 0 of `path` (`F_UNLCK`: none; `None`: no file).
+fn lock_held(path: &Path) -> Option<i32> {
+    let f = File::open(path).ok()?;
+    let mut fl = flock(libc::F_WRLCK);
+    let rc = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_OFD_GETLK, &mut fl) };
+    assert_eq!(rc, 0, "F_OFD_GETLK on {path:?}: {}", std::io::Error::last_os_error());
+    Some(fl.l_type as i32)
+}
+
+fn mkfifo(path: &Path) {
+    let c = CString::new(path.as_os_str().as_bytes()).unwrap();
+    let rc = unsafe { libc::mkfifo(c.as_ptr(), 0o600) };
+    assert_eq!(rc, 0, "mkfifo {path:?}: {}", std::io::Error::last_os_error());
+}
+
+/// A FIFO where a lock file belongs (made by hand, or by a broken tool on another host) must
+/// not stall the lock keeper: the sweep opening it for reading would wait for a writer for
+/// ever, and from then on no lock is taken or tested on this host — every first open waits
+/// the full 2 s and goes ahead unprotected, and other hosts may evict what it uses.
+#[test]
+fn a_fifo_in_place_of_a_lock_file_does_not_stall_the_keeper() {
+    let n = Nova::new();
+    write_file(&n.at(H1), &pseudo_random(4096, 1));
+    write_file(&n.at(H2), &pseudo_random(4096, 2));
+    fs::DirBuilder::new().mode(0o700).create(n.covered.target.join(LOCK_DIR)).unwrap();
+    mkfifo(&lock_path(&n, H2));
+    let m = shared_mount(&n);
+
+    // A whole sweep ran: H1's status knows whether another host holds it.
+    wait_until(Duration::from_secs(15), "a sweep past the FIFO", || {
+        (n.field(H1, "other_node_holds") == "no").then_some(())
+    });
+    let t = Instant::now();
+    let reader = File::open(n.at(H1)).unwrap();
+    let took = t.elapsed();
+    assert_eq!(
+        lock_held(&lock_path(&n, H1)),
+        Some(libc::F_RDLCK),
+        "the open was answered without its shared lock (took {took:?})\n{}",
+        m.log_text()
+    );
+    drop(reader);
+    // The FIFO is left alone, and so is the file it stands for.
+    let meta = fs::symlink_metadata(lock_path(&n, H2)).unwrap();
+    assert!(std::os::unix::fs::FileTypeExt::is_fifo(&meta.file_type()));
+    assert!(n.real(H2).is_file());
+    drop(m);
+}
+
+/// The lock directory removed by hand (`rm -rf`) while a file is used here: the host must
+/// take its shared lock again in a lock directory another host can see. Before, it kept
+/// working in the removed directory, could create no lock file there, and another host
+/// (which makes the directory again) saw no lock at all: after the quarantine it evicts a
+/// file this host's VMs use.
+#[test]
+fn a_removed_lock_directory_is_made_again_and_the_lock_retaken() {
+    let n = Nova::new();
+    write_file(&n.at(H1), &pseudo_random(4096, 1));
+    let m = shared_mount(&n);
+    let reader = File::open(n.at(H1)).unwrap();
+    assert_eq!(lock_held(&lock_path(&n, H1)), Some(libc::F_RDLCK));
+
+    fs::remove_dir_all(n.covered.target.join(LOCK_DIR)).unwrap();
+    // Within a sweep or two (a tenth of the quarantine, 1 s at least), well inside the
+    // quarantine another host would have to wait out.
+    let deadline = Duration::from_secs(QUARANTINE * 3);
+    let t = Instant::now();
+    while t.elapsed() < deadline && lock_held(&lock_path(&n, H1)) != Some(libc::F_RDLCK) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        lock_held(&lock_path(&n, H1)),
+        Some(libc::F_RDLCK),
+        "no shared lock on {H1} {deadline:?} after its lock directory was removed\n{}",
+        m.log_text()
+    );
+    drop(reader);
+    drop(m);
+}
+
+/// The server SIGKILLed while a file is open through the mount (its shared lock goes with
+/// the dead process): the new server takes the lock again, well inside the quarantine that
+/// another host would have to wait out before it could evict the file.
+#[test]
+fn a_restarted_server_retakes_the_shared_lock_inside_the_quarantine() {
+    let n = Nova::new();
+    write_file(&n.at(H1), &pseudo_random(4096, 1));
+    let m = shared_mount(&n);
+    let reader = File::open(n.at(H1)).unwrap();
+    assert_eq!(lock_held(&lock_path(&n, H1)), Some(libc::F_RDLCK));
+    let killed = Instant::now();
+    m.kill_server();
+    let q = Duration::from_secs(QUARANTINE);
+    let mut unlocked_seen = false;
+    while killed.elapsed() < q * 3 && lock_held(&lock_path(&n, H1)) != Some(libc::F_RDLCK) {
+        unlocked_seen = true;
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let gap = killed.elapsed();
+    assert_eq!(
+        lock_held(&lock_path(&n, H1)),
+        Some(libc::F_RDLCK),
+        "the new server never took the lock again\n{}",
+        m.log_text()
+    );
+    assert!(gap < q, "unlocked for {gap:?} (seen unlocked: {unlocked_seen}), quarantine {q:?}");
+    // The file stays (thresholds are long) and is still readable through the held handle.
+    let mut buf = [0u8; 16];
+    let r = std::os::unix::fs::FileExt::read_at(&reader, &mut buf, 0).unwrap();
+    assert_eq!(r, 16);
+    drop(reader);
+    drop(m);
+}
