@@ -412,6 +412,8 @@ fn linked(file: &File) -> io::Result<()> {
 
 /// OFD locks on `.imagecachefs.locks/NAME`, one descriptor per held lock.
 pub struct OfdLocks {
+    /// The covered root, to find the lock directory again if it is removed or replaced.
+    root: OwnedFd,
     dir: OwnedFd,
     shared: HashMap<OsString, File>,
     exclusive: HashMap<OsString, File>,
@@ -420,28 +422,60 @@ pub struct OfdLocks {
 impl OfdLocks {
     /// Opens (creating it if needed) the lock directory under the covered root `root`.
     pub fn open(root: BorrowedFd<'_>) -> io::Result<Self> {
-        Ok(OfdLocks { dir: lock_dir(root)?, shared: HashMap::new(), exclusive: HashMap::new() })
+        Ok(OfdLocks {
+            root: root.try_clone_to_owned()?,
+            dir: lock_dir(root)?,
+            shared: HashMap::new(),
+            exclusive: HashMap::new(),
+        })
+    }
+
+    /// The lock directory, opened again (made again if missing) when the one held was
+    /// removed or replaced by hand: otherwise this host would lock files in a directory no
+    /// other host sees, and they would evict what it uses.
+    fn dir(&mut self) -> io::Result<BorrowedFd<'_>> {
+        let held = backing::stat(self.dir.as_fd())?;
+        let current = match backing::open_path_at(self.root.as_fd(), OsStr::new(LOCK_DIR)) {
+            Ok(fd) => Some(backing::stat(fd.as_fd())?),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => None,
+            Err(e) => return Err(e),
+        };
+        if current.is_none_or(|c| (c.dev, c.ino) != (held.dev, held.ino)) {
+            warn!("{LOCK_DIR} was removed or replaced: using the one in the cache directory now");
+            self.dir = lock_dir(self.root.as_fd())?;
+        }
+        Ok(self.dir.as_fd())
     }
 
     /// Opens `name`'s lock file, creating it with the epoch as mtime: its mtime is the last
-    /// release on any host, and a creation is no use.
-    fn open_lock(&self, name: &OsStr) -> io::Result<File> {
-        match backing::create_at(self.dir.as_fd(), name, libc::O_RDWR | libc::O_EXCL, 0o600) {
-            Ok(f) => {
-                let epoch = Some(backing::SetTime::At(SystemTime::UNIX_EPOCH));
-                backing::set_times(f.as_fd(), None, epoch)?;
-                Ok(f)
+    /// release on any host, and a creation is no use. Never blocks on something other than
+    /// a regular file (a FIFO put there by hand): that is an error.
+    fn open_lock(&mut self, name: &OsStr) -> io::Result<File> {
+        let dir = self.dir()?;
+        // A lock file unlinked by another host's eviction between our create and our open
+        // is created again (twice at most).
+        for _ in 0..3 {
+            match backing::create_at(dir, name, libc::O_RDWR | libc::O_EXCL, 0o600) {
+                Ok(f) => {
+                    let epoch = Some(backing::SetTime::At(SystemTime::UNIX_EPOCH));
+                    backing::set_times(f.as_fd(), None, epoch)?;
+                    return Ok(f);
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
+                Err(e) => return Err(e),
             }
-            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
-                backing::open_at(self.dir.as_fd(), name, libc::O_RDWR)
+            match backing::open_at(dir, name, libc::O_RDWR | libc::O_NONBLOCK) {
+                Ok(f) => return regular(f),
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(e) => return Err(e),
             }
-            Err(e) => Err(e),
         }
+        Err(io::Error::new(io::ErrorKind::NotFound, "lock file removed again and again"))
     }
 
     /// Opens `name`'s lock file and takes `kind` on it; a lock file unlinked by another
     /// host's eviction between the open and the lock is opened again (twice at most).
-    fn lock(&self, name: &OsStr, kind: libc::c_short) -> io::Result<(Try, Option<File>)> {
+    fn lock(&mut self, name: &OsStr, kind: libc::c_short) -> io::Result<(Try, Option<File>)> {
         for _ in 0..3 {
             let file = self.open_lock(name)?;
             match ofd_set(file.as_fd(), kind)? {
@@ -453,6 +487,15 @@ impl OfdLocks {
             }
         }
         Err(io::Error::new(io::ErrorKind::NotFound, "lock file removed again and again"))
+    }
+}
+
+/// `file` if it is a regular file; a lock file of any other type was not made by us.
+fn regular(file: File) -> io::Result<File> {
+    if backing::stat(file.as_fd())?.is_file() {
+        Ok(file)
+    } else {
+        Err(io::Error::new(io::ErrorKind::InvalidData, "lock file is not a regular file"))
     }
 }
 
@@ -472,6 +515,20 @@ fn lock_dir(root: BorrowedFd<'_>) -> io::Result<OwnedFd> {
         ));
     }
     Ok(dir)
+}
+
+impl OfdLocks {
+    /// Unlinks `name`'s lock file if it is still `file` (the lock directory may have been
+    /// replaced since the lock was taken: never remove another lock file of that name).
+    fn remove_lock_file(&mut self, name: &OsStr, file: &File) -> io::Result<()> {
+        let ours = backing::stat(file.as_fd())?;
+        let dir = self.dir()?;
+        let there = backing::stat(backing::open_path_at(dir, name)?.as_fd())?;
+        if (there.dev, there.ino) != (ours.dev, ours.ino) {
+            return Ok(());
+        }
+        backing::unlink_at(dir, name, false)
+    }
 }
 
 impl LockBackend for OfdLocks {
@@ -528,8 +585,7 @@ impl LockBackend for OfdLocks {
         let Some(file) = self.exclusive.remove(name) else { return Ok(()) };
         // Unlinked while still locked: a host that opens the old lock file meanwhile finds
         // it unlinked once it has its lock, and opens the new one.
-        let removed =
-            if remove { backing::unlink_at(self.dir.as_fd(), name, false) } else { Ok(()) };
+        let removed = if remove { self.remove_lock_file(name, &file) } else { Ok(()) };
         let unlocked = ofd_set(file.as_fd(), libc::F_UNLCK as libc::c_short).map(drop);
         drop(file);
         removed.and(unlocked)
@@ -540,8 +596,9 @@ impl LockBackend for OfdLocks {
         if let Some(file) = self.shared.get(name) {
             return ofd_test(file.as_fd());
         }
-        let file = match backing::open_at(self.dir.as_fd(), name, libc::O_RDONLY) {
-            Ok(f) => f,
+        let dir = self.dir()?;
+        let file = match backing::open_at(dir, name, libc::O_RDONLY | libc::O_NONBLOCK) {
+            Ok(f) => regular(f)?,
             // No lock file: nobody has ever locked it.
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(false),
             Err(e) => return Err(e),
@@ -550,7 +607,7 @@ impl LockBackend for OfdLocks {
     }
 
     fn last_release(&mut self, name: &OsStr) -> io::Result<Option<SystemTime>> {
-        match backing::open_path_at(self.dir.as_fd(), name) {
+        match backing::open_path_at(self.dir()?, name) {
             Ok(fd) => Ok(Some(backing::stat(fd.as_fd())?.mtime)),
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
             Err(e) => Err(e),
