@@ -155,3 +155,56 @@ fn a_restarted_server_retakes_the_shared_lock_inside_the_quarantine() {
     drop(reader);
     drop(m);
 }
+
+/// A regular file put where the lock directory belongs while mounted: no host can lock
+/// anything, so nothing is evicted (whatever its age), and opens still work (unprotected,
+/// logged). (At start, the same damage refuses `--shared` with one line.)
+#[test]
+fn a_file_in_place_of_the_lock_directory_keeps_everything() {
+    let n = Nova::new();
+    write_file(&n.at(H1), &pseudo_random(4096, 1));
+    write_file(&n.at(H2), &pseudo_random(4096, 2));
+    // Thresholds of 1 s: both would go once the quarantine (counted from the mount) ends.
+    let m = n.mount(
+        ("1", "1", "1"),
+        &["--storage", "shared", "--shared", "--shared-quarantine", &QUARANTINE.to_string()],
+    );
+    fs::remove_dir_all(n.covered.target.join(LOCK_DIR)).unwrap();
+    fs::write(n.covered.target.join(LOCK_DIR), b"not a directory").unwrap();
+    let reader = File::open(n.at(H1));
+    assert!(reader.is_ok(), "{reader:?}\n{}", m.log_text());
+    drop(reader);
+    n.stays(&m, H2, Duration::from_secs(QUARANTINE * 3), "no lock can be taken");
+    assert!(n.real(H1).is_file(), "{}", m.log_text());
+    assert!(n.covered.target.join(LOCK_DIR).is_file(), "left as it was");
+    drop(m);
+}
+
+/// A file used here and renamed behind the mount (by another host): this host must hold its
+/// lock under the new name, or another host finds the new name unlocked and, after the
+/// quarantine, evicts a file this host's VMs use.
+#[test]
+fn a_file_renamed_behind_the_mount_keeps_its_lock_under_the_new_name() {
+    let n = Nova::new();
+    write_file(&n.at(H1), &pseudo_random(4096, 1));
+    let m = shared_mount(&n);
+    let reader = File::open(n.at(H1)).unwrap();
+    assert_eq!(lock_held(&lock_path(&n, H1)), Some(libc::F_RDLCK));
+    fs::rename(n.real(H1), n.real(H2)).unwrap();
+    let deadline = Duration::from_secs(QUARANTINE * 3);
+    let t = Instant::now();
+    while t.elapsed() < deadline && lock_held(&lock_path(&n, H2)) != Some(libc::F_RDLCK) {
+        // Nova on this host looks at the directory now and then.
+        let _ = fs::read_dir(&n.dir).map(|d| d.count());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        lock_held(&lock_path(&n, H2)),
+        Some(libc::F_RDLCK),
+        "{H1} renamed to {H2} behind the mount while open: no shared lock under the new name \
+         after {deadline:?}\n{}",
+        m.log_text()
+    );
+    drop(reader);
+    drop(m);
+}
