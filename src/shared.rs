@@ -11,8 +11,9 @@
 //!   the file stays;
 //! - a file is evicted only once it has been seen free of locks (every sweep, and at the
 //!   eviction) for the quarantine, counted from the first free sighting or from the lock
-//!   file's mtime, which each host sets to now when its last reference goes: a host that
-//!   lost its lock in a partition is not undercut the moment its lease lapses;
+//!   file's mtime, which each host sets to now when it takes its shared lock and when its
+//!   last reference goes: a host that lost its lock in a partition (or with a server killed
+//!   and replaced) is not undercut the moment its lease lapses;
 //! - the age threshold counts from the last use on any host (that mtime).
 //!
 //! Lock calls can block for as long as the filesystem wants (a CephFS non-blocking lock was
@@ -538,6 +539,12 @@ impl LockBackend for OfdLocks {
         }
         let (t, file) = self.lock(name, libc::F_RDLCK as libc::c_short)?;
         if let Some(f) = file {
+            // A use starts now, for every host: one that saw the file free before (and
+            // never saw this lock) counts its quarantine again from here, so losing this
+            // lock before its next look (this server killed and replaced) is covered.
+            if let Err(e) = backing::set_times(f.as_fd(), None, Some(backing::SetTime::Now)) {
+                warn!("{}: stamping the lock file's mtime: {e}", shown(name));
+            }
             self.shared.insert(name.to_owned(), f);
         }
         Ok(t)
@@ -1121,7 +1128,13 @@ pub mod fake {
             if let Some(e) = self.faults.lock().share {
                 return Err(errno(e));
             }
-            Ok(self.take(name, false))
+            let taken = self.take(name, false);
+            if taken == Try::Taken {
+                let mut t = self.table.lock();
+                let now = t.now;
+                t.files.insert(name.to_owned(), now);
+            }
+            Ok(taken)
         }
         fn unshare(&mut self, name: &OsStr, used: bool) -> io::Result<()> {
             self.drop_lock(name, false);
@@ -1269,6 +1282,24 @@ mod tests {
         b.finish(OsStr::new("x"), true);
         assert!(!c.exclusive_held("x"));
         assert!(!c.table.lock().files.contains_key(OsStr::new("x")), "lock file removed");
+    }
+
+    #[test]
+    fn a_lock_lost_before_another_hosts_next_look_still_restarts_its_quarantine() {
+        let mut c = Cluster::new(t(0));
+        let (mut a, mut b) = (c.host(Q), c.host(Q));
+        let x = [n("x")];
+        // B has seen the file free for longer than the quarantine.
+        b.sweep(&x, t(0));
+        // A opens it, and its server is killed before B looks again: the lock manager
+        // drops the dead process's lock, and nothing was released (no stamp at release).
+        c.at(t(0) + Q * 2);
+        a.sync(&set(&["x"]));
+        c.table.lock().locks.clear();
+        // B's evictor comes in the gap before A's new server takes the lock again.
+        let g = b.gate(OsStr::new("x"), t(1) + Q * 2);
+        assert_eq!(g, Gate::Quarantine { until: t(0) + Q * 3 }, "{g:?}");
+        assert!(!c.exclusive_held("x"));
     }
 
     #[test]
@@ -1444,10 +1475,16 @@ mod tests {
             (OfdLocks::open(root.as_fd()).unwrap(), OfdLocks::open(root.as_fd()).unwrap());
         let x = OsStr::new("x");
         assert!(!b.held_elsewhere(x).unwrap(), "no lock file yet");
+        let z = OsStr::new("z");
+        assert_eq!(b.exclusive(z).unwrap(), Try::Taken);
+        let created = b.last_release(z).unwrap();
+        assert_eq!(created, Some(SystemTime::UNIX_EPOCH), "a creation is no use");
+        b.unexclusive(z, true).unwrap();
+        let before = SystemTime::now() - Duration::from_secs(1);
         assert_eq!(a.share(x).unwrap(), Try::Taken);
         assert!(!a.held_elsewhere(x).unwrap(), "its own lock is nobody else's");
-        let created = b.last_release(x).unwrap();
-        assert_eq!(created, Some(SystemTime::UNIX_EPOCH), "a creation is no use");
+        let taken = b.last_release(x).unwrap().unwrap();
+        assert!(taken >= before, "a shared lock taken is a use: {taken:?}");
         assert!(b.held_elsewhere(x).unwrap());
         assert!(!a.held_elsewhere(OsStr::new("y")).unwrap());
         assert_eq!(b.exclusive(x).unwrap(), Try::Busy);
