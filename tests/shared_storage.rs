@@ -661,3 +661,34 @@ fn a_stalled_client_on_the_evicting_node_hangs_no_status_read() {
     drop(mb);
     drop(ma);
 }
+
+/// Node b's GlusterFS client stopped: `metrics` through b's mount must answer too (a
+/// monitoring scrape must not take a FUSE worker for as long as the storage hangs: two
+/// scrapes would take them all). It used to `statvfs` the storage on the FUSE worker.
+#[test]
+fn metrics_answer_while_the_client_is_stalled() {
+    let c = Cluster::new(Options::default());
+    let mb = mount(&c.b, &evictor(3));
+    let dir = fs::File::open(c.b.base.join(".imagecache")).unwrap();
+    let metrics = std::path::PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd()));
+    let metrics = metrics.join("metrics");
+    let text = read_within(metrics.clone(), Duration::from_secs(5)).unwrap().unwrap();
+    assert!(text.contains("imagecachefs_"), "{text}");
+    let pid = c.b.client_pid().expect("node b's client runs");
+    let resume = Resume(pid);
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGSTOP) }, 0);
+    let limit = Duration::from_secs(2);
+    for round in 0..3 {
+        match read_within(metrics.clone(), limit) {
+            Some(Ok(t)) => assert!(t.contains("imagecachefs_"), "{t}"),
+            Some(Err(e)) => panic!("reading node b's metrics: {e}"),
+            None => panic!(
+                "node b's metrics did not answer within {limit:?} (read {round}) while its \
+                 client was stopped\n{}",
+                mb.log_text()
+            ),
+        }
+    }
+    drop(resume);
+    drop(mb);
+}
