@@ -509,10 +509,23 @@ fn lock_dir(root: BorrowedFd<'_>) -> io::Result<OwnedFd> {
         Err(e) => return Err(e),
     }
     let dir = backing::open_path_at(root, OsStr::new(LOCK_DIR))?;
-    if !backing::stat(dir.as_fd())?.is_dir() {
+    let st = backing::stat(dir.as_fd())?;
+    if !st.is_dir() {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
             format!("{LOCK_DIR} is not a directory"),
+        ));
+    }
+    // Anyone who can write there can remove, replace or hold lock files: make every open
+    // on every host fail, or protect nothing. (Its owner is not checked: root squashed on
+    // NFS makes it nobody's.)
+    if st.mode & 0o022 != 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "{LOCK_DIR} is writable by other users (mode {:o}): chmod 700 it",
+                st.mode & 0o7777
+            ),
         ));
     }
     Ok(dir)

@@ -256,3 +256,65 @@ fn a_server_restart_with_a_zero_quarantine_leaves_an_open_file_unlocked() {
     drop(reader);
     drop(m);
 }
+
+/// A lock directory that other users can write to (made by hand beforehand, mode 777): any
+/// local user could remove, replace or hold its lock files. `--shared` is refused with one
+/// line naming it, and nothing is changed.
+#[test]
+fn a_lock_directory_writable_by_others_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let n = Nova::new();
+    write_file(&n.at(H1), &pseudo_random(4096, 1));
+    let dir = n.covered.target.join(LOCK_DIR);
+    fs::create_dir(&dir).unwrap();
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o777)).unwrap();
+    let (code, _, err) = common::run_timeout(
+        std::process::Command::new(common::bin()).arg("mount").arg(&n.dir).args([
+            "--storage",
+            "shared",
+            "--shared",
+        ]),
+        Duration::from_secs(20),
+    );
+    assert_ne!(code, 0, "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains(LOCK_DIR) && err.contains("writable by other users"), "{err}");
+    assert!(!common::is_fuse(&n.dir), "nothing is mounted");
+    let mode = fs::metadata(&dir).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o777, "left as it was");
+}
+
+/// A cache file with a name of 250 bytes, the longest Nova can lock (its lock file is
+/// `locks/nova-NAME`; past 250 bytes that name is too long, and the file is kept for good as
+/// Nova's lock cannot be taken): its cluster lock file has the same name, it is locked while
+/// open, and evicted with its lock file once idle past the quarantine.
+#[test]
+fn a_250_byte_name_is_locked_and_evicted_with_its_lock_file() {
+    // A legacy resized copy's name (`<sha1>_<anything>`), stretched to 250 bytes.
+    let name = format!("{H1}_{}", "m".repeat(250 - 41));
+    assert_eq!(name.len(), 250);
+    let n = Nova::new();
+    write_file(&n.at(&name), &pseudo_random(4096, 1));
+    let m = n.mount(
+        ("1", "1", "1"),
+        &["--storage", "shared", "--shared", "--shared-quarantine", &QUARANTINE.to_string()],
+    );
+    let reader = File::open(n.at(&name)).unwrap();
+    assert_eq!(lock_held(&lock_path(&n, &name)), Some(libc::F_RDLCK), "{}", m.log_text());
+    n.stays(&m, &name, Duration::from_secs(QUARANTINE + 1), "it is open");
+    drop(reader);
+    let deadline = Duration::from_secs(QUARANTINE * 10);
+    let t = Instant::now();
+    while t.elapsed() < deadline && !n.gone_from_covered(&name) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        n.gone_from_covered(&name),
+        "not evicted within {deadline:?}\nstatus:\n{}\nevents:\n{}\n{}",
+        n.status(&name).unwrap_or_default(),
+        n.events(),
+        m.log_text()
+    );
+    assert!(lock_held(&lock_path(&n, &name)).is_none(), "its lock file went with it");
+    drop(m);
+}
