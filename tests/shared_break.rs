@@ -318,3 +318,29 @@ fn a_250_byte_name_is_locked_and_evicted_with_its_lock_file() {
     assert!(lock_held(&lock_path(&n, &name)).is_none(), "its lock file went with it");
     drop(m);
 }
+
+/// A pin on this host is a use every other host must see: the file's shared lock is held
+/// while it is pinned (no handle open), taken again by a server that replaced a killed one,
+/// and dropped at the unpin.
+#[test]
+fn a_pin_holds_the_shared_lock_across_a_server_restart() {
+    let n = Nova::new();
+    write_file(&n.at(H1), &pseudo_random(4096, 1));
+    let m = shared_mount(&n);
+    let (code, out, err) = icfs(&["pin"], &n.dir, H1);
+    assert_eq!(code, 0, "{out}{err}");
+    let lock = lock_path(&n, H1);
+    wait_until(Duration::from_secs(10), "the pinned file's lock", || {
+        (lock_held(&lock) == Some(libc::F_RDLCK)).then_some(())
+    });
+    m.kill_server();
+    wait_until(Duration::from_secs(QUARANTINE), "the pinned file's lock after a restart", || {
+        (lock_held(&lock) == Some(libc::F_RDLCK)).then_some(())
+    });
+    let (code, out, err) = icfs(&["unpin"], &n.dir, H1);
+    assert_eq!(code, 0, "{out}{err}");
+    wait_until(Duration::from_secs(10), "the lock dropped at the unpin", || {
+        (lock_held(&lock) == Some(libc::F_UNLCK)).then_some(())
+    });
+    drop(m);
+}
