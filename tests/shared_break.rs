@@ -344,3 +344,34 @@ fn a_pin_holds_the_shared_lock_across_a_server_restart() {
     });
     drop(m);
 }
+
+/// A stopped instance's disk naming a base is a use this host must keep announcing after its
+/// server is killed and replaced: the new server reads the instance disks again and takes the
+/// lock back inside the quarantine.
+#[test]
+fn a_stopped_instances_base_is_locked_again_after_a_server_restart() {
+    common::require_tool("qemu-img");
+    let n = Nova::new();
+    write_file(&n.at(H3), &pseudo_random(65536, 3));
+    common::overlay(&n.instances.join(INSTANCE).join("disk"), &n.at(H3));
+    let m = n.mount(
+        (LONG, "1", LONG),
+        &["--storage", "shared", "--shared", "--shared-quarantine", &QUARANTINE.to_string()],
+    );
+    let lock = lock_path(&n, H3);
+    wait_until(Duration::from_secs(15), "the stopped instance's base locked", || {
+        (lock_held(&lock) == Some(libc::F_RDLCK)).then_some(())
+    });
+    let killed = Instant::now();
+    m.kill_server();
+    wait_until(Duration::from_secs(QUARANTINE * 3), "its lock after a restart", || {
+        (lock_held(&lock) == Some(libc::F_RDLCK)).then_some(())
+    });
+    let gap = killed.elapsed();
+    assert!(
+        gap < Duration::from_secs(QUARANTINE),
+        "the base was unlocked for {gap:?}, longer than the quarantine\n{}",
+        m.log_text()
+    );
+    drop(m);
+}
