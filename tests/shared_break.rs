@@ -407,3 +407,33 @@ fn an_open_fails_while_a_stalled_evictor_elsewhere_holds_the_exclusive_lock() {
     );
     drop(m);
 }
+
+/// A lock file removed, or replaced by another file renamed onto it, by hand while this
+/// host holds its shared lock: the lock on the old inode protects nothing any more, and the
+/// host takes it again on the file now under the name within a look or two (1 s apart
+/// here), well inside the quarantine another host would wait out.
+#[test]
+fn a_lock_file_removed_or_replaced_by_hand_is_locked_again() {
+    let n = Nova::new();
+    write_file(&n.at(H1), &pseudo_random(4096, 1));
+    let m = shared_mount(&n);
+    let reader = File::open(n.at(H1)).unwrap();
+    let lock = lock_path(&n, H1);
+    assert_eq!(lock_held(&lock), Some(libc::F_RDLCK));
+    for how in ["removed", "replaced"] {
+        if how == "removed" {
+            fs::remove_file(&lock).unwrap();
+        } else {
+            let other = n.covered.target.join(LOCK_DIR).join("replacement");
+            fs::write(&other, b"").unwrap();
+            fs::rename(&other, &lock).unwrap();
+        }
+        wait_until(
+            Duration::from_secs(QUARANTINE),
+            &format!("the lock file {how}: locked"),
+            || (lock_held(&lock) == Some(libc::F_RDLCK)).then_some(()),
+        );
+    }
+    drop(reader);
+    drop(m);
+}
