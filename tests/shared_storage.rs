@@ -612,8 +612,7 @@ fn read_within(path: std::path::PathBuf, limit: Duration) -> Option<std::io::Res
 
 /// Node b's GlusterFS client is stopped (SIGSTOP) around the moment b's evictor takes the
 /// file's cluster lock: b's lock calls hang, but its status files keep answering (no FUSE
-/// worker waits for a lock call, nor for the state lock held across one), and nothing is
-/// deleted while node a's holder has the file open.
+/// worker waits for a lock call, nor for the state lock held across one).
 #[test]
 fn a_stalled_client_on_the_evicting_node_hangs_no_status_read() {
     const Q: u64 = 3;
