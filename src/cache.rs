@@ -293,7 +293,14 @@ pub struct Cache {
     state_tmp: OsString,
     /// With `--shared`: the thread that holds this host's cluster locks.
     keeper: OnceLock<Arc<crate::shared::Keeper>>,
+    /// A `statvfs` of the covered directory for `metrics` that has not answered yet (the
+    /// storage hangs): no other is started until it does.
+    space_probe: Mutex<Option<std::sync::mpsc::Receiver<Option<libc::statvfs>>>>,
 }
+
+/// How long a `metrics` rendering waits for the free space of the covered directory; past
+/// it the free space is left out (its `statvfs` goes on in the background).
+pub const SPACE_WAIT: Duration = Duration::from_millis(200);
 
 /// Entries kept in the holder cache before it starts over.
 const HOLDER_CACHE: usize = 4096;
@@ -523,6 +530,7 @@ impl Cache {
             mount_dev,
             own_dev: settings_own_dev.into(),
             outside_seen: Mutex::new(None),
+            space_probe: Mutex::new(None),
             detached: Default::default(),
             state_file,
             state_tmp,
@@ -1137,7 +1145,8 @@ impl Cache {
             }
             _ => self.shown_referenced(),
         };
-        let space = if matches!(file, VFile::Metrics) { self.space() } else { Space::default() };
+        let space =
+            if matches!(file, VFile::Metrics) { self.space_for_status() } else { Space::default() };
         let now = self.now();
         let (text, stamp) = {
             let state = self.state.lock();
@@ -1209,6 +1218,44 @@ impl Cache {
         Space {
             free: vfs.map(|v| v.f_bavail * v.f_frsize),
             min_free: self.settings.min_free.map_or(0, |m| m.bytes(total)),
+        }
+    }
+
+    /// [`Cache::space`] for a status file on a FUSE worker: the `statvfs` runs on a thread
+    /// of its own and is waited for [`SPACE_WAIT`] at most (the storage may hang); while one
+    /// has not answered, no other starts and the free space is left out.
+    fn space_for_status(&self) -> Space {
+        let mut probe = self.space_probe.lock();
+        let rx = match probe.take() {
+            Some(rx) => rx,
+            None => {
+                let (tx, rx) = std::sync::mpsc::channel();
+                let root = self.root.try_clone();
+                let spawned = std::thread::Builder::new().name("statvfs".into()).spawn(move || {
+                    let vfs = root.ok().and_then(|r| backing::statvfs(r.as_fd()).ok());
+                    let _ = tx.send(vfs);
+                });
+                if spawned.is_err() {
+                    return Space { free: None, min_free: 0 };
+                }
+                rx
+            }
+        };
+        match rx.recv_timeout(SPACE_WAIT) {
+            Ok(vfs) => {
+                let total = vfs.map_or(0, |v| v.f_blocks * v.f_frsize);
+                Space {
+                    free: vfs.map(|v| v.f_bavail * v.f_frsize),
+                    min_free: self.settings.min_free.map_or(0, |m| m.bytes(total)),
+                }
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                *probe = Some(rx);
+                Space { free: None, min_free: 0 }
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                Space { free: None, min_free: 0 }
+            }
         }
     }
 

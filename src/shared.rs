@@ -11,8 +11,9 @@
 //!   the file stays;
 //! - a file is evicted only once it has been seen free of locks (every sweep, and at the
 //!   eviction) for the quarantine, counted from the first free sighting or from the lock
-//!   file's mtime, which each host sets to now when its last reference goes: a host that
-//!   lost its lock in a partition is not undercut the moment its lease lapses;
+//!   file's mtime, which each host sets to now when it takes its shared lock and when its
+//!   last reference goes: a host that lost its lock in a partition (or with a server killed
+//!   and replaced) is not undercut the moment its lease lapses;
 //! - the age threshold counts from the last use on any host (that mtime).
 //!
 //! Lock calls can block for as long as the filesystem wants (a CephFS non-blocking lock was
@@ -412,6 +413,8 @@ fn linked(file: &File) -> io::Result<()> {
 
 /// OFD locks on `.imagecachefs.locks/NAME`, one descriptor per held lock.
 pub struct OfdLocks {
+    /// The covered root, to find the lock directory again if it is removed or replaced.
+    root: OwnedFd,
     dir: OwnedFd,
     shared: HashMap<OsString, File>,
     exclusive: HashMap<OsString, File>,
@@ -420,28 +423,60 @@ pub struct OfdLocks {
 impl OfdLocks {
     /// Opens (creating it if needed) the lock directory under the covered root `root`.
     pub fn open(root: BorrowedFd<'_>) -> io::Result<Self> {
-        Ok(OfdLocks { dir: lock_dir(root)?, shared: HashMap::new(), exclusive: HashMap::new() })
+        Ok(OfdLocks {
+            root: root.try_clone_to_owned()?,
+            dir: lock_dir(root)?,
+            shared: HashMap::new(),
+            exclusive: HashMap::new(),
+        })
+    }
+
+    /// The lock directory, opened again (made again if missing) when the one held was
+    /// removed or replaced by hand: otherwise this host would lock files in a directory no
+    /// other host sees, and they would evict what it uses.
+    fn dir(&mut self) -> io::Result<BorrowedFd<'_>> {
+        let held = backing::stat(self.dir.as_fd())?;
+        let current = match backing::open_path_at(self.root.as_fd(), OsStr::new(LOCK_DIR)) {
+            Ok(fd) => Some(backing::stat(fd.as_fd())?),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => None,
+            Err(e) => return Err(e),
+        };
+        if current.is_none_or(|c| (c.dev, c.ino) != (held.dev, held.ino)) {
+            warn!("{LOCK_DIR} was removed or replaced: using the one in the cache directory now");
+            self.dir = lock_dir(self.root.as_fd())?;
+        }
+        Ok(self.dir.as_fd())
     }
 
     /// Opens `name`'s lock file, creating it with the epoch as mtime: its mtime is the last
-    /// release on any host, and a creation is no use.
-    fn open_lock(&self, name: &OsStr) -> io::Result<File> {
-        match backing::create_at(self.dir.as_fd(), name, libc::O_RDWR | libc::O_EXCL, 0o600) {
-            Ok(f) => {
-                let epoch = Some(backing::SetTime::At(SystemTime::UNIX_EPOCH));
-                backing::set_times(f.as_fd(), None, epoch)?;
-                Ok(f)
+    /// release on any host, and a creation is no use. Never blocks on something other than
+    /// a regular file (a FIFO put there by hand): that is an error.
+    fn open_lock(&mut self, name: &OsStr) -> io::Result<File> {
+        let dir = self.dir()?;
+        // A lock file unlinked by another host's eviction between our create and our open
+        // is created again (twice at most).
+        for _ in 0..3 {
+            match backing::create_at(dir, name, libc::O_RDWR | libc::O_EXCL, 0o600) {
+                Ok(f) => {
+                    let epoch = Some(backing::SetTime::At(SystemTime::UNIX_EPOCH));
+                    backing::set_times(f.as_fd(), None, epoch)?;
+                    return Ok(f);
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
+                Err(e) => return Err(e),
             }
-            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
-                backing::open_at(self.dir.as_fd(), name, libc::O_RDWR)
+            match backing::open_at(dir, name, libc::O_RDWR | libc::O_NONBLOCK) {
+                Ok(f) => return regular(f),
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(e) => return Err(e),
             }
-            Err(e) => Err(e),
         }
+        Err(io::Error::new(io::ErrorKind::NotFound, "lock file removed again and again"))
     }
 
     /// Opens `name`'s lock file and takes `kind` on it; a lock file unlinked by another
     /// host's eviction between the open and the lock is opened again (twice at most).
-    fn lock(&self, name: &OsStr, kind: libc::c_short) -> io::Result<(Try, Option<File>)> {
+    fn lock(&mut self, name: &OsStr, kind: libc::c_short) -> io::Result<(Try, Option<File>)> {
         for _ in 0..3 {
             let file = self.open_lock(name)?;
             match ofd_set(file.as_fd(), kind)? {
@@ -456,6 +491,15 @@ impl OfdLocks {
     }
 }
 
+/// `file` if it is a regular file; a lock file of any other type was not made by us.
+fn regular(file: File) -> io::Result<File> {
+    if backing::stat(file.as_fd())?.is_file() {
+        Ok(file)
+    } else {
+        Err(io::Error::new(io::ErrorKind::InvalidData, "lock file is not a regular file"))
+    }
+}
+
 /// The lock directory under `root`, created if missing (mode 0700), refused if it is not a
 /// directory.
 fn lock_dir(root: BorrowedFd<'_>) -> io::Result<OwnedFd> {
@@ -465,13 +509,40 @@ fn lock_dir(root: BorrowedFd<'_>) -> io::Result<OwnedFd> {
         Err(e) => return Err(e),
     }
     let dir = backing::open_path_at(root, OsStr::new(LOCK_DIR))?;
-    if !backing::stat(dir.as_fd())?.is_dir() {
+    let st = backing::stat(dir.as_fd())?;
+    if !st.is_dir() {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
             format!("{LOCK_DIR} is not a directory"),
         ));
     }
+    // Anyone who can write there can remove, replace or hold lock files: make every open
+    // on every host fail, or protect nothing. (Its owner is not checked: root squashed on
+    // NFS makes it nobody's.)
+    if st.mode & 0o022 != 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "{LOCK_DIR} is writable by other users (mode {:o}): chmod 700 it",
+                st.mode & 0o7777
+            ),
+        ));
+    }
     Ok(dir)
+}
+
+impl OfdLocks {
+    /// Unlinks `name`'s lock file if it is still `file` (the lock directory may have been
+    /// replaced since the lock was taken: never remove another lock file of that name).
+    fn remove_lock_file(&mut self, name: &OsStr, file: &File) -> io::Result<()> {
+        let ours = backing::stat(file.as_fd())?;
+        let dir = self.dir()?;
+        let there = backing::stat(backing::open_path_at(dir, name)?.as_fd())?;
+        if (there.dev, there.ino) != (ours.dev, ours.ino) {
+            return Ok(());
+        }
+        backing::unlink_at(dir, name, false)
+    }
 }
 
 impl LockBackend for OfdLocks {
@@ -481,6 +552,12 @@ impl LockBackend for OfdLocks {
         }
         let (t, file) = self.lock(name, libc::F_RDLCK as libc::c_short)?;
         if let Some(f) = file {
+            // A use starts now, for every host: one that saw the file free before (and
+            // never saw this lock) counts its quarantine again from here, so losing this
+            // lock before its next look (this server killed and replaced) is covered.
+            if let Err(e) = backing::set_times(f.as_fd(), None, Some(backing::SetTime::Now)) {
+                warn!("{}: stamping the lock file's mtime: {e}", shown(name));
+            }
             self.shared.insert(name.to_owned(), f);
         }
         Ok(t)
@@ -528,8 +605,7 @@ impl LockBackend for OfdLocks {
         let Some(file) = self.exclusive.remove(name) else { return Ok(()) };
         // Unlinked while still locked: a host that opens the old lock file meanwhile finds
         // it unlinked once it has its lock, and opens the new one.
-        let removed =
-            if remove { backing::unlink_at(self.dir.as_fd(), name, false) } else { Ok(()) };
+        let removed = if remove { self.remove_lock_file(name, &file) } else { Ok(()) };
         let unlocked = ofd_set(file.as_fd(), libc::F_UNLCK as libc::c_short).map(drop);
         drop(file);
         removed.and(unlocked)
@@ -540,8 +616,9 @@ impl LockBackend for OfdLocks {
         if let Some(file) = self.shared.get(name) {
             return ofd_test(file.as_fd());
         }
-        let file = match backing::open_at(self.dir.as_fd(), name, libc::O_RDONLY) {
-            Ok(f) => f,
+        let dir = self.dir()?;
+        let file = match backing::open_at(dir, name, libc::O_RDONLY | libc::O_NONBLOCK) {
+            Ok(f) => regular(f)?,
             // No lock file: nobody has ever locked it.
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(false),
             Err(e) => return Err(e),
@@ -550,7 +627,7 @@ impl LockBackend for OfdLocks {
     }
 
     fn last_release(&mut self, name: &OsStr) -> io::Result<Option<SystemTime>> {
-        match backing::open_path_at(self.dir.as_fd(), name) {
+        match backing::open_path_at(self.dir()?, name) {
             Ok(fd) => Ok(Some(backing::stat(fd.as_fd())?.mtime)),
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
             Err(e) => Err(e),
@@ -1064,7 +1141,13 @@ pub mod fake {
             if let Some(e) = self.faults.lock().share {
                 return Err(errno(e));
             }
-            Ok(self.take(name, false))
+            let taken = self.take(name, false);
+            if taken == Try::Taken {
+                let mut t = self.table.lock();
+                let now = t.now;
+                t.files.insert(name.to_owned(), now);
+            }
+            Ok(taken)
         }
         fn unshare(&mut self, name: &OsStr, used: bool) -> io::Result<()> {
             self.drop_lock(name, false);
@@ -1212,6 +1295,24 @@ mod tests {
         b.finish(OsStr::new("x"), true);
         assert!(!c.exclusive_held("x"));
         assert!(!c.table.lock().files.contains_key(OsStr::new("x")), "lock file removed");
+    }
+
+    #[test]
+    fn a_lock_lost_before_another_hosts_next_look_still_restarts_its_quarantine() {
+        let mut c = Cluster::new(t(0));
+        let (mut a, mut b) = (c.host(Q), c.host(Q));
+        let x = [n("x")];
+        // B has seen the file free for longer than the quarantine.
+        b.sweep(&x, t(0));
+        // A opens it, and its server is killed before B looks again: the lock manager
+        // drops the dead process's lock, and nothing was released (no stamp at release).
+        c.at(t(0) + Q * 2);
+        a.sync(&set(&["x"]));
+        c.table.lock().locks.clear();
+        // B's evictor comes in the gap before A's new server takes the lock again.
+        let g = b.gate(OsStr::new("x"), t(1) + Q * 2);
+        assert_eq!(g, Gate::Quarantine { until: t(0) + Q * 3 }, "{g:?}");
+        assert!(!c.exclusive_held("x"));
     }
 
     #[test]
@@ -1387,10 +1488,16 @@ mod tests {
             (OfdLocks::open(root.as_fd()).unwrap(), OfdLocks::open(root.as_fd()).unwrap());
         let x = OsStr::new("x");
         assert!(!b.held_elsewhere(x).unwrap(), "no lock file yet");
+        let z = OsStr::new("z");
+        assert_eq!(b.exclusive(z).unwrap(), Try::Taken);
+        let created = b.last_release(z).unwrap();
+        assert_eq!(created, Some(SystemTime::UNIX_EPOCH), "a creation is no use");
+        b.unexclusive(z, true).unwrap();
+        let before = SystemTime::now() - Duration::from_secs(1);
         assert_eq!(a.share(x).unwrap(), Try::Taken);
         assert!(!a.held_elsewhere(x).unwrap(), "its own lock is nobody else's");
-        let created = b.last_release(x).unwrap();
-        assert_eq!(created, Some(SystemTime::UNIX_EPOCH), "a creation is no use");
+        let taken = b.last_release(x).unwrap().unwrap();
+        assert!(taken >= before, "a shared lock taken is a use: {taken:?}");
         assert!(b.held_elsewhere(x).unwrap());
         assert!(!a.held_elsewhere(OsStr::new("y")).unwrap());
         assert_eq!(b.exclusive(x).unwrap(), Try::Busy);

@@ -14,6 +14,7 @@ mod nova;
 
 use std::fs;
 use std::io::Read;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -587,4 +588,106 @@ fn a_partitioned_node_keeps_its_file_for_the_quarantine() {
     eprintln!("node a's daemon:\n{}", said.join("\n"));
     drop(holder);
     drop((ma, mb));
+}
+
+/// SIGCONTs a process when dropped (a stopped GlusterFS client must not outlive a failed
+/// test: the teardown would hang on it).
+struct Resume(u32);
+
+impl Drop for Resume {
+    fn drop(&mut self) {
+        unsafe { libc::kill(self.0 as i32, libc::SIGCONT) };
+    }
+}
+
+/// Reads `path` on a thread of its own; `None` if no answer came within `limit` (the thread
+/// is left behind, blocked).
+fn read_within(path: std::path::PathBuf, limit: Duration) -> Option<std::io::Result<String>> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(fs::read_to_string(path));
+    });
+    rx.recv_timeout(limit).ok()
+}
+
+/// Node b's GlusterFS client is stopped (SIGSTOP) around the moment b's evictor takes the
+/// file's cluster lock: b's lock calls hang, but its status files keep answering (no FUSE
+/// worker waits for a lock call, nor for the state lock held across one).
+#[test]
+fn a_stalled_client_on_the_evicting_node_hangs_no_status_read() {
+    const Q: u64 = 3;
+    let c = Cluster::new(Options::default());
+    let ma = mount(&c.a, &keeper(Q));
+    let mb = mount(&c.b, &evictor(Q));
+    put(&c.a.at(H1), 1 << 20, 1);
+    assert!(see(&c.b, H1), "node b does not see {H1} made by node a");
+    // Due on b once its quarantine (counted from b's first look) ends: stop b's client then.
+    std::thread::sleep(Duration::from_secs(Q));
+    // Status files are reached through a directory fd opened before: a path walk from the
+    // GlusterFS mount would itself wait for the stopped client.
+    let dir = fs::File::open(c.b.base.join(".imagecache")).unwrap();
+    let status = |file: &str| {
+        std::path::PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd())).join(file)
+    };
+    let pid = c.b.client_pid().expect("node b's client runs");
+    let resume = Resume(pid);
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGSTOP) }, 0);
+    let stopped = Instant::now();
+    let limit = Duration::from_secs(2);
+    let mut reads = 0;
+    // Past GATE_TIMEOUT (5 s) and a few of b's eviction rounds (40 reads at most).
+    while stopped.elapsed() < Duration::from_secs(8) && reads < 40 {
+        for file in ["events", &format!("images/{H1}")] {
+            match read_within(status(file), limit) {
+                Some(Ok(_)) => {}
+                Some(Err(e)) => panic!("reading node b's {file}: {e}"),
+                None => panic!(
+                    "node b's {file} did not answer within {limit:?}, {:?} after its client \
+                     was stopped\n{}",
+                    stopped.elapsed(),
+                    mb.log_text()
+                ),
+            }
+        }
+        reads += 1;
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    drop(resume);
+    // Back: b goes on (it may evict the file now; nothing holds it on a).
+    wait_until(Duration::from_secs(30), "node b's status after its client resumed", || {
+        read_within(status("metrics"), limit).and_then(|r| r.ok())
+    });
+    drop(mb);
+    drop(ma);
+}
+
+/// Node b's GlusterFS client stopped: `metrics` through b's mount must answer too (a
+/// monitoring scrape must not take a FUSE worker for as long as the storage hangs: two
+/// scrapes would take them all). It used to `statvfs` the storage on the FUSE worker.
+#[test]
+fn metrics_answer_while_the_client_is_stalled() {
+    let c = Cluster::new(Options::default());
+    let mb = mount(&c.b, &evictor(3));
+    let dir = fs::File::open(c.b.base.join(".imagecache")).unwrap();
+    let metrics = std::path::PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd()));
+    let metrics = metrics.join("metrics");
+    let text = read_within(metrics.clone(), Duration::from_secs(5)).unwrap().unwrap();
+    assert!(text.contains("imagecachefs_"), "{text}");
+    let pid = c.b.client_pid().expect("node b's client runs");
+    let resume = Resume(pid);
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGSTOP) }, 0);
+    let limit = Duration::from_secs(2);
+    for round in 0..3 {
+        match read_within(metrics.clone(), limit) {
+            Some(Ok(t)) => assert!(t.contains("imagecachefs_"), "{t}"),
+            Some(Err(e)) => panic!("reading node b's metrics: {e}"),
+            None => panic!(
+                "node b's metrics did not answer within {limit:?} (read {round}) while its \
+                 client was stopped\n{}",
+                mb.log_text()
+            ),
+        }
+    }
+    drop(resume);
+    drop(mb);
 }
