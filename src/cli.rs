@@ -292,6 +292,13 @@ impl MountArgs {
             shared: None,
             coordinated: self.shared,
         };
+        if self.shared && self.shared_quarantine == 0 {
+            // A replaced server takes its locks again within milliseconds: only a quarantine
+            // keeps another host from evicting in that gap.
+            return Err("--shared-quarantine 0 with --shared: another host could evict a file \
+                        in use here while this host's server is being replaced; give 1 or more"
+                .into());
+        }
         Ok(MountConfig {
             dir: self.dir,
             background: self.background,
@@ -590,6 +597,17 @@ mod tests {
         let on = config(&["--shared", "--shared-quarantine", "60"]);
         assert!(on.policy.coordinated);
         assert_eq!(on.shared_quarantine, 60);
+        let zero = Cli::try_parse_from(["imagecachefs", "mount", "/x", "--shared"])
+            .ok()
+            .and_then(|c| match c.command {
+                Command::Mount(m) => Some(m),
+                _ => None,
+            })
+            .map(|mut m| {
+                m.shared_quarantine = 0;
+                m.into_config().unwrap_err()
+            });
+        assert!(zero.is_some_and(|e| e.contains("--shared-quarantine 0")));
         assert_eq!(config(&["--node-name", "node-a.1"]).node_name.as_deref(), Some("node-a.1"));
         for bad in ["", "a/b", "tmp", "a b", &"x".repeat(65)] {
             assert!(parse_error(&["--node-name", bad]).contains("is not a node name"), "{bad}");
