@@ -195,7 +195,10 @@ pub fn prepare(dir: &Path) -> Result<Prepared, Refusal> {
     let dir_fd = backing::open_dir_path(&c).map_err(|e| Refusal(format!("{shown}: {e}")))?;
     // Another daemon may have mounted since the probe: then the directory opened is its
     // mount's root, which must be neither scanned nor covered.
-    if mount_of(dir_fd.as_fd()).is_some_and(|m| m.fstype == FSTYPE) {
+    // The root of another daemon's mount at this very path (opened after it mounted); a
+    // directory inside an imagecachefs mount is a cache on a FUSE filesystem like any other.
+    let at = mount_point(&abs);
+    if mount_of(dir_fd.as_fd()).is_some_and(|m| m.fstype == FSTYPE && m.mount_point == at) {
         return refuse(format!("{shown} is already an imagecachefs mount"));
     }
     Ok(Prepared { dir: abs, dir_fd, dev, context: None })
@@ -260,7 +263,11 @@ fn lock_uncovered(p: &Prepared) -> Result<OwnedFd, Refusal> {
     let under = table.iter().find(|m| Some(m.id) == ours);
     let at = mount_point(&p.dir);
     let top = table.iter().rfind(|m| m.mount_point == at);
-    if under.is_some_and(|m| m.fstype == FSTYPE) || top.is_some_and(|m| m.fstype == FSTYPE) {
+    // The directory is another daemon's mount if it is the root of an imagecachefs mount at
+    // this path, or one sits on top of it; a directory inside an imagecachefs mount (a cache
+    // on a FUSE filesystem) is not.
+    let is_root_of = |m: &&MountInfo| m.fstype == FSTYPE && m.mount_point == at;
+    if under.is_some_and(|m| is_root_of(&m)) || top.is_some_and(|m| m.fstype == FSTYPE) {
         return refuse(format!("{shown} is already an imagecachefs mount"));
     }
     if let Some(top) = top.filter(|m| Some(m.id) != ours) {

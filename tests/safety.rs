@@ -614,8 +614,11 @@ fn two_unmounts_at_once_detach_only_the_overlay() {
 fn unmount_of_a_stopped_daemon_detaches_it() {
     let s = Scratch::new();
     let m = Mount::new(&s.base, &[]);
-    unsafe { libc::kill(m.server_pid() as i32, libc::SIGSTOP) };
-    let cont = Continue(m.server_pid());
+    // Hung as a whole: the server, and its supervisor (which would replace a silent server).
+    let server = m.server_pid();
+    unsafe { libc::kill(m.pid() as i32, libc::SIGSTOP) };
+    unsafe { libc::kill(server as i32, libc::SIGSTOP) };
+    let cont = (Continue(server), Continue(m.pid()));
     let started = Instant::now();
     let (code, _, err) =
         run_timeout(Command::new(bin()).arg("unmount").arg(&s.base), Duration::from_secs(40));
