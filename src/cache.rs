@@ -936,11 +936,21 @@ impl Cache {
                 );
                 return false;
             }
+            Some(Ensured::Taken) => {
+                // An open reaches the storage's server, where a lookup may be answered from
+                // the client's cache (GlusterFS keeps entries a second).
+                let opened = backing::open_at(self.root(), name, libc::O_RDONLY | libc::O_NONBLOCK)
+                    .and_then(|f| backing::stat(f.as_fd()));
+                return match opened {
+                    Ok(st) => st.ino == ino,
+                    Err(e) => !matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ESTALE)),
+                };
+            }
             Some(Ensured::Failed) | None => return true,
         }
         match backing::open_path_at(self.root(), name).and_then(|fd| backing::stat(fd.as_fd())) {
             Ok(st) => st.ino == ino,
-            Err(e) => e.raw_os_error() != Some(libc::ENOENT),
+            Err(e) => !matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ESTALE)),
         }
     }
 

@@ -97,8 +97,12 @@ pub trait LockBackend: Send {
 /// What [`Keeper::ensure`] got.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Ensured {
-    /// This host holds the shared lock (the caller checks the file is still there).
+    /// This host held the shared lock already (the caller checks the file is still there).
     Held,
+    /// This host took the shared lock now: another host may have evicted the file just
+    /// before, and a client of the shared storage may still show it from its own cache (the
+    /// caller asks the storage itself).
+    Taken,
     /// Another host held the exclusive lock all along: it is evicting the file.
     Busy,
     /// The lock call failed: the open goes ahead unprotected (logged, retried).
@@ -1027,7 +1031,7 @@ fn run<B: LockBackend>(
                 }
                 *keeper.held.lock() = p.held().clone();
                 let answer = if p.held().contains(&name) {
-                    Ensured::Held
+                    Ensured::Taken
                 } else if p.is_busy(&name) {
                     Ensured::Busy
                 } else {
