@@ -158,6 +158,8 @@ pub struct Tables {
     /// Status-file handles and the rendering each reads (by name, below).
     pub status: HashMap<u64, u64>,
     pub snapshots: HashMap<u64, Vec<u8>>,
+    /// How many status handles read each rendering (it goes with the last one).
+    readers: HashMap<u64, usize>,
     done: HashMap<u64, Outcome>,
     done_order: VecDeque<u64>,
     next_seq: u64,
@@ -192,7 +194,12 @@ impl Tables {
             Record::Release { fh } => {
                 self.opens.remove(&fh);
                 if let Some(sid) = self.status.remove(&fh) {
-                    if !self.status.values().any(|s| *s == sid) {
+                    let left = self.readers.get_mut(&sid).map(|n| {
+                        *n -= 1;
+                        *n
+                    });
+                    if left == Some(0) {
+                        self.readers.remove(&sid);
                         self.snapshots.remove(&sid);
                     }
                 }
@@ -201,8 +208,8 @@ impl Tables {
                 self.snapshots.insert(sid, bytes);
             }
             Record::Status { fh, sid } => {
-                if self.snapshots.contains_key(&sid) {
-                    self.status.insert(fh, sid);
+                if self.snapshots.contains_key(&sid) && self.status.insert(fh, sid).is_none() {
+                    *self.readers.entry(sid).or_default() += 1;
                 }
             }
             Record::Map { id, ino } => {

@@ -26,8 +26,6 @@ pub const SERVER_ENV: &str = "IMAGECACHEFS_SERVER";
 /// In a supervisor started by `restart`: the connection it takes over
 /// (`dev=N,dir=N,journal=N,restarts=N,died=MS`).
 pub const TAKEOVER_ENV: &str = "IMAGECACHEFS_TAKEOVER";
-/// In a server: how many servers this mount had before it.
-pub const RESTARTS_ENV: &str = "IMAGECACHEFS_RESTARTS";
 /// In a server that replaced another: `MS CAUSE`, when the other died (ms since the epoch)
 /// and why.
 pub const LAST_RESTART_ENV: &str = "IMAGECACHEFS_LAST_RESTART";
@@ -102,7 +100,6 @@ pub struct ServerFds {
     pub journal: OwnedFd,
     /// The connection and covered directory of a mount that is already live (a takeover).
     pub live: Option<(OwnedFd, OwnedFd)>,
-    pub restarts: u64,
     /// When the previous server died (ms since the epoch) and why.
     pub last_restart: Option<(u64, String)>,
     /// The device number of this connection's mount (see [`MSG_MOUNT_DEV`]), when known.
@@ -140,13 +137,12 @@ pub fn server_fds() -> Option<ServerFds> {
         (Some(d), Some(r)) => Some((take_fd(d)?, take_fd(r)?)),
         _ => None,
     };
-    let restarts = std::env::var(RESTARTS_ENV).ok().and_then(|s| s.parse().ok()).unwrap_or(0);
     let last_restart = std::env::var(LAST_RESTART_ENV).ok().and_then(|s| {
         let (ms, cause) = s.split_once(' ')?;
         Some((ms.parse().ok()?, cause.to_owned()))
     });
     let mount_dev = get(&kv, "mountdev");
-    Some(ServerFds { sock, journal, live, restarts, last_restart, mount_dev })
+    Some(ServerFds { sock, journal, live, last_restart, mount_dev })
 }
 
 /// In a server taking over: the files its supervisor kept (`MSG_KEPT` ... `MSG_KEPT_END`,
@@ -505,7 +501,6 @@ impl Supervisor {
         };
         let mut cmd = Command::new(exe);
         cmd.arg0(&self.plan.exe).args(&self.plan.args).env(SERVER_ENV, spec);
-        cmd.env(RESTARTS_ENV, self.restarts.to_string());
         match &self.last_death {
             Some((ms, cause, _)) => cmd.env(LAST_RESTART_ENV, format!("{ms} {cause}")),
             None => cmd.env_remove(LAST_RESTART_ENV),

@@ -10,7 +10,7 @@ mod common;
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixDatagram;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
@@ -18,35 +18,10 @@ use std::time::{Duration, Instant};
 
 use common::{bin, children, is_fuse, kill_and_reap, wait_until, Scratch};
 
-/// One notify datagram: its text and the fds it carried.
+/// One notify datagram: its text and the fds it carried (`None` once the read times out).
 fn receive(sock: &UnixDatagram) -> Option<(String, Vec<OwnedFd>)> {
-    let mut buf = vec![0u8; 4096];
-    let mut control = vec![0u8; 256];
-    let mut iov = libc::iovec { iov_base: buf.as_mut_ptr() as *mut _, iov_len: buf.len() };
-    let mut hdr: libc::msghdr = unsafe { std::mem::zeroed() };
-    hdr.msg_iov = &mut iov;
-    hdr.msg_iovlen = 1;
-    hdr.msg_control = control.as_mut_ptr() as *mut _;
-    hdr.msg_controllen = control.len();
-    let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut hdr, libc::MSG_CMSG_CLOEXEC) };
-    if n < 0 {
-        return None;
-    }
-    let mut fds = Vec::new();
-    unsafe {
-        let mut c = libc::CMSG_FIRSTHDR(&hdr);
-        while !c.is_null() {
-            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
-                let len = (*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize;
-                let p = libc::CMSG_DATA(c) as *const RawFd;
-                for i in 0..len / 4 {
-                    fds.push(OwnedFd::from_raw_fd(*p.add(i)));
-                }
-            }
-            c = libc::CMSG_NXTHDR(&hdr, c);
-        }
-    }
-    Some((String::from_utf8_lossy(&buf[..n as usize]).into_owned(), fds))
+    let (bytes, fds) = imagecachefs::supervise::recv(sock.as_fd()).ok()??;
+    Some((String::from_utf8_lossy(&bytes).into_owned(), fds))
 }
 
 /// What the service manager keeps: the fd store by name, and whether READY=1 came.
